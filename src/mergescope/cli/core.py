@@ -1,0 +1,97 @@
+"""Foundation commands: train, eval, datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mergescope import data as data_mod
+from mergescope import io, models
+from mergescope import train as train_mod
+from mergescope.cli import app
+from mergescope.cli.common import (
+    DATA_ROOT_OPT,
+    DATASET_HELP,
+    DEVICE_OPT,
+    JSON_OPT,
+    load_splits,
+    parse_kv,
+    print_json,
+    print_table,
+)
+from mergescope.console import console
+
+
+@app.command("datasets")
+def datasets_cmd(root: str | None = DATA_ROOT_OPT, as_json: bool = JSON_OPT) -> None:
+    """List the registered datasets and where each was found."""
+    rows = data_mod.datasets(root)
+    if as_json:
+        print_json(rows)
+        return
+    print_table("datasets", ["name", "description", "found"],
+                [[r["name"], r["description"], r["found"] or f"missing: {r['how_to_get']}"] for r in rows])
+
+
+@app.command("train")
+def train_cmd(
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),
+    model: str = typer.Option("mlp", "--model", "-m", help="Architecture: mlp, vgg, resnet20."),
+    width: float = typer.Option(None, "--width", help="Width (mlp units; vgg/resnet20 multiplier)."),
+    depth: int = typer.Option(None, "--depth", help="mlp hidden layers."),
+    norm: str = typer.Option(None, "--norm", help="none, batch or layer."),
+    model_opt: list[str] = typer.Option([], "--model-opt", help="Extra architecture option key=value."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd, adam or adamw."),
+    lr: float = typer.Option(0.05, "--lr", help="Learning rate."),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    epochs: int = typer.Option(3, "--epochs"),
+    schedule: str = typer.Option("constant", "--schedule", help="constant or cosine."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialization and the batch order."),
+    init_seed: int = typer.Option(None, "--init-seed", help="Seed of the initialization only "
+                                  "(default: --seed); equal init seeds give a shared initialization."),
+    train_limit: int = typer.Option(None, "--train-limit", help="Train on a random subset of this size."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.safetensors)."),
+    root: str | None = DATA_ROOT_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Train a model and save it as a checkpoint with its config and metrics."""
+    train, test = load_splits(dataset, root, train_limit, seed)
+    cfg = parse_kv(model_opt)
+    for k, v in (("width", width), ("depth", depth), ("norm", norm)):
+        if v is not None:
+            cfg[k] = int(v) if k == "width" and model != "vgg" else v
+    net = models.build(model, train.input_shape, train.num_classes,
+                       seed=seed if init_seed is None else init_seed, **cfg)
+    train_cfg = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     batch_size=batch_size, epochs=epochs, schedule=schedule, seed=seed)
+    hist = train_mod.fit(net, train, device=device, **train_cfg)
+    metrics = {"train": train_mod.evaluate(net, train), "test": train_mod.evaluate(net, test)}
+    io.save(net, out, {"dataset": dataset, "train_limit": train_limit, "training": train_cfg,
+                       "metrics": metrics, "history": hist.to_dict()})
+    print_table(f"{model} on {dataset}", ["split", "loss", "accuracy"],
+                [[s, m["loss"], m["accuracy"]] for s, m in metrics.items()])
+    console.print(f"saved {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint to evaluate."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP + " Default: the checkpoint's."),
+    split: str = typer.Option("test", "--split", help="train or test."),
+    root: str | None = DATA_ROOT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Evaluate a checkpoint on a dataset split."""
+    net, meta = io.load(checkpoint)
+    name = dataset or meta.get("dataset")
+    if name is None:
+        raise typer.BadParameter("the checkpoint names no dataset; pass --dataset")
+    ds = data_mod.load(name, split, root)
+    res = train_mod.evaluate(net, ds)
+    if as_json:
+        print_json({"checkpoint": str(checkpoint), "dataset": name, "split": split, **res})
+    else:
+        print_table(f"{checkpoint} on {name}/{split}", ["loss", "accuracy"], [[res["loss"], res["accuracy"]]])
