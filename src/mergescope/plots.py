@@ -29,3 +29,26 @@ def training_curves(histories: dict[str, list[dict]], key: str = "loss"):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def interpolation_curves(curves, title: str = ""):
+    """Loss and accuracy against α for several `Curve`s: train dashed, test solid."""
+    fig, axes = new_figure(ncols=2)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, curve) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        for split, m in curve.metrics.items():
+            style = "--" if split == "train" else "-"
+            lbl = f"{name} ({split})"
+            axes[0, 0].plot(curve.t, m["loss"], style, color=color, label=lbl)
+            axes[0, 1].plot(curve.t, m["accuracy"], style, color=color, label=lbl)
+    xlabel = "α" if all(c.num_models == 2 for c in curves.values()) else "position on path"
+    for ax, ylabel in zip(axes[0], ("loss", "accuracy"), strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
