@@ -141,13 +141,28 @@ def layer_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
-def weight_scope(model_or_state: nn.Module | Mapping[str, torch.Tensor],
-                 include_bias: bool = False, keys: Sequence[str] | None = None) -> Scope:
-    """Per-layer mean, population std and count of the Linear/Conv weights (see `scope_keys`)."""
+def _params_of(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(model_or_state, nn.Module):
-        params = dict(model_or_state.state_dict())
-    else:
-        params = dict(model_or_state)
+        return dict(model_or_state.state_dict())
+    return dict(model_or_state)
+
+
+def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The entries of a weight whose input feature (axis 1) is live."""
+    if mask is None or t.ndim < 2:
+        return t
+    return t[:, mask.to(t.device)]
+
+
+def weight_scope(model_or_state: nn.Module | Mapping[str, torch.Tensor],
+                 include_bias: bool = False, keys: Sequence[str] | None = None,
+                 input_masks: Mapping[str, torch.Tensor] | None = None) -> Scope:
+    """Per-layer mean, population std and count of the Linear/Conv weights (see `scope_keys`).
+
+    `input_masks` (from `live_input_masks`) restricts each weight to the columns of its live
+    inputs: the scope of live units only (dead ReLU units' outgoing weights get no task
+    gradient, and an optimizer can inflate them to satisfy a scope penalty cosmetically)."""
+    params = _params_of(model_or_state)
     keys = list(keys) if keys is not None else scope_keys(model_or_state, include_bias)
     if not keys:
         raise ConfigError("the model has no Linear/Conv weight to take a scope of")
@@ -155,7 +170,7 @@ def weight_scope(model_or_state: nn.Module | Mapping[str, torch.Tensor],
     for k in keys:
         if k not in params:
             raise ConfigError(f"layer '{k}' is not in the model")
-        t = params[k].detach().to(torch.float64)
+        t = _masked(params[k].detach().to(torch.float64), (input_masks or {}).get(k))
         mean, std = layer_stats(t)
         layers[k] = LayerScope(float(mean), float(std), int(t.numel()))
     return Scope(layers)
@@ -247,3 +262,47 @@ def fuse(scopes: Sequence[Scope], weights: Sequence[float] | None = None,
     std_f = var_f.clamp_min(0).sqrt()
     return Scope({k: LayerScope(float(m), float(s), scopes[0][k].count)
                   for k, m, s in zip(keys, mu_f.tolist(), std_f.tolist(), strict=True)})
+
+
+@torch.no_grad()
+def live_input_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+    """For each Linear/Conv weight, a boolean mask over its input features (axis 1) that is
+    False where that input is exactly zero for every example (and position): the outputs of
+    dead ReLU units. Evaluated in eval mode on `x`."""
+    mods = {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, _SCOPED)}
+    alive: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(key: str):
+        def pre_hook(_mod, args):
+            a = args[0]
+            nz = (a != 0).transpose(0, 1).reshape(a.shape[1], -1).any(1)
+            alive[key] = nz if key not in alive else alive[key] | nz
+        return pre_hook
+
+    for key, m in mods.items():
+        hooks.append(m.register_forward_pre_hook(hook_for(key)))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(iter(model.parameters())).device
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i:i + batch_size].to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {k: v.cpu() for k, v in alive.items()}
+
+
+def excess_kurtosis(model_or_state: nn.Module | Mapping[str, torch.Tensor],
+                    include_bias: bool = False) -> dict[str, float]:
+    """Per-layer excess kurtosis E[(w−μ)⁴]/σ⁴ − 3 (0 for a Gaussian, −1.2 for a uniform)."""
+    params = _params_of(model_or_state)
+    out = {}
+    for k in scope_keys(model_or_state, include_bias):
+        t = params[k].detach().to(torch.float64).reshape(-1)
+        c = t - t.mean()
+        var = (c * c).mean()
+        out[k] = float((c**4).mean() / var**2 - 3.0) if var > 0 else float("nan")
+    return out
