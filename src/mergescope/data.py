@@ -18,9 +18,12 @@ Registry (`datasets()` lists them with where each was found):
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 import pickle
+import random
 import struct
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -82,9 +85,13 @@ class Dataset:
         return self.info.input_shape
 
     def subset(self, indices: int | Sequence[int] | torch.Tensor, seed: int | None = None) -> Dataset:
-        """A subset by index; an int n takes n examples (the first n, or a random n with `seed`)."""
-        if isinstance(indices, int):
-            n = indices
+        """A subset of the examples.
+
+        An integer n takes n examples: the first n, or a random n (kept in their original order)
+        when `seed` is given. A sequence or tensor of indices selects those rows in that order;
+        a boolean mask of length ``len(self)`` selects the rows where it is true."""
+        if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
+            n = int(indices)
             if not 0 < n <= len(self):
                 raise ConfigError(f"subset size {n} is outside 1..{len(self)} for {self.info.name}")
             if seed is None:
@@ -92,8 +99,19 @@ class Dataset:
             else:
                 g = torch.Generator().manual_seed(seed)
                 idx = torch.randperm(len(self), generator=g)[:n].sort().values
-        else:
-            idx = torch.as_tensor(indices, dtype=torch.long)
+            return replace(self, x=self.x[idx], y=self.y[idx])
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool:
+            if idx.shape != (len(self),):
+                raise ConfigError(f"a boolean subset mask must have shape ({len(self)},) for "
+                                  f"{self.info.name}, got {tuple(idx.shape)}")
+            idx = idx.nonzero().flatten()
+        elif idx.ndim != 1 or (idx.numel() and (idx.is_floating_point() or idx.is_complex())):
+            raise ConfigError(f"subset indices must be a 1-D sequence of integers, got shape "
+                              f"{tuple(idx.shape)} of {idx.dtype}")
+        idx = idx.to(torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise ConfigError(f"subset indices must lie in 0..{len(self) - 1} for {self.info.name}")
         return replace(self, x=self.x[idx], y=self.y[idx])
 
     def to(self, device: str | torch.device) -> Dataset:
@@ -113,8 +131,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: corrupt gzip stream ({e})") from e
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip stream ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -168,12 +186,22 @@ def read_cifar_batch(path: str | os.PathLike, label_key: str = "labels") -> tupl
     for key in ("data", label_key):
         if key not in d:
             raise DataError(f"{path}: CIFAR batch has no key '{key}' (keys: {sorted(d)})")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    labels = np.asarray(d[label_key], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-        raise DataError(f"{path}: CIFAR 'data' has shape {data.shape} for {labels.shape[0]} "
-                        f"labels; expected (N, 3072)")
+    try:
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = np.asarray(d[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: CIFAR 'data'/'{label_key}' are not numeric arrays ({e})") from e
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or data.shape[0] != labels.shape[0]:
+        raise DataError(f"{path}: CIFAR 'data' has shape {data.shape} for {labels.shape} "
+                        f"labels; expected (N, 3072) and (N,)")
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, path: Path) -> None:
+    """Labels outside 0..num_classes-1 would only fail later, deep inside the loss."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}, found "
+                        f"{int(labels.min())}..{int(labels.max())}")
 
 
 # --------------------------------------------------------------------------- locating files
@@ -254,6 +282,7 @@ def _load_idx(name: str, split: str, root) -> Dataset:
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise DataError(f"{img_path}: images of shape {images.shape} do not match labels of "
                         f"shape {labels.shape} in {lbl_path}")
+    _check_labels(labels, 10, lbl_path)
     x = _normalize_images(images, name)
     y = torch.from_numpy(labels.astype(np.int64))
     classes = FASHION_CLASSES if name == "fashion-mnist" else tuple(str(i) for i in range(10))
@@ -266,7 +295,10 @@ def _load_cifar(name: str, split: str, root) -> Dataset:
     if d is None:
         raise DataError(_missing_message(name, root))
     _, train_files, test_files, label_key, k = _CIFAR[name]
-    parts = [read_cifar_batch(d / f, label_key) for f in (train_files if split == "train" else test_files)]
+    files = [d / f for f in (train_files if split == "train" else test_files)]
+    parts = [read_cifar_batch(f, label_key) for f in files]
+    for f, (_, lab) in zip(files, parts, strict=True):
+        _check_labels(lab, k, f)
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     x = _normalize_images(images, name)
@@ -287,7 +319,13 @@ def _mnist1d_arrays() -> dict:
     except ImportError as e:  # pragma: no cover - a core dependency
         raise DataError("mnist1d is not installed: pip install mnist1d") from e
     # make_dataset generates the data from a fixed seed; it never downloads (get_dataset would).
-    return make_dataset(get_dataset_args())
+    # It reseeds Python's and NumPy's global RNGs: keep the caller's streams as they were.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        return make_dataset(get_dataset_args())
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _load_mnist1d(split: str, root) -> Dataset:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,19 +39,44 @@ PT_SUFFIXES = (".pt", ".pth", ".bin")
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on error
-    it is removed. Parent folders are created."""
+    it is removed (an existing `path` is then left as it was). Parent folders are created.
+
+    The result gets mode 0o666 minus the umask, like any ordinary output file (``mkstemp``
+    and safetensors' writer would leave every output private, mode 0o600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp",
-                               dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    suffix = suffix or path.suffix or ".tmp"
+    for _ in range(100):
+        tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"{path}: could not create a temporary file beside it")
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be
+    read by setting it, which races with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -221,6 +246,9 @@ def load(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> tu
     arch = dict(config) if config is not None else meta.get("model")
     if arch is None:
         raise CheckpointError(f"{path}: no architecture config in the metadata; pass config=...")
+    if not isinstance(arch, Mapping):
+        raise CheckpointError(f"{path}: the architecture config ('model' in the metadata) must "
+                              f"be a JSON object, found {type(arch).__name__}")
     try:
         model = build_from_config(arch)
     except ConfigError as e:
@@ -244,15 +272,22 @@ class StateReader:
         try:
             self._f = safe_open(str(self.path), framework="pt")
             self._ctx = self._f.__enter__()
-            self.meta = _parse_meta(self.path, (self._ctx.metadata() or {}).get(META_KEY, "{}"))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
+        try:
+            self.meta = _parse_meta(self.path, (self._ctx.metadata() or {}).get(META_KEY, "{}"))
+        except CheckpointError:
+            self.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._ctx.keys())
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._ctx.get_slice(key).get_shape())
+        try:
+            return tuple(self._ctx.get_slice(key).get_shape())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{self.path}: key '{key}' cannot be read ({e})") from e
 
     def get(self, key: str) -> torch.Tensor:
         try:

@@ -77,6 +77,10 @@ class VGG(nn.Module):
             raise ConfigError(f"vgg needs image input (C, H, W), got input shape {tuple(in_shape)}")
         if len(stages) != len(channels):
             raise ConfigError("vgg: 'stages' and 'channels' must have the same length")
+        if not width > 0 or hidden < 1 or any(n < 1 for n in stages) or any(c < 1 for c in channels):
+            raise ConfigError(f"vgg needs width > 0, hidden >= 1 and positive stages/channels, got "
+                              f"width={width}, hidden={hidden}, stages={tuple(stages)}, "
+                              f"channels={tuple(channels)}")
         c_in, h, w = in_shape
         convs, norms = [], []
         self.pool_after: list[int] = []
@@ -133,6 +137,9 @@ class ResNet20(nn.Module):
             raise ConfigError(f"resnet20 needs image input (C, H, W), got input shape {tuple(in_shape)}")
         if norm not in ("batch", "layer"):
             raise ConfigError(f"resnet20 supports norm 'batch' or 'layer', got '{norm}'")
+        if width < 1 or blocks_per_stage < 1:
+            raise ConfigError(f"resnet20 needs an integer width >= 1 and blocks_per_stage >= 1, got "
+                              f"width={width}, blocks_per_stage={blocks_per_stage}")
         widths = [16 * width, 32 * width, 64 * width]
         self.stem = nn.Conv2d(in_shape[0], widths[0], 3, padding=1, bias=False)
         self.stem_norm = _norm_layer(norm, widths[0], conv=True)
@@ -166,6 +173,8 @@ def _build_vgg(in_shape, num_classes, width: float = 1.0, norm: str = "none",
 
 
 def _build_resnet20(in_shape, num_classes, width: int = 1, norm: str = "batch"):
+    if float(width) != int(width):
+        raise ConfigError(f"resnet20's width multiplier must be an integer, got {width}")
     return ResNet20(in_shape, num_classes, width=int(width), norm=norm)
 
 

@@ -60,6 +60,10 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optimizer: str, lr: flo
                    momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     if lr <= 0 or not math.isfinite(lr):
         raise ConfigError(f"learning rate must be positive, got {lr}")
+    if momentum < 0 or not math.isfinite(momentum):
+        raise ConfigError(f"momentum must be >= 0, got {momentum}")
+    if weight_decay < 0 or not math.isfinite(weight_decay):
+        raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if optimizer == "adam":
@@ -92,6 +96,10 @@ class Trainer:
         if self.n == 0:
             raise ConfigError("cannot train on an empty dataset")
         self.batch_size = min(batch_size, self.n)
+        if not drop_last and self.n > 1 and self.n % self.batch_size == 1 and has_batchnorm(model):
+            # A last batch of one example would make BatchNorm fail ("expected more than 1 value
+            # per channel"); that example is skipped in each epoch instead.
+            drop_last = True
         self.drop_last = drop_last
         self.epochs = epochs
         self.penalties = list(penalties)
@@ -226,31 +234,73 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _even_batches(n: int, batch_size: int) -> list[slice]:
+    """Split range(n) into ceil(n / batch_size) contiguous batches whose sizes differ by at most
+    one, so that no batch is much smaller than the others (a batch of one breaks BatchNorm)."""
+    k = max(1, math.ceil(n / batch_size))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
 @torch.no_grad()
 def reset_bn_stats(model: nn.Module, data, batch_size: int = 500,
                    num_examples: int | None = None) -> nn.Module:
-    """Recompute every BatchNorm's running statistics in place: reset them, set momentum to None
-    (a cumulative average), run one pass over `data` in train mode, restore the mode and the
-    momenta. Models without BatchNorm are returned unchanged. Needed after interpolating or
-    merging BN models (variance collapse)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Recompute every BatchNorm's running statistics in place from `data`; returns `model`.
+
+    One pass over `data` in train mode (each BatchNorm normalizes with its batch statistics, as
+    during training, so later layers see what they saw in training); the input of every
+    BatchNorm is accumulated exactly over the whole pass, and afterwards its ``running_mean``
+    and ``running_var`` are the per-channel mean and the unbiased variance of that input over
+    all examples (not an average of batch statistics, which would weight a short last batch
+    like a full one and miss the between-batch variance). The mode and momenta are restored.
+    Models without BatchNorm are returned unchanged. Needed after interpolating or merging BN
+    models (variance collapse)."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
     x, _ = _as_xy(data)
     if num_examples is not None:
         x = x[:num_examples]
+    if x.shape[0] < 2:
+        raise ConfigError(f"reset_bn_stats needs at least 2 examples, got {x.shape[0]}")
+    # Per module: (count, mean, sum of squared deviations) in float64, merged batch by batch
+    # with Chan's parallel formula (stable, unlike a raw sum of squares).
+    stats: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        t = inputs[0].detach().to(torch.float64)
+        dims = [d for d in range(t.ndim) if d != 1]
+        nb = t.numel() // t.shape[1]
+        mb = t.mean(dims)
+        m2b = ((t - mb.view([1, -1] + [1] * (t.ndim - 2))) ** 2).sum(dims)
+        if module not in stats:
+            stats[module] = (nb, mb, m2b)
+            return
+        na, ma, m2a = stats[module]
+        n = na + nb
+        delta = mb - ma
+        stats[module] = (n, ma + delta * (nb / n), m2a + m2b + delta ** 2 * (na * nb / n))
+
     momenta = [m.momentum for m in bns]
     was_training = model.training
+    handles = [m.register_forward_pre_hook(record) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     model.train()
     try:
         device = next(iter(model.parameters())).device
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size].to(device))
+        for sl in _even_batches(int(x.shape[0]), batch_size):
+            model(x[sl].to(device))
     finally:
+        for h in handles:
+            h.remove()
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom
         model.train(was_training)
+    for m in bns:
+        n, mean, m2 = stats[m]
+        m.running_mean.copy_(mean.to(m.running_mean.dtype))
+        m.running_var.copy_((m2 / max(1, n - 1)).to(m.running_var.dtype))
     return model

@@ -13,6 +13,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from mergescope import __version__
 from mergescope.console import err_console, set_quiet
@@ -43,8 +44,8 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    if debug:
-        os.environ["MERGESCOPE_DEBUG"] = "1"
+    # --debug is read by `main` from the arguments themselves; it is not stored in os.environ,
+    # which would make every later in-process call (tests, notebooks) show tracebacks too.
     if quiet:
         set_quiet(True)
 
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         from mergescope.errors import MergescopeError
 
         prefix = "error" if isinstance(e, MergescopeError) else f"error ({type(e).__name__})"
-        err_console.print(f"[bold red]{prefix}:[/] {msg}", highlight=False, markup=True)
+        # escape: the message may hold brackets ("[batch, layer]") that rich would eat as
+        # markup; soft_wrap: one line however narrow the terminal (or 80 columns off a tty).
+        err_console.print(f"[bold red]{prefix}:[/] {escape(msg)}", highlight=False, markup=True,
+                          soft_wrap=True)
         err_console.print("[dim](run with --debug for the traceback)[/]")
         sys.exit(1)
 
