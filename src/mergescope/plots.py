@@ -52,3 +52,48 @@ def interpolation_curves(curves, title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def weight_histograms(values, scopes, layers=None, ncols: int = 3, bins: int = 80,
+                      title: str = ""):
+    """Per-layer weight histograms of two or more models with their fitted Gaussians (the WSA
+    paper's Fig. 1 style): one panel per layer, one color per model.
+
+    values: model name -> layer -> 1-D array/tensor of weights (`mergescope.scope.layer_values`);
+    scopes: model name -> layer -> an object with ``mean`` and ``std`` (a `Scope`); layers: the
+    panels to draw (default: every layer of the first model)."""
+    import math
+
+    import numpy as np
+
+    names = list(values)
+    if not names:
+        raise ValueError("weight_histograms needs at least one model")
+    layers = list(layers) if layers is not None else list(values[names[0]])
+    ncols = max(1, min(ncols, len(layers)))
+    nrows = math.ceil(len(layers) / ncols)
+    fig, axes = new_figure(ncols=ncols, nrows=nrows, width=4.2, height=3.0)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, layer in enumerate(layers):
+        ax = axes[i // ncols, i % ncols]
+        arrays = {n: np.asarray(values[n][layer], dtype=np.float64).ravel() for n in names}
+        lo = min(float(np.quantile(a, 0.0005)) for a in arrays.values())
+        hi = max(float(np.quantile(a, 0.9995)) for a in arrays.values())
+        edges = np.linspace(lo, hi, bins + 1)
+        grid = np.linspace(lo, hi, 400)
+        for j, n in enumerate(names):
+            color = colors[j % len(colors)]
+            s = scopes[n][layer]
+            ax.hist(arrays[n], bins=edges, density=True, histtype="stepfilled", alpha=0.3,
+                    color=color)
+            pdf = np.exp(-0.5 * ((grid - s.mean) / s.std) ** 2) / (s.std * math.sqrt(2 * math.pi))
+            ax.plot(grid, pdf, color=color, lw=1.4, label=f"{n}: μ={s.mean:.2g} σ={s.std:.2g}")
+        ax.set_title(layer, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper right")
+    for i in range(len(layers), nrows * ncols):
+        axes[i // ncols, i % ncols].axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -20,7 +20,10 @@ from mergescope.cli.common import (
     print_json,
     print_table,
 )
+from mergescope.cli.scope import TARGET_HELP, build_wsa
 from mergescope.console import console
+from mergescope.errors import ConfigError
+from mergescope.scope import divergence, weight_scope
 
 
 @app.command("datasets")
@@ -54,10 +57,18 @@ def train_cmd(
                                   "(default: --seed); equal init seeds give a shared initialization."),
     train_limit: int = typer.Option(None, "--train-limit", help="Train on a random subset of this size."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.safetensors)."),
+    wsa_target: str = typer.Option(None, "--wsa-target", help=TARGET_HELP),
+    wsa_lambda: float = typer.Option(None, "--wsa-lambda", help="WSA strength λ (default 0.1)."),
+    wsa_divergence: str = typer.Option(None, "--wsa-divergence",
+                                       help="kl, reverse_kl or w2 (default kl)."),
+    wsa_reduce: str = typer.Option(None, "--wsa-reduce", help="mean or sum over layers "
+                                   "(default mean)."),
+    wsa_bias: bool = typer.Option(False, "--wsa-bias", help="Also align the biases' scopes."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
-    """Train a model and save it as a checkpoint with its config and metrics."""
+    """Train a model and save it as a checkpoint with its config and metrics; with
+    --wsa-target, under the Weight Scope Alignment penalty toward that target."""
     train, test = load_splits(dataset, root, train_limit, seed)
     cfg = parse_kv(model_opt)
     for k, v in (("width", width), ("depth", depth), ("norm", norm)):
@@ -67,10 +78,26 @@ def train_cmd(
                        seed=seed if init_seed is None else init_seed, **cfg)
     train_cfg = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
                      batch_size=batch_size, epochs=epochs, schedule=schedule, seed=seed)
-    hist = train_mod.fit(net, train, device=device, **train_cfg)
+    reg = None
+    if wsa_target is None:
+        given = [o for o, v in (("--wsa-lambda", wsa_lambda), ("--wsa-divergence", wsa_divergence),
+                                ("--wsa-reduce", wsa_reduce), ("--wsa-bias", wsa_bias or None))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --wsa-target")
+    else:
+        reg = build_wsa(wsa_target, net, 0.1 if wsa_lambda is None else wsa_lambda,
+                        wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias)
+    hist = train_mod.fit(net, train, device=device, penalties=[reg] if reg is not None else (), **train_cfg)
     metrics = {"train": train_mod.evaluate(net, train), "test": train_mod.evaluate(net, test)}
-    io.save(net, out, {"dataset": dataset, "train_limit": train_limit, "training": train_cfg,
-                       "metrics": metrics, "history": hist.to_dict()})
+    meta = {"dataset": dataset, "train_limit": train_limit, "training": train_cfg,
+            "metrics": metrics, "history": hist.to_dict()}
+    if reg is not None:
+        final = weight_scope(net, include_bias=wsa_bias)
+        meta["wsa"] = {"target": wsa_target, "include_bias": wsa_bias, **reg.config(),
+                       "target_scope": reg.target.to_dict(),
+                       "final_divergence": divergence(final, reg.target, reg.kind).to_dict()}
+    io.save(net, out, meta)
     print_table(f"{model} on {dataset}", ["split", "loss", "accuracy"],
                 [[s, m["loss"], m["accuracy"]] for s, m in metrics.items()])
     console.print(f"saved {out}")
