@@ -134,7 +134,7 @@ SCALE_CONFIGS: dict[str, ScaleConfig] = {
                          model_cfg={"mlp": {"width": 32, "depth": 1}, "vgg": {"width": 0.125},
                                     "resnet20": {"width": 1}},
                          kl_grid=(0.1,), w2_grid=(300.0,), seeds=1, refresh_every=2),
-    "quick": ScaleConfig(train_limit=10_000, epochs=3, points=11, eval_train=5_000, eval_test=None,
+    "quick": ScaleConfig(train_limit=10_000, epochs=3, points=11, eval_train=2_000, eval_test=5_000,
                          model_cfg={"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.5},
                                     "resnet20": {"width": 1}},
                          kl_grid=(0.01, 0.1), w2_grid=(100.0, 1000.0), seeds=3),
@@ -533,9 +533,17 @@ def _run_all(dataset, model, model_cfg, cfg, n_seeds, cond_names, treats, device
 
 # --------------------------------------------------------------------------- the report
 
-_COLUMNS = ["treatment", "acc A %", "acc B %", "loss barrier", "Δ loss barrier vs plain [95% CI]",
-            "acc barrier (pts)", "scope div (all)", "scope div (live)", "kurtosis"]
+_COLUMNS = ["treatment", "acc A %", "acc B %", "Δ acc vs plain (pts)", "loss barrier",
+            "Δ loss barrier vs plain [95% CI]", "acc barrier (pts)", "scope div (all)",
+            "scope div (live)", "kurtosis"]
 _MARK = {"lower": " ↓", "higher": " ↑", "within noise": "", "n/a (1 seed)": "", "—": ""}
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    """mean ± std over seeds; the bare value for a single seed."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return fmt_mean_std(values, digits)
 
 
 def _fmt_ci(values: Sequence[float], digits: int = 3) -> str:
@@ -579,14 +587,15 @@ def _report(dataset, model, model_cfg, scale, cfg, n_seeds, cond_names, treats, 
             acc_cost = [mean_acc(r) - plain_acc[r["seed"]] for r in recs if r["seed"] in plain_acc]
             if verdict == "lower":
                 lowered.append(f"{tr.name} (Δacc {100 * np.mean(acc_cost):+.1f} pts)")
-            rows.append([tr.name, fmt_mean_std(col(cname, tr.name, "test_acc_a", 100), 2),
-                         fmt_mean_std(col(cname, tr.name, "test_acc_b", 100), 2),
-                         fmt_mean_std(col(cname, tr.name, "test_loss_barrier")),
+            rows.append([tr.name, _fmt(col(cname, tr.name, "test_acc_a", 100), 2),
+                         _fmt(col(cname, tr.name, "test_acc_b", 100), 2),
+                         "—" if tr.name == "plain" else _fmt([100 * v for v in acc_cost], 2),
+                         _fmt(col(cname, tr.name, "test_loss_barrier")),
                          "—" if tr.name == "plain" else _fmt_ci(deltas) + _MARK[verdict],
-                         fmt_mean_std(col(cname, tr.name, "test_acc_barrier", 100), 2),
-                         fmt_mean_std(col(cname, tr.name, "scope_div"), 4),
-                         fmt_mean_std(col(cname, tr.name, "scope_div_live"), 4),
-                         fmt_mean_std(col(cname, tr.name, "kurtosis"), 2)])
+                         _fmt(col(cname, tr.name, "test_acc_barrier", 100), 2),
+                         _fmt(col(cname, tr.name, "scope_div"), 4),
+                         _fmt(col(cname, tr.name, "scope_div_live"), 4),
+                         _fmt(col(cname, tr.name, "kurtosis"), 2)])
             aggregates.setdefault(cname, {})[tr.name] = {
                 key: dict(zip(("mean", "std"), mean_std(col(cname, tr.name, key)), strict=True))
                 for key in ("test_acc_a", "test_acc_b", "test_loss_barrier", "test_linear_loss_barrier",
@@ -600,10 +609,10 @@ def _report(dataset, model, model_cfg, scale, cfg, n_seeds, cond_names, treats, 
         real[cname] = bool(lb) and _is_real(lb, ab)
         tables[f"condition: {cname}"] = Table(
             _COLUMNS, rows,
-            f"{cond.description}. A: {cond.a.describe()}; B: {cond.b.describe()}. Test split unless "
-            f"noted; mean ± std over {n_seeds} seed(s); Δ: paired difference to the plain pair of the "
+            f"{cond.description}. A: {cond.a.describe()}; B: {cond.b.describe()}. Test split; acc: "
+            f"endpoint test accuracy; Δ acc: change of the endpoints' mean accuracy; mean ± std over {n_seeds} seed(s); Δ: paired difference to the plain pair of the "
             f"same seed, mean [95% CI], ↓/↑ where the interval excludes 0 (train-split barriers are in the JSON). Real barrier: {'yes' if real[cname] else 'no'}.")
-        summary_rows.append([cname, cond.description, fmt_mean_std(lb), fmt_mean_std([100 * v for v in ab], 2),
+        summary_rows.append([cname, cond.description, _fmt(lb), _fmt([100 * v for v in ab], 2),
                              "yes" if real[cname] else "no", "; ".join(lowered) or "none"])
     tables = {"conditions": Table(
         ["condition", "pair", "plain loss barrier", "plain acc barrier (pts)", "real barrier",
