@@ -51,6 +51,17 @@ class Curve:
     def node_indices(self) -> list[int]:
         return [int(np.argmin(np.abs(np.asarray(self.t) - i))) for i in range(self.num_models)]
 
+    def segment(self, i: int) -> Curve:
+        """The part of a piecewise path between node i and node i + 1, as a two-model curve
+        (t runs from 0 to 1 again), e.g. to take the barrier of each segment."""
+        if not 0 <= i < self.num_models - 1:
+            raise ConfigError(f"segment {i} is outside 0..{self.num_models - 2}")
+        t = np.asarray(self.t)
+        sel = np.flatnonzero((t >= i - 1e-9) & (t <= i + 1 + 1e-9))
+        return Curve([float(t[j] - i) for j in sel],
+                     {s: {k: [v[j] for j in sel] for k, v in m.items()} for s, m in self.metrics.items()},
+                     2, self.label, dict(self.info))
+
     def to_dict(self) -> dict:
         return {"t": self.t, "metrics": self.metrics, "num_models": self.num_models,
                 "label": self.label, "info": self.info}
@@ -87,16 +98,21 @@ def path_grid(num_models: int, num_points: int) -> list[tuple[int, float]]:
 def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | None = None,
                 data=None, *, num_points: int = 25, splits: Sequence[str] | None = None,
                 bn_reset: bool = True, bn_data: Dataset | tuple | None = None,
-                reset_endpoints: bool = False, transform: Transform | None = None, label: str = "",
-                progress: bool = True) -> Curve:
+                bn_examples: int | None = None, reset_endpoints: bool = False,
+                transform: Transform | None = None, label: str = "", progress: bool = True) -> Curve:
     """Evaluate the linear path between two models (or the piecewise path through a list).
 
     data: a mapping split -> Dataset (or (x, y)); `splits` picks which to evaluate (default:
     all). BatchNorm statistics are reset at each point from `bn_data` (default: the "train"
-    split, else the first); the models themselves (α = 0 and 1, the path's nodes) keep their own
+    split, else the first; `bn_examples` caps how many are used); the models themselves (α = 0 and 1, the path's nodes) keep their own
     statistics unless `reset_endpoints`, so a curve's ends equal `evaluate` of the models.
     `transform` is applied to each interpolated model (e.g. REPAIR)."""
-    models = list(model_a) if isinstance(model_a, Sequence) else [model_a, model_b]
+    if isinstance(model_a, Sequence):
+        if model_b is not None:
+            raise ConfigError("interpolate: pass either a list of models or two models, not both")
+        models = list(model_a)
+    else:
+        models = [model_a, model_b]
     if any(m is None for m in models) or len(models) < 2:
         raise ConfigError("interpolate needs two models (or a list of at least two)")
     if data is None:
@@ -121,7 +137,7 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
             net = work
             at_node = alpha in (0.0, 1.0)
             if needs_bn and (reset_endpoints or not at_node):
-                reset_bn_stats(net, bn_data)
+                reset_bn_stats(net, bn_data, num_examples=bn_examples)
             if transform is not None:
                 net = transform(net, seg, alpha)
             for s in chosen:
@@ -132,7 +148,7 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
             advance(1, t=seg + alpha)
     return Curve(t_values, metrics, len(models), label,
                  {"bn_reset": bool(needs_bn), "reset_endpoints": reset_endpoints,
-                  "num_points": num_points})
+                  "num_points": num_points, "bn_examples": bn_examples})
 
 
 def barriers(curve: Curve) -> dict[str, dict[str, float]]:
@@ -158,3 +174,18 @@ def barriers(curve: Curve) -> dict[str, dict[str, float]]:
             "max_loss_at": float(t[i_max]),
         }
     return out
+
+
+BARRIER_COLUMNS = ["curve", "split", "loss A", "loss B", "loss barrier", "linear loss barrier",
+                   "acc A", "acc B", "acc barrier", "mid acc"]
+
+
+def barrier_rows(curves: Mapping[str, Curve]) -> list[list]:
+    """One row per (curve, split) with the columns of `BARRIER_COLUMNS`, for tables."""
+    rows = []
+    for name, curve in curves.items():
+        for split, b in barriers(curve).items():
+            rows.append([name, split, b["loss_a"], b["loss_b"], b["loss_barrier"],
+                         b["linear_loss_barrier"], b["acc_a"], b["acc_b"], b["acc_barrier"],
+                         b["mid_acc"]])
+    return rows
