@@ -381,7 +381,11 @@ def test_study_runs_end_to_end_at_smoke_scale(tmp_path):
     md = (out / "result.md").read_text()
     assert "## conditions" in md and "wsa-fused-kl" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted([f"curves_{c}.png" for c in mc.CONDITIONS] + ["scope_histograms.png"])
+    curve_pngs = [p for p in pngs if p.startswith("curves_")]
+    assert curve_pngs == sorted(f"curves_{c}.png" for c in mc.CONDITIONS)
+    hist_pngs = [p for p in pngs if p.startswith("scope_histograms_")]
+    assert "scope_histograms_plain.png" in hist_pngs and len(hist_pngs) == 2  # plain and best WSA
+    assert len(pngs) == len(curve_pngs) + len(hist_pngs)
     for p in out.glob("*.png"):
         assert p.read_bytes()[:4] == b"\x89PNG"
 

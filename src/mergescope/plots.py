@@ -54,14 +54,15 @@ def interpolation_curves(curves, title: str = ""):
     return fig
 
 
-def weight_histograms(values, scopes, layers=None, ncols: int = 3, bins: int = 80,
+def weight_histograms(values, scopes=None, layers=None, ncols: int = 3, bins: int = 80,
                       title: str = ""):
     """Per-layer weight histograms of two or more models with their fitted Gaussians (the WSA
     paper's Fig. 1 style): one panel per layer, one color per model.
 
     values: model name -> layer -> 1-D array/tensor of weights (`mergescope.scope.layer_values`);
-    scopes: model name -> layer -> an object with ``mean`` and ``std`` (a `Scope`); layers: the
-    panels to draw (default: every layer of the first model)."""
+    scopes: model name -> layer -> an object with ``mean`` and ``std`` (a `Scope`; default: the
+    population mean and std of `values`); layers: the panels to draw (default: every layer of
+    the first model)."""
     import math
 
     import numpy as np
@@ -83,7 +84,7 @@ def weight_histograms(values, scopes, layers=None, ncols: int = 3, bins: int = 8
         grid = np.linspace(lo, hi, 400)
         for j, n in enumerate(names):
             color = colors[j % len(colors)]
-            s = scopes[n][layer]
+            s = scopes[n][layer] if scopes is not None else _Fit(arrays[n])
             ax.hist(arrays[n], bins=edges, density=True, histtype="stepfilled", alpha=0.3,
                     color=color)
             pdf = np.exp(-0.5 * ((grid - s.mean) / s.std) ** 2) / (s.std * math.sqrt(2 * math.pi))
@@ -95,39 +96,12 @@ def weight_histograms(values, scopes, layers=None, ncols: int = 3, bins: int = 8
         axes[i // ncols, i % ncols].axis("off")
     if title:
         fig.suptitle(title)
-def mc_scope_histograms(pairs, title: str = "", bins: int = 60):
-    """Per-layer weight histograms of model pairs under several treatments, with Gaussian fits
-    (the WSA paper's Fig. 1 view).
-
-    `pairs`: treatment -> run label (e.g. "A", "B") -> layer -> weight tensor. One row per
-    treatment, one column per layer; each panel overlays the runs' histograms (density) and the
-    N(μ, σ²) of each run as a line, so a scope mismatch shows as different widths."""
-    import numpy as np
-
-    rows = list(pairs)
-    layers = list(next(iter(next(iter(pairs.values())).values())))
-    fig, axes = new_figure(ncols=len(layers), nrows=len(rows), width=3.4, height=2.6)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, treatment in enumerate(rows):
-        for j, layer in enumerate(layers):
-            ax = axes[i, j]
-            vals = {run: w[layer].detach().cpu().double().reshape(-1).numpy()
-                    for run, w in pairs[treatment].items()}
-            lim = max(float(np.quantile(np.abs(v), 0.999)) for v in vals.values()) or 1.0
-            edges = np.linspace(-lim, lim, bins + 1)
-            grid = np.linspace(-lim, lim, 200)
-            for k, (run, v) in enumerate(vals.items()):
-                c = colors[k % len(colors)]
-                mu, sd = float(v.mean()), float(v.std())
-                ax.hist(v, bins=edges, density=True, alpha=0.35, color=c,
-                        label=f"{run}: σ={sd:.3g}")
-                if sd > 0:
-                    ax.plot(grid, np.exp(-0.5 * ((grid - mu) / sd) ** 2) / (sd * np.sqrt(2 * np.pi)),
-                            color=c, lw=1)
-            ax.set_title(f"{treatment}\n{layer}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+class _Fit:
+    """Mean and population std of an array, shaped like a `LayerScope` for the figures."""
+
+    def __init__(self, a) -> None:
+        self.mean, self.std = float(a.mean()), float(a.std()) or 1e-12

@@ -665,10 +665,11 @@ def _figures(cond_names, treats, by, curves, weights) -> dict:
     best = _best_wsa_per_target(hist_cond, treats, by)
     if best and (hist_cond, "plain") in weights:
         wsa_name = min(best, key=lambda n: np.mean([r["test_loss_barrier"] for r in by[(hist_cond, n)]]))
-        figures["scope_histograms"] = plots.mc_scope_histograms(
-            {"plain": weights[(hist_cond, "plain")], wsa_name: weights[(hist_cond, wsa_name)]},
-            title=f"weight scopes, condition '{hist_cond}' (seed 0): "
-                  f"A = {CONDITIONS[hist_cond].a.describe()}, B = {CONDITIONS[hist_cond].b.describe()}")
+        desc = (f"condition '{hist_cond}' (seed 0): A = {CONDITIONS[hist_cond].a.describe()}, "
+                f"B = {CONDITIONS[hist_cond].b.describe()}")
+        for name in ("plain", wsa_name):
+            figures[f"scope_histograms_{name}"] = plots.weight_histograms(
+                weights[(hist_cond, name)], title=f"weight scopes, {name}, {desc}")
     return figures
 
 
