@@ -127,6 +127,10 @@ def test_bad_option_values(tmp_path, capsys):
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "unknown optimizer 'rmsprop'" in lines[0]
     assert not (tmp_path / "a.safetensors").exists()
+    # a fractional width is refused, not truncated
+    assert run_cli(["--quiet", "train", "-d", "digits", "--model", "mlp", "--width", "16.5",
+                    "--out", str(tmp_path / "a.safetensors")]) == 1
+    assert "must be integers" in error_lines(capsys.readouterr().err)[0]
     assert run_cli(["eval", str(tmp_path / "x.safetensors"), "--dataset", "nope"]) == 1
     # a usage error (unknown option) is click's, exit code 2
     assert run_cli(["train", "--no-such-option"]) == 2

@@ -143,6 +143,7 @@ def test_channel_layer_norm_matches_manual_normalization():
     (("resnet20", (3, 16, 16), 10), {"width": 0}, "width >= 1"),
     (("resnet20", (3, 16, 16), 10), {"width": 1.5}, "must be an integer"),
     (("mlp", (1, 8, 8), 10), {"width": 0}, "width >= 1"),
+    (("mlp", (1, 8, 8), 10), {"width": 2.5}, "must be integers"),
     (("mlp", (1, 8, 8), 10), {"dropout": 0.5}, "bad option for model 'mlp'.*dropout"),
 ])
 def test_bad_configs(args, kwargs, match):

@@ -163,6 +163,8 @@ class ResNet20(nn.Module):
 
 
 def _build_mlp(in_shape, num_classes, depth: int = 2, width: int = 512, norm: str = "none"):
+    if float(width) != int(width) or float(depth) != int(depth):
+        raise ConfigError(f"mlp's width and depth must be integers, got width={width}, depth={depth}")
     return MLP(math.prod(in_shape), num_classes, depth=int(depth), width=int(width), norm=norm)
 
 

@@ -73,7 +73,9 @@ def train_cmd(
     cfg = parse_kv(model_opt)
     for k, v in (("width", width), ("depth", depth), ("norm", norm)):
         if v is not None:
-            cfg[k] = int(v) if k == "width" and model != "vgg" else v
+            # mlp/resnet20 widths are integers; a fractional one is passed on for the model to
+            # reject rather than silently truncated.
+            cfg[k] = int(v) if k == "width" and model != "vgg" and float(v).is_integer() else v
     net = models.build(model, train.input_shape, train.num_classes,
                        seed=seed if init_seed is None else init_seed, **cfg)
     train_cfg = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
