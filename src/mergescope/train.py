@@ -184,6 +184,17 @@ class Trainer:
         return self.history
 
 
+def train_lockstep(trainers: Sequence[Trainer]) -> None:
+    """Step several trainers until each has done its `total_steps`, always stepping the one
+    furthest behind in relative progress (alternating when their step counts match), so that
+    a target refreshed from all of them sees runs at the same stage of training."""
+    while True:
+        todo = [t for t in trainers if t.step_count < t.total_steps]
+        if not todo:
+            return
+        min(todo, key=lambda t: t.step_count / t.total_steps).step()
+
+
 def fit(model: nn.Module, data, *, optimizer: str = "sgd", lr: float = 0.05,
         momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128, epochs: int = 1,
         schedule: str = "constant", seed: int = 0, penalties: Sequence[Penalty] = (),

@@ -63,7 +63,7 @@ from mergescope.scope import (
     scope_keys,
     weight_scope,
 )
-from mergescope.train import Trainer, evaluate
+from mergescope.train import Trainer, evaluate, train_lockstep
 from mergescope.wsa import WSARegularizer, fused_refresh
 
 # --------------------------------------------------------------------------- conditions
@@ -284,17 +284,6 @@ def treatment_list(cfg: ScaleConfig, select: Sequence[str] | None = None) -> lis
 
 
 # --------------------------------------------------------------------------- training
-
-
-def train_lockstep(trainers: Sequence[Trainer]) -> None:
-    """Step several trainers until each has done its `total_steps`, always stepping the one
-    furthest behind in relative progress (alternating when their step counts match), so that
-    a target refreshed from all of them sees runs at the same stage of training."""
-    while True:
-        todo = [t for t in trainers if t.step_count < t.total_steps]
-        if not todo:
-            return
-        min(todo, key=lambda t: t.step_count / t.total_steps).step()
 
 
 def dirichlet_halves(labels: torch.Tensor, alpha: float, seed: int,
