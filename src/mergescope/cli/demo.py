@@ -1,25 +1,53 @@
-"""`mergescope demo`: the main job (what `make demo` runs)."""
+"""The main job: `mergescope demo` (what `make demo` runs) and `mergescope reproduce`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from mergescope import data as data_mod
-from mergescope import models
-from mergescope import train as train_mod
+from mergescope import io
 from mergescope.cli import app
-from mergescope.cli.common import print_table
 from mergescope.console import console
+from mergescope.experiments.common import print_result, write_result
 
 
 @app.command("demo")
-def demo_cmd(epochs: int = typer.Option(2, "--epochs"), seed: int = typer.Option(0, "--seed")) -> None:
-    """Train and evaluate an MLP on Fashion-MNIST (MNIST-1D when Fashion-MNIST is missing)."""
-    name = data_mod.first_available(("fashion-mnist", "mnist1d"))
-    if name != "fashion-mnist":
-        console.print("Fashion-MNIST not found (sudo apt-get install dataset-fashion-mnist); using MNIST-1D")
-    train, test = data_mod.load(name, "train"), data_mod.load(name, "test")
-    net = models.build("mlp", train.input_shape, train.num_classes, seed=seed)
-    train_mod.fit(net, train, optimizer="adam", lr=1e-3, epochs=epochs, seed=seed, eval_data=test)
-    res = train_mod.evaluate(net, test)
-    print_table(f"mlp on {name}", ["test loss", "test accuracy"], [[res["loss"], res["accuracy"]]])
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output folder."),
+    dataset: str = typer.Option(None, "--dataset", "-d",
+                                help="Dataset (default: fashion-mnist when installed, else mnist1d)."),
+    scale: str = typer.Option("quick", "--scale", help="quick (minutes) or smoke (seconds, for tests)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Every capability once on real data: scope mismatch, WSA, alignment, merging, federated."""
+    from mergescope.experiments import demo
+    from mergescope.report import markdown_report
+
+    res = demo.run(out=out, dataset=dataset, scale=scale, seed=seed, device=device)
+    write_result(res, out)
+    report = io.write_text(out / "report.md", markdown_report("mergescope demo", [res],
+                                                              header=res.config))
+    print_result(res)
+    console.print(f"report: [bold]{report}[/] (figures and result.json beside it)")
+
+
+@app.command("reproduce")
+def reproduce_cmd(
+    scale: str = typer.Option("quick", "--scale", help="smoke (a minute), quick (<= 20 min on 2 "
+                                                      "CPU cores) or full (paper scale, for a GPU)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Output folder."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset for every suite (default: each suite's)."),
+    device: str = typer.Option("cpu", "--device"),
+    seed: int = typer.Option(0, "--seed", help="Base seed; the same seed reproduces the same numbers."),
+    suite: list[str] = typer.Option([], "--suite", help="Run only these suites (repeatable)."),
+) -> None:
+    """Run every study suite and write report.md and a self-contained report.html."""
+    from mergescope.experiments.reproduce import run_suites
+
+    paths = run_suites(scale=scale, out=out, dataset=dataset, device=device, seed=seed,
+                       suites=suite or None)
+    for r in paths["results"]:
+        print_result(r)
+    console.print(f"report: [bold]{paths['markdown']}[/] and [bold]{paths['html']}[/]")
