@@ -151,6 +151,31 @@ def test_robust_rules_resist_one_extreme_client():
     assert trimmed_mean(honest + [attacker], 0.15)["w"].abs().max() < 0.1
 
 
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 7), seed=st.integers(0, 1000), trim=st.floats(0.0, 0.49))
+def test_robust_rules_are_order_free_and_bounded(k, seed, trim):
+    g = torch.Generator().manual_seed(seed)
+    states = [{"w": torch.randn(4, 3, generator=g)} for _ in range(k)]
+    stacked = torch.stack([s["w"] for s in states])
+    perm = torch.randperm(k, generator=g).tolist()
+    for rule in (coordinate_median, lambda s: trimmed_mean(s, trim)):
+        out = rule(states)["w"]
+        assert torch.allclose(out, rule([states[i] for i in perm])["w"])
+        assert (out >= stacked.min(0).values - 1e-6).all() and (out <= stacked.max(0).values + 1e-6).all()
+
+
+def test_strategy_uses_its_aggregator():
+    g = build("mlp", (6,), 3, seed=0, width=5).state_dict()
+    ups = [_update(c, 10 * (c + 1), c + 1) for c in range(4)]
+    med = FedAvg(aggregator="median").aggregate(1, g, ups).state
+    tm = FedAvg(aggregator="trimmed-mean", trim=0.25).aggregate(1, g, ups).state
+    states = [u.state for u in ups]
+    assert all(torch.equal(med[k], coordinate_median(states)[k]) for k in g)
+    assert all(torch.equal(tm[k], trimmed_mean(states, 0.25)[k]) for k in g)
+    with pytest.raises(ConfigError, match="trimmed-mean fraction"):
+        FedAvg(aggregator="trimmed-mean", trim=0.5)
+
+
 def test_screen_updates_rejects_nan_and_mismatches():
     ref = {"w": torch.zeros(3)}
     accepted, rejected = screen_updates(ref, {

@@ -82,7 +82,8 @@ def partition_heatmap(histogram, class_names=None, title: str = "examples per cl
 def fl_round_curves(panels, ylabel: str, logy: bool = False, title: str = ""):
     """Per-round curves of federated runs. `panels` maps a panel title to {name: runs}, each
     run a list of per-round values (round 0 first); the line is the mean over runs and the
-    band ± one standard deviation. NaN values (e.g. round 0 of a divergence) are skipped."""
+    band ± one standard deviation (min..max with `logy`). NaN/None values (e.g. round 0 of a
+    divergence) are skipped."""
     import warnings
 
     import numpy as np
@@ -101,8 +102,11 @@ def fl_round_curves(panels, ylabel: str, logy: bool = False, title: str = ""):
             x = np.arange(length)
             color = colors[i % len(colors)]
             ax.plot(x, mean, color=color, label=name)
-            if len(runs) > 1:
-                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            if len(runs) > 1:  # ± std, or min..max on a log axis (stays positive)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    lo, hi = (np.nanmin(a, 0), np.nanmax(a, 0)) if logy else (mean - std, mean + std)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         if logy:

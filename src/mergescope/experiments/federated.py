@@ -68,6 +68,43 @@ def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None):
                         data_root=data_root, **over)
 
 
+def _divergence_cell(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a (no update)"
+    cell = f"{mean_std(vals)[0]:.2e}"
+    return cell if len(vals) == len(values) else f"{cell} ({len(vals)}/{len(values)} runs)"
+
+
+def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], seeds: int,
+                   rounds: int) -> Table:
+    """The study's main table from its per-run records (also rebuilt from result.json)."""
+    rows = []
+    for model in models:
+        for alpha in alphas:
+            base = {r["seed"]: r["final_accuracy"] for r in runs
+                    if (r["model"], r["alpha"], r["method"]) == (model, alpha, "FedAvg")}
+            for method in METHODS:
+                sel = [r for r in runs if (r["model"], r["alpha"], r["method"]) == (model, alpha, method)]
+                if not sel:
+                    continue
+                final = [r["final_accuracy"] for r in sel]
+                delta = [r["final_accuracy"] - base[r["seed"]] for r in sel if r["seed"] in base]
+                rows.append([model, alpha, method, fmt_mean_std(final),
+                             fmt_mean_std([r["best_accuracy"] for r in sel]), fmt_mean_std(delta),
+                             _divergence_cell([r["scope_divergence"][-1] for r in sel]),
+                             sum(r["rejected"] for r in sel)])
+    return Table(
+        ["model", "alpha", "method", "final accuracy", "best accuracy", "final - FedAvg (paired)",
+         "client scope divergence (last round)", "rejected updates"], rows,
+        caption=f"Global-model test accuracy after {rounds} rounds, mean ± std over {seeds} "
+                "seeds; the difference to FedAvg is paired by seed (same initialization, "
+                "partition and client sampling). Scope divergence: mean over the accepted clients "
+                "of the layer-averaged KL between a client's weight scope and the clients' fused "
+                "scope (n/a when no update was accepted). Rejected updates: client updates with "
+                "NaN/Inf weights, summed over seeds.")
+
+
 def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         out: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
         progress: bool = True) -> ExperimentResult:
@@ -105,24 +142,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
                 "methods": METHODS, "fraction": 0.5, "batch_size": 64, "lr": 0.05,
                 "optimizer": "sgd (momentum 0.9)"},
         data={"runs": runs, "partitions": partitions})
-    rows = []
-    for model in s["models"]:
-        for alpha in s["alphas"]:
-            base = [r["final_accuracy"] for r in runs
-                    if (r["model"], r["alpha"], r["method"]) == (model, alpha, "FedAvg")]
-            for method in METHODS:
-                sel = [r for r in runs if (r["model"], r["alpha"], r["method"]) == (model, alpha, method)]
-                final = [r["final_accuracy"] for r in sel]
-                delta = [f - b for f, b in zip(final, base, strict=True)]  # paired by seed
-                rows.append([model, alpha, method, fmt_mean_std(final), fmt_mean_std([r["best_accuracy"] for r in sel]),
-                             fmt_mean_std(delta), f"{mean_std([r['scope_divergence'][-1] for r in sel])[0]:.2e}"])
-    result.tables["accuracy"] = Table(
-        ["model", "alpha", "method", "final accuracy", "best accuracy", "final - FedAvg (paired)",
-         "client scope divergence (last round)"], rows,
-        caption=f"Global-model test accuracy after {s['rounds']} rounds, mean ± std over {seeds} "
-                "seeds; the difference to FedAvg is paired by seed (same initialization, "
-                "partition and client sampling). Scope divergence: mean over sampled clients of "
-                "the layer-averaged KL between a client's weight scope and the clients' fused scope.")
+    result.tables["accuracy"] = accuracy_table(runs, s["models"], s["alphas"], seeds, s["rounds"])
     for model in s["models"]:
         acc_panels = {f"alpha={a:g}": {m: [r["accuracy"] for r in runs
                                            if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
