@@ -96,6 +96,27 @@ def weight_histograms(values, scopes=None, layers=None, ncols: int = 3, bins: in
         axes[i // ncols, i % ncols].axis("off")
     if title:
         fig.suptitle(title)
+# --------------------------------------------------------------------------- federated learning
+
+
+def partition_heatmap(histogram, class_names=None, title: str = "examples per client and class"):
+    """A (clients × classes) count matrix as a heatmap (from `mergescope.fl.class_histogram`)."""
+    import numpy as np
+
+    h = np.asarray(histogram, dtype=float)
+    n_clients, n_classes = h.shape
+    fig, axes = new_figure(width=max(4.0, 0.45 * n_classes + 2.0),
+                           height=max(3.0, 0.22 * n_clients + 1.2))
+    ax = axes[0, 0]
+    im = ax.imshow(h, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("class")
+    ax.set_ylabel("client")
+    ax.set_xticks(range(n_classes))
+    if class_names is not None:
+        ax.set_xticklabels([str(c) for c in class_names], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(0, n_clients, max(1, n_clients // 10)))
+    fig.colorbar(im, ax=ax, label="examples")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 
@@ -105,3 +126,43 @@ class _Fit:
 
     def __init__(self, a) -> None:
         self.mean, self.std = float(a.mean()), float(a.std()) or 1e-12
+def fl_round_curves(panels, ylabel: str, logy: bool = False, title: str = ""):
+    """Per-round curves of federated runs. `panels` maps a panel title to {name: runs}, each
+    run a list of per-round values (round 0 first); the line is the mean over runs and the
+    band ± one standard deviation (min..max with `logy`). NaN/None values (e.g. round 0 of a
+    divergence) are skipped."""
+    import warnings
+
+    import numpy as np
+
+    fig, axes = new_figure(ncols=len(panels))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (ptitle, curves) in zip(axes[0], panels.items(), strict=True):
+        for i, (name, runs) in enumerate(curves.items()):
+            length = max(len(r) for r in runs)
+            a = np.full((len(runs), length), np.nan)
+            for j, r in enumerate(runs):
+                a[j, :len(r)] = np.asarray(r, dtype=float)
+            with warnings.catch_warnings():  # all-NaN rounds (round 0 of a divergence)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(a, 0), np.nanstd(a, 0)
+            x = np.arange(length)
+            color = colors[i % len(colors)]
+            ax.plot(x, mean, color=color, label=name)
+            if len(runs) > 1:  # ± std, or min..max on a log axis (stays positive)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    lo, hi = (np.nanmin(a, 0), np.nanmax(a, 0)) if logy else (mean - std, mean + std)
+                ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if logy:
+            ax.set_yscale("log")
+        if ptitle:
+            ax.set_title(ptitle)
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,166 @@
+"""Study: federated learning under label skew — FedAvg vs FedProx vs weight decay vs WSA.
+
+20 clients on Dirichlet(α) splits (α ∈ {0.1, 0.5, 5}), half of them sampled per round, 2 local
+epochs of SGD (lr 0.05, momentum 0.9, batch 64). Methods:
+
+- FedAvg; FedProx (μ = 0.01); FedAvg with client weight decay (1e-3);
+- WSA with the fused target (the clients' last-round scopes, moment-matched, weighted by sample
+  count) and with the global model's scope as target (λ = 10, KL, mean over layers).
+
+Reported per (model, α, method): final and best test accuracy of the global model (mean ± std
+over seeds), the client scope divergence in the last round, accuracy and divergence curves, and
+the partitions. ``quick`` (<= ~20 min on 2 CPU cores) trains the MLP only, on a fixed 6,000-example
+training subset for 15 rounds; ``full`` adds the small CNN (VGG at width 1/4) on all of
+Fashion-MNIST for 50 rounds (for a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mergescope.console import progress_task
+from mergescope.experiments.common import (
+    ExperimentResult,
+    Table,
+    check_scale,
+    fmt_mean_std,
+    mean_std,
+)
+from mergescope.fl import FLConfig, build_model, build_partitions, load_data, simulate, summarize
+
+MODELS = {"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.25}}
+
+METHODS: dict[str, dict] = {
+    "FedAvg": {"strategy": "fedavg"},
+    "FedProx": {"strategy": "fedprox", "mu": 0.01},
+    "weight decay": {"strategy": "fedavg", "weight_decay": 1e-3},
+    "WSA (fused)": {"strategy": "wsa", "wsa_target": "fused", "wsa_lambda": 10.0},
+    "WSA (global)": {"strategy": "wsa", "wsa_target": "global", "wsa_lambda": 10.0},
+}
+
+SCALES = {
+    "smoke": {"models": ["mlp"], "alphas": [0.5], "clients": 4, "rounds": 2, "local_epochs": 1,
+              "train_limit": 400, "test_limit": 200, "model_options": {"mlp": {"width": 32}},
+              "min_size": 5},
+    "quick": {"models": ["mlp"], "alphas": [0.1, 0.5, 5.0], "clients": 20, "rounds": 15,
+              "local_epochs": 2, "train_limit": 6000, "test_limit": 2000, "model_options": {},
+              "min_size": 10},
+    "full": {"models": ["mlp", "vgg"], "alphas": [0.1, 0.5, 5.0], "clients": 20, "rounds": 50,
+             "local_epochs": 2, "train_limit": None, "test_limit": None, "model_options": {},
+             "min_size": 10},
+}
+
+
+def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None):
+    """Every (model, alpha, method, seed, FLConfig) of a scale, in run order."""
+    s = SCALES[check_scale(scale)]
+    for model in s["models"]:
+        opts = {**MODELS[model], **s["model_options"].get(model, {})}
+        for alpha in s["alphas"]:
+            for method, over in METHODS.items():
+                for seed in range(seeds):
+                    yield model, alpha, method, seed, FLConfig(
+                        dataset=dataset, model=model, model_options=opts, clients=s["clients"],
+                        scheme="dirichlet", alpha=alpha, min_size=s["min_size"],
+                        rounds=s["rounds"], local_epochs=s["local_epochs"], fraction=0.5,
+                        train_limit=s["train_limit"], test_limit=s["test_limit"], seed=seed,
+                        data_root=data_root, **over)
+
+
+def _divergence_cell(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a (no update)"
+    cell = f"{mean_std(vals)[0]:.2e}"
+    return cell if len(vals) == len(values) else f"{cell} ({len(vals)}/{len(values)} runs)"
+
+
+def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], seeds: int,
+                   rounds: int) -> Table:
+    """The study's main table from its per-run records (also rebuilt from result.json)."""
+    rows = []
+    for model in models:
+        for alpha in alphas:
+            base = {r["seed"]: r["final_accuracy"] for r in runs
+                    if (r["model"], r["alpha"], r["method"]) == (model, alpha, "FedAvg")}
+            for method in METHODS:
+                sel = [r for r in runs if (r["model"], r["alpha"], r["method"]) == (model, alpha, method)]
+                if not sel:
+                    continue
+                final = [r["final_accuracy"] for r in sel]
+                delta = [r["final_accuracy"] - base[r["seed"]] for r in sel if r["seed"] in base]
+                rows.append([model, alpha, method, fmt_mean_std(final),
+                             fmt_mean_std([r["best_accuracy"] for r in sel]), fmt_mean_std(delta),
+                             _divergence_cell([r["scope_divergence"][-1] for r in sel]),
+                             sum(r["rejected"] for r in sel)])
+    return Table(
+        ["model", "alpha", "method", "final accuracy", "best accuracy", "final - FedAvg (paired)",
+         "client scope divergence (last round)", "rejected updates"], rows,
+        caption=f"Global-model test accuracy after {rounds} rounds, mean ± std over {seeds} "
+                "seeds; the difference to FedAvg is paired by seed (same initialization, "
+                "partition and client sampling). Scope divergence: mean over the accepted clients "
+                "of the layer-averaged KL between a client's weight scope and the clients' fused "
+                "scope (n/a when no update was accepted). Rejected updates: client updates with "
+                "NaN/Inf weights, summed over seeds.")
+
+
+def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
+        out: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
+        progress: bool = True) -> ExperimentResult:
+    from mergescope.plots import fl_round_curves, partition_heatmap
+
+    check_scale(scale)
+    t_start = time.perf_counter()
+    plan = list(configs(dataset, scale, seeds, data_root))
+    runs: list[dict] = []
+    partitions: dict[float, dict] = {}
+    with progress_task(f"federated study ({scale})", len(plan), enabled=progress) as advance:
+        for model, alpha, method, seed, cfg in plan:
+            train, test = load_data(cfg)
+            parts = build_partitions(cfg, train)
+            if seed == 0 and alpha not in partitions:
+                partitions[alpha] = {**summarize(train.y, parts, train.num_classes),
+                                     "classes": list(train.info.classes or [])}
+            res = simulate(build_model(cfg, train), train, test, parts, cfg.make_strategy(),
+                           cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed,
+                           device=device, progress=False)
+            runs.append({"model": model, "alpha": alpha, "method": method, "seed": seed,
+                         "final_accuracy": res.final_accuracy, "best_accuracy": res.best_accuracy,
+                         "accuracy": res.accuracy_curve(),
+                         "scope_divergence": [r["scope_divergence"] for r in res.history],
+                         "dropped": sum(len(r["dropped"]) for r in res.history),
+                         "rejected": sum(len(r["rejected"]) for r in res.history),
+                         "seconds": res.timings["total_seconds"]})
+            advance(1, model=model, alpha=alpha, method=method, acc=res.final_accuracy)
+
+    s = SCALES[scale]
+    result = ExperimentResult(
+        name="Federated learning: FedAvg vs FedProx vs weight decay vs WSA",
+        config={"dataset": dataset, "scale": scale, "seeds": seeds, "device": device,
+                **{k: v for k, v in s.items()}, "model_architectures": MODELS,
+                "methods": METHODS, "fraction": 0.5, "batch_size": 64, "lr": 0.05,
+                "optimizer": "sgd (momentum 0.9)"},
+        data={"runs": runs, "partitions": partitions})
+    result.tables["accuracy"] = accuracy_table(runs, s["models"], s["alphas"], seeds, s["rounds"])
+    for model in s["models"]:
+        acc_panels = {f"alpha={a:g}": {m: [r["accuracy"] for r in runs
+                                           if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
+                                       for m in METHODS} for a in s["alphas"]}
+        div_panels = {f"alpha={a:g}": {m: [r["scope_divergence"] for r in runs
+                                           if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
+                                       for m in METHODS} for a in s["alphas"]}
+        result.figures[f"accuracy_{model}"] = fl_round_curves(acc_panels, "test accuracy",
+                                                              title=f"{model}: global model")
+        result.figures[f"scope_divergence_{model}"] = fl_round_curves(
+            div_panels, "client scope divergence (KL)", logy=True, title=f"{model}: clients' scopes")
+    for alpha, summ in partitions.items():
+        result.figures[f"partition_alpha{alpha:g}"] = partition_heatmap(
+            summ["histogram"], summ["classes"] or None, f"Dirichlet alpha={alpha:g} (seed 0)")
+    result.notes.append(
+        f"scale={scale}: models {', '.join(s['models'])}; {s['clients']} clients, 50% sampled per "
+        f"round, {s['rounds']} rounds, {s['local_epochs']} local epochs; training subset "
+        f"{s['train_limit'] or 'all'}, test subset {s['test_limit'] or 'all'} (fixed subsets)."
+        + (" The CNN runs only at scale=full." if "vgg" not in s["models"] else ""))
+    result.seconds = time.perf_counter() - t_start
+    return result
