@@ -96,6 +96,10 @@ def weight_histograms(values, scopes=None, layers=None, ncols: int = 3, bins: in
         axes[i // ncols, i % ncols].axis("off")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- federated learning
 
 
@@ -126,6 +130,8 @@ class _Fit:
 
     def __init__(self, a) -> None:
         self.mean, self.std = float(a.mean()), float(a.std()) or 1e-12
+
+
 def fl_round_curves(panels, ylabel: str, logy: bool = False, title: str = ""):
     """Per-round curves of federated runs. `panels` maps a panel title to {name: runs}, each
     run a list of per-round values (round 0 first); the line is the mean over runs and the
