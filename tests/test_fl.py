@@ -26,13 +26,13 @@ from mergescope.fl.client import (
     ClientTimeout,
     Instructions,
     LocalTraining,
-    ProximalTerm,
     client_update,
 )
 from mergescope.fl.partition import class_histogram, partition, summarize
 from mergescope.fl.simulator import simulate
 from mergescope.fl.strategy import WSA, FedAvg, FedProx
 from mergescope.models import build
+from mergescope.penalties import ProximalPenalty
 from mergescope.scope import divergence, fuse, weight_scope
 
 TINY = dict(dataset="digits", model="mlp", model_options={"width": 16}, clients=5, alpha=0.5,
@@ -197,7 +197,7 @@ def test_scope_spread_zero_iff_identical():
 
 def test_proximal_term_value_and_gradient():
     net = build("mlp", (5,), 3, seed=0, width=4)
-    prox = ProximalTerm(net, mu=0.3)
+    prox = ProximalPenalty(net, mu=0.3)
     anchor = [p.detach().clone() for p in net.parameters()]
     with torch.no_grad():
         for p in net.parameters():

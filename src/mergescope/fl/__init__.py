@@ -24,7 +24,6 @@ from mergescope.fl.client import (
     ClientUpdate,
     Instructions,
     LocalTraining,
-    ProximalTerm,
     client_update,
     derive_seed,
 )
@@ -43,7 +42,7 @@ from mergescope.fl.strategy import (
 
 __all__ = [
     "AGGREGATORS", "SCHEMES", "STRATEGIES", "ClientTimeout", "ClientUpdate", "FLConfig", "FedAvg",
-    "FedProx", "Instructions", "LocalTraining", "ProximalTerm", "RoundOutcome",
+    "FedProx", "Instructions", "LocalTraining", "RoundOutcome",
     "SimulationResult", "Strategy", "WSA", "aggregate", "build_model", "build_partitions",
     "class_histogram", "client_update", "coordinate_median", "derive_seed", "fedavg",
     "load_data", "make_strategy", "partition", "scope_spread", "screen_updates", "simulate",

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mergescope.errors import ConfigError, MergescopeError
+from mergescope.penalties import ProximalPenalty
 from mergescope.scope import DIVERGENCES, Scope, weight_scope
 from mergescope.state import StateDict, clone_state, with_state
 from mergescope.train import Trainer
@@ -104,26 +105,11 @@ class ClientUpdate:
     metrics: dict = field(default_factory=dict)
 
 
-class ProximalTerm:
-    """FedProx's ``μ/2 ‖w − w_anchor‖²`` over all parameters, the anchor a detached list copy."""
-
-    def __init__(self, model: nn.Module, mu: float):
-        self.mu = float(mu)
-        self.anchor = [p.detach().clone() for p in model.parameters()]
-
-    def __call__(self, model: nn.Module) -> torch.Tensor:
-        params = list(model.parameters())
-        if len(params) != len(self.anchor):
-            raise ConfigError("the proximal term was built for another model")
-        sq = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, self.anchor, strict=True)])
-        return 0.5 * self.mu * sq.sum()
-
-
 def penalties_for(model: nn.Module, instructions: Instructions) -> list:
     """The training penalties a round's instructions ask for (proximal term, WSA)."""
     out: list = []
     if instructions.mu > 0:
-        out.append(ProximalTerm(model, instructions.mu))
+        out.append(ProximalPenalty(model, instructions.mu))
     if instructions.wsa_lambda > 0 and instructions.target is not None:
         out.append(WSARegularizer(instructions.target, instructions.wsa_lambda,
                                   divergence=instructions.divergence, reduce=instructions.reduce))
