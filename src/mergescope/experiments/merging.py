@@ -42,8 +42,8 @@ CONDITIONS = ("clean",) + tuple(f"+{m}" for m in MALICIOUS)
 SCALE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "smoke": dict(train_limit=1200, merge_examples=300, width=32, depth=2, base_epochs=1,
-                  ft_epochs=1, soft_steps=40, ada_steps=20, fisher_examples=16,
+    "smoke": dict(train_limit=1200, merge_examples=300, width=32, depth=2, base_epochs=4,
+                  ft_epochs=2, soft_steps=40, ada_steps=20, fisher_examples=16,
                   regmean_examples=200, test_limit=500, scales=(0.5, 1.0)),
     "quick": dict(train_limit=12000, merge_examples=2000, width=256, depth=2, base_epochs=1,
                   ft_epochs=2, soft_steps=300, ada_steps=200, fisher_examples=256,

@@ -35,10 +35,10 @@ from mergescope.merge.fisher import diagonal_fisher, fisher
 from mergescope.merge.regmean import regmean
 from mergescope.merge.soft import (
     GateTable,
+    deterministic_gate,
     expected_l0,
     hard_concrete_sample,
     soft,
-    test_gate,
 )
 from mergescope.merge.soup import greedy_soup, greedy_soup_info
 from mergescope.merge.stream import stream_merge, streamable
@@ -48,7 +48,7 @@ from mergescope.state import StateDict
 __all__ = [
     "METHODS", "Method", "merge", "methods", "average", "weighted", "median", "trimmed_mean",
     "greedy_soup", "fisher", "diagonal_fisher", "regmean", "task_arithmetic", "ties", "dare",
-    "adamerging", "soft", "GateTable", "hard_concrete_sample", "expected_l0", "test_gate",
+    "adamerging", "soft", "GateTable", "hard_concrete_sample", "expected_l0", "deterministic_gate",
     "stream_merge", "streamable",
 ]
 

@@ -83,7 +83,7 @@ def expected_l0(log_alpha: torch.Tensor, *, beta: float = BETA, gamma: float = G
     return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
 
 
-def test_gate(log_alpha: torch.Tensor, *, gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
+def deterministic_gate(log_alpha: torch.Tensor, *, gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
     """The deterministic test-time gate clamp(sigmoid(log_alpha)(zeta - gamma) + gamma, 0, 1)."""
     return (torch.sigmoid(log_alpha) * (zeta - gamma) + gamma).clamp(0.0, 1.0)
 
@@ -134,7 +134,7 @@ class GateTable:
     @property
     def gates(self) -> torch.Tensor:
         """The deterministic test-time gates used to build the merged model."""
-        return test_gate(self.log_alpha)
+        return deterministic_gate(self.log_alpha)
 
     @property
     def open_probability(self) -> torch.Tensor:
@@ -245,7 +245,7 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     finally:
         template.train(was_training)
     la = log_alpha.detach().cpu()
-    gates = test_gate(la)
+    gates = deterministic_gate(la)
     fallback = []
     for u, (name, _) in enumerate(unit_list):
         if gates[u].sum() == 0:

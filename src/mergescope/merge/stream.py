@@ -159,7 +159,7 @@ def write_safetensors_stream(path: str | os.PathLike,
             want = next(expected, None)
             if want is None or want[0] != key or t.dtype != want[1] or tuple(t.shape) != want[2]:
                 raise CheckpointError(f"{path}: streamed tensor '{key}' does not match the header")
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         if next(expected, None) is not None:
             raise CheckpointError(f"{path}: the stream ended before every tensor was written")
     return path
