@@ -14,7 +14,6 @@ Run: ``.venv/bin/python -m benchmarks bench_merge`` (env: ``BENCH_MERGE_MB`` che
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -200,7 +200,9 @@ def _report_gates(info: dict, out: Path, gates_out: Path | None, as_json: bool) 
 def merging_cmd(
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),
     scale: str = typer.Option("quick", "--scale", help="smoke, quick or full."),
-    seeds: int = typer.Option(3, "--seeds", help="Number of seeds."),
+    seeds: int = typer.Option(None, "--seeds", help="Number of seeds (default: 1 smoke, 3 quick, "
+                              "5 full)."),
+    seed: int = typer.Option(0, "--seed", help="First seed."),
     out: Path = typer.Option(Path("runs/merging"), "--out", "-o", help="Output folder."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
@@ -210,9 +212,11 @@ def merging_cmd(
     from mergescope.experiments import merging
     from mergescope.experiments.common import print_result, write_result
 
-    result = merging.run(dataset=dataset, scale=scale, seeds=seeds, out=out, device=device, root=root)
+    result = merging.run(dataset=dataset, scale=scale, seeds=seeds, seed=seed, out=out,
+                         device=device, root=root)
     result.command = (f"mergescope experiment merging --dataset {shlex.quote(dataset)} "
-                      f"--scale {scale} --seeds {seeds} --out {shlex.quote(str(out))}")
+                      f"--scale {scale} --seeds {result.config['seeds']} --seed {seed} "
+                      f"--out {shlex.quote(str(out))}")
     write_result(result, out)
     print_result(result)
     console.print(f"results in {out}")

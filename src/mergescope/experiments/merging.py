@@ -26,6 +26,7 @@ from mergescope import data as data_mod
 from mergescope import merge as M
 from mergescope import models, plots
 from mergescope.console import progress_task
+from mergescope.errors import ConfigError
 from mergescope.experiments.common import (
     ExperimentResult,
     Table,
@@ -40,6 +41,7 @@ K = 4
 MALICIOUS = ("x1000", "noise", "flip")
 CONDITIONS = ("clean",) + tuple(f"+{m}" for m in MALICIOUS)
 SCALE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+DEFAULT_SEEDS = {"smoke": 1, "quick": 3, "full": 5}
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "smoke": dict(train_limit=1200, merge_examples=300, width=32, depth=2, base_epochs=4,
@@ -105,8 +107,11 @@ def _tuned(build: Callable[[float], StateDict], scales, score: Callable[[StateDi
 
 
 def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict],
-                  shard_data: list, merge_set, test, cfg: dict, seed: int) -> tuple[dict, dict, dict]:
-    """Accuracy (and seconds) of every method for one set of members."""
+                  shard_data: list, merge_set, test, cfg: dict, seed: int,
+                  fishers: list[StateDict | None]) -> tuple[dict, dict, dict]:
+    """Accuracy (and seconds) of every method for one set of members. `fishers` holds the
+    members' diagonal Fishers already computed (None: compute; filled in place), so the clean
+    members' Fishers are computed once per seed."""
     acc: dict[str, float] = {}
     secs: dict[str, float] = {}
     extra: dict[str, Any] = {}
@@ -146,8 +151,14 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
     timed("dare", tuned("dare", lambda s: M.dare(base, members, drop=0.5, scale=s, seed=seed)))
     extra["scales"] = chosen
     timed("greedy_soup", lambda: M.greedy_soup(members, merge_set, model=net))
-    timed("fisher", lambda: M.fisher(members, shard_data, model=net,
-                                     num_examples=cfg["fisher_examples"]))
+    def fisher_fn() -> StateDict:
+        for i, f in enumerate(fishers):
+            if f is None:
+                fishers[i] = M.diagonal_fisher(net, members[i], shard_data[i],
+                                               num_examples=cfg["fisher_examples"])
+        return M.fisher(members, None, fishers=fishers)
+
+    timed("fisher", fisher_fn)
     timed("regmean", lambda: M.regmean(members, shard_data, alpha=0.9, model=net,
                                        num_examples=cfg["regmean_examples"]))
     for gran in ("task", "layer"):
@@ -165,12 +176,19 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
     return acc, secs, extra
 
 
-def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
-        out: str | Path | None = None, device: str = "cpu", root: str | None = None,
-        progress: bool = True) -> ExperimentResult:
-    """Run the merging study; `out` is only recorded (the CLI writes the result there)."""
+def run(*, dataset: str | None = None, scale: str = "quick", seeds: int | None = None,
+        seed: int = 0, out: str | Path | None = None, device: str = "cpu",
+        root: str | None = None, progress: bool = True) -> ExperimentResult:
+    """Run the merging study over seeds ``seed .. seed + seeds - 1`` (default count per scale:
+    `DEFAULT_SEEDS`); `dataset` defaults to Fashion-MNIST, else MNIST-1D. `out` is only
+    recorded (the CLI writes the result there)."""
     check_scale(scale)
     cfg = dict(CONFIGS[scale])
+    seeds = DEFAULT_SEEDS[scale] if seeds is None else int(seeds)
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    if dataset is None:
+        dataset = data_mod.first_available(("fashion-mnist", "mnist1d"))
     t_start = time.perf_counter()
     train_full = data_mod.load(dataset, "train", root)
     test = data_mod.load(dataset, "test", root)
@@ -181,7 +199,8 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         limit = None
     per_seed: list[dict] = []
     with progress_task("merging study", seeds * len(CONDITIONS), enabled=progress) as advance:
-        for seed in range(seeds):
+        first = seed
+        for seed in range(first, first + seeds):
             g = torch.Generator().manual_seed(1000 + seed)
             pool_all = train_full.subset(limit, seed=seed) if limit is not None else train_full
             perm = torch.randperm(len(pool_all), generator=g)
@@ -205,12 +224,14 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
             record: dict[str, Any] = {"seed": seed, "shard_sizes": [int(s.numel()) for s in shards],
                                       "member_test_accuracy": [evaluate(with_state(net, s), test)["accuracy"]
                                                                for s in members]}
+            clean_fishers: list[StateDict | None] = [None] * K
             for cond in CONDITIONS:
-                ms, sd = list(members), list(shard_data)
+                ms, sd, fs = list(members), list(shard_data), clean_fishers
                 if cond != "clean":
                     ms.append(malicious(members[0], cond[1:], g))
                     sd.append(shard_data[0])
-                acc, secs, extra = run_condition(net, base, ms, sd, merge_set, test, cfg, seed)
+                    fs = clean_fishers + [None]
+                acc, secs, extra = run_condition(net, base, ms, sd, merge_set, test, cfg, seed, fs)
                 record[cond] = {"accuracy": acc, "seconds": secs, **extra}
                 advance(1, seed=seed, condition=cond)
             per_seed.append(record)
@@ -251,7 +272,8 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
              f"chosen on the merge set from {list(cfg['scales'])}."]
     result = ExperimentResult(
         name="merging",
-        config={"dataset": dataset, "scale": scale, "seeds": seeds, "K": K, **cfg,
+        config={"dataset": dataset, "scale": scale, "seeds": seeds,
+                "first_seed": per_seed[0]["seed"], "K": K, **cfg,
                 "scales": list(cfg["scales"]), "out": str(out) if out is not None else None},
         tables={
             "test accuracy": Table(["method"] + [c for c in CONDITIONS] + ["seconds (clean)"], rows,

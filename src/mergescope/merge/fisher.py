@@ -70,9 +70,10 @@ def diagonal_fisher(template: nn.Module, state: StateDict, data: Any, *,
             with torch.no_grad():
                 probs = torch.softmax(functional_call(template, (params, rest), (xb,)), dim=-1)
             jac = per_example(params, xb)  # key -> (B, C, *shape)
+            w = probs.reshape(1, -1)
             for k, j in jac.items():
-                w = probs.reshape(probs.shape + (1,) * (j.dim() - 2)).to(torch.float64)
-                fisher[k] += (w * j.detach().to(torch.float64) ** 2).sum(dim=(0, 1))
+                sq = j.detach().reshape(w.shape[1], -1) ** 2  # (B*C, numel)
+                fisher[k] += (w @ sq).reshape(fisher[k].shape).to(torch.float64)
     finally:
         template.train(was_training)
     return {k: (v / x.shape[0]).to("cpu") for k, v in fisher.items()}
