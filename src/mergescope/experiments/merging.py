@@ -40,7 +40,7 @@ from mergescope.train import evaluate, fit, predict_logits
 K = 4
 MALICIOUS = ("x1000", "noise", "flip")
 CONDITIONS = ("clean",) + tuple(f"+{m}" for m in MALICIOUS)
-SCALE_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)
+SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 DEFAULT_SEEDS = {"smoke": 1, "quick": 3, "full": 5}
 
 CONFIGS: dict[str, dict[str, Any]] = {

@@ -143,8 +143,10 @@ def merged_items(source: TensorSource, kernel: Kernel) -> Iterator[tuple[str, to
     for key in source.keys():
         if source.is_float(key):
             tensors = [source.model_tensor(k, key) for k in range(source.num_models)]
+            dtype = tensors[0].dtype
             out = kernel(key, tensors, source.base_tensor(key))
-            yield key, out.to(tensors[0].dtype)
+            del tensors  # let go of the inputs (memory-mapped pages when streaming) before the next key
+            yield key, out.to(dtype)
         else:
             yield key, source.model_tensor(0, key).clone()
 
@@ -164,7 +166,7 @@ def delta_stack(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> t
     """The task vectors tau_k = theta_k - theta_0 of one key, stacked, in the work dtype."""
     if base is None:
         raise ConfigError("this merge method needs a base model")
-    return stack_work(tensors) - base.to(work_dtype(tensors[0].dtype))
+    return stack_work(tensors).sub_(base.to(work_dtype(tensors[0].dtype)))
 
 
 def bcast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,7 @@ def write_safetensors_stream(path: str | os.PathLike,
             if want is None or want[0] != key or t.dtype != want[1] or tuple(t.shape) != want[2]:
                 raise CheckpointError(f"{path}: streamed tensor '{key}' does not match the header")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
         if next(expected, None) is not None:
             raise CheckpointError(f"{path}: the stream ended before every tensor was written")
     return path

@@ -120,14 +120,13 @@ def global_thresholds(source: TensorSource, density: float,
 def _trim_mask(key: str, tau: torch.Tensor, density: float,
                thresholds: list[float | None] | None) -> torch.Tensor:
     """Which entries of each task vector survive trimming."""
-    mag = tau.abs()
     if thresholds is not None:  # global per model
         keep = torch.ones_like(tau, dtype=torch.bool)
         for k, thr in enumerate(thresholds):
             if thr is not None:
-                keep[k] = mag[k].to(torch.float64) >= thr
+                keep[k] = tau[k].abs().to(torch.float64) >= thr
         return keep
-    flat = mag.reshape(tau.shape[0], -1)
+    flat = tau.abs().reshape(tau.shape[0], -1)
     if flat.shape[1] == 0 or density == 1.0:
         return torch.ones_like(tau, dtype=torch.bool)
     rank = kth_rank(flat.shape[1], density)
@@ -136,12 +135,14 @@ def _trim_mask(key: str, tau: torch.Tensor, density: float,
 
 
 def ties_merge_deltas(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Elect a sign by total mass and average the agreeing trimmed values (disjoint mean)."""
-    trimmed = torch.where(keep, tau, torch.zeros_like(tau))
+    """Elect a sign by total mass and average the agreeing trimmed values (disjoint mean).
+    `tau` (a temporary) is overwritten."""
+    trimmed = tau.masked_fill_(~keep, 0.0)
+    del keep
     elected = torch.sign(trimmed.sum(dim=0))
-    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-    total = torch.where(agree, trimmed, torch.zeros_like(trimmed)).sum(dim=0)
+    agree = (trimmed * elected) > 0  # same sign as elected, and non-zero
     count = agree.sum(dim=0).clamp(min=1).to(tau.dtype)
+    total = trimmed.masked_fill_(~agree, 0.0).sum(dim=0)
     return total / count
 
 
@@ -154,8 +155,7 @@ def ties_kernel(source: TensorSource, density: float = 0.2, scale: float = 1.0,
 
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         tau = all_deltas(key, tensors, base, delta_fn)
-        keep = _trim_mask(key, tau, density, thresholds)
-        return base.to(tau.dtype) + scale * ties_merge_deltas(tau, keep)
+        return base.to(tau.dtype) + scale * ties_merge_deltas(tau, _trim_mask(key, tau, density, thresholds))
 
     return kernel
 
