@@ -38,7 +38,7 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list[float], list[fl
     horizontal `reference` lines (name -> value)."""
     import numpy as np
 
-    fig, axes = new_figure(width=max(6.0, 0.55 * len(groups) * max(1, len(series)) ** 0.5 + 2), height=4.2)
+    fig, axes = new_figure(width=max(6.0, 0.5 * len(groups) + 2), height=4.2)
     ax = axes[0, 0]
     x = np.arange(len(groups))
     n = max(1, len(series))

@@ -269,7 +269,12 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
              f"MLP {cfg['depth']}x{cfg['width']}, base {cfg['base_epochs']} epoch(s) SGD 0.05; "
              f"K = {K} fine-tunes, {cfg['ft_epochs']} epoch(s) each on a class-skewed shard.",
              "task_arithmetic / ties (density 0.2) / dare (drop 0.5, then task arithmetic): scale "
-             f"chosen on the merge set from {list(cfg['scales'])}."]
+             f"chosen on the merge set from {list(cfg['scales'])}.",
+             f"fisher / regmean: each member on {cfg['fisher_examples']} / "
+             f"{cfg['regmean_examples']} examples of its own shard (the malicious copy on member "
+             f"0's shard); adamerging: {cfg['ada_steps']} steps on unlabeled merge-set inputs; "
+             f"soft: {cfg['soft_steps']} SGD steps on the labeled merge set (library defaults "
+             "otherwise)."]
     result = ExperimentResult(
         name="merging",
         config={"dataset": dataset, "scale": scale, "seeds": seeds,
