@@ -172,3 +172,31 @@ def fl_round_curves(panels, ylabel: str, logy: bool = False, title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def grouped_bars(groups: list[str], series: dict[str, tuple[list[float], list[float]]],
+                 ylabel: str = "test accuracy", title: str = "", reference: dict[str, float] | None = None):
+    """Grouped bar chart: one group of bars per entry of `groups` (e.g. merge methods), one bar
+    per series (e.g. conditions) with error bars; `series[name] = (means, stds)`. Optional
+    horizontal `reference` lines (name -> value)."""
+    import numpy as np
+
+    fig, axes = new_figure(width=max(6.0, 0.5 * len(groups) + 2), height=4.2)
+    ax = axes[0, 0]
+    x = np.arange(len(groups))
+    n = max(1, len(series))
+    width = 0.8 / n
+    for i, (name, (means, stds)) in enumerate(series.items()):
+        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=2, label=name)
+    for name, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="grey")
+        ax.annotate(name, (len(groups) - 0.5, value), fontsize=7, color="grey", ha="right", va="bottom")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.set_ylim(0, 1.0)
+    ax.legend(fontsize=7, ncol=min(4, n), loc="lower left")
+    fig.tight_layout()
+    return fig

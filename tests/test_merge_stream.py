@@ -1,0 +1,133 @@
+"""Streaming merges over safetensors files: bit-for-bit equal to the in-memory merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mergescope import io, models
+from mergescope.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from mergescope.merge import merge, stream_merge, streamable
+from mergescope.merge.stream import write_safetensors_stream
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "enc.weight": torch.randn(17, 9, generator=g),
+        "enc.bias": torch.randn(17, generator=g),
+        "deep.weight": torch.randn(5, 5, generator=g, dtype=torch.float64),
+        "half": torch.randn(6, generator=g).to(torch.float16),
+        "scalar": torch.randn((), generator=g),
+        "norm.num_batches_tracked": torch.tensor(seed, dtype=torch.int64),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    paths = []
+    for i in range(4):
+        paths.append(io.save_state(_state(i + 1), d / f"m{i}.safetensors", {"note": f"model {i}"}))
+    base = io.save_state(_state(99), d / "base.safetensors")
+    return d, paths, base
+
+
+CASES = [
+    ("average", {}),
+    ("weighted", {"weights": [1, 2, 3, 4]}),
+    ("median", {}),
+    ("trimmed_mean", {"trim": 0.25}),
+    ("task_arithmetic", {"scale": 0.3}),
+    ("ties", {"density": 0.2, "scale": 1.0}),
+    ("ties", {"density": 0.4, "trim_mode": "tensor"}),
+    ("dare", {"drop": 0.5, "scale": 0.5, "seed": 3}),
+    ("dare", {"drop": 0.3, "then": "ties", "density": 0.3, "seed": 1}),
+]
+
+
+@pytest.mark.parametrize(("method", "opts"), CASES)
+def test_streaming_equals_in_memory_bit_for_bit(files, method, opts):
+    d, paths, base = files
+    needs_base = method in ("task_arithmetic", "ties", "dare")
+    out = stream_merge(paths, method, d / f"out_{method}.safetensors",
+                       base=base if needs_base else None, **opts)
+    streamed, meta = io.load_state(out)
+    states = [io.load_state(p)[0] for p in paths]
+    b = io.load_state(base)[0] if needs_base else None
+    ref = merge(states, method, base=b, **opts)
+    # also against tensors that were never memory-mapped
+    fresh = merge([_state(i + 1) for i in range(4)], method,
+                  base=_state(99) if needs_base else None, **opts)
+    assert set(streamed) == set(ref)
+    for k, v in ref.items():
+        assert streamed[k].dtype == v.dtype, k
+        assert torch.equal(streamed[k], v), (method, k)
+        assert torch.equal(fresh[k], v), (method, k)
+    assert streamed["norm.num_batches_tracked"].item() == 1  # from the first model
+    assert meta["merge"]["method"] == method and meta["merge"]["streamed"] is True
+    assert meta["note"] == "model 0"
+
+
+def test_streamed_checkpoint_rebuilds_the_model(tmp_path):
+    paths = []
+    for i in range(3):
+        net = models.build("mlp", (6,), 3, seed=i, width=4)
+        paths.append(io.save(net, tmp_path / f"n{i}.safetensors", {"dataset": "x"}))
+    out = stream_merge(paths, "average", tmp_path / "avg.safetensors")
+    merged, meta = io.load(out)
+    ref = merge([io.load(p)[0] for p in paths], "average")
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in ref.items())
+    assert meta["model"]["name"] == "mlp"
+
+
+def test_nan_in_a_file_names_file_and_key_and_leaves_no_output(files, tmp_path):
+    d, paths, _ = files
+    bad = _state(5)
+    bad["enc.bias"][3] = float("nan")
+    bad_path = io.save_state(bad, tmp_path / "bad.safetensors")
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(IncompatibleModelsError, match=r"bad\.safetensors: key 'enc.bias' contains NaN"):
+        stream_merge([paths[0], bad_path], "average", out)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.safetensors"]  # no temporary left
+
+
+def test_mismatched_files_and_bad_requests(files, tmp_path):
+    d, paths, base = files
+    other = _state(6)
+    other["enc.weight"] = torch.zeros(3, 3)
+    other_path = io.save_state(other, tmp_path / "other.safetensors")
+    with pytest.raises(IncompatibleModelsError, match=r"key 'enc.weight'.*other\.safetensors has \(3, 3\)"):
+        stream_merge([paths[0], other_path], "average", tmp_path / "o.safetensors")
+    missing = {k: v for k, v in _state(7).items() if k != "half"}
+    missing_path = io.save_state(missing, tmp_path / "missing.safetensors")
+    with pytest.raises(IncompatibleModelsError, match="base .*missing.safetensors lacks key 'half'"):
+        stream_merge(paths, "ties", tmp_path / "o.safetensors", base=missing_path)
+    with pytest.raises(ConfigError, match="cannot stream"):
+        stream_merge(paths, "fisher", tmp_path / "o.safetensors")
+    with pytest.raises(ConfigError, match="needs a base"):
+        stream_merge(paths, "ties", tmp_path / "o.safetensors")
+    with pytest.raises(ConfigError, match="needs at least 1 model"):
+        stream_merge([], "average", tmp_path / "o.safetensors")
+    with pytest.raises(CheckpointError, match="not found"):
+        stream_merge([tmp_path / "nope.safetensors"], "average", tmp_path / "o.safetensors")
+    assert set(streamable()) == {"average", "weighted", "median", "trimmed_mean",
+                                 "task_arithmetic", "ties", "dare"}
+
+
+def test_stream_writer_output_is_standard_safetensors(tmp_path):
+    tensors = {"b": torch.arange(6, dtype=torch.int32).reshape(2, 3),
+               "a": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+               "flag": torch.tensor([True, False])}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    path = write_safetensors_stream(tmp_path / "w.safetensors", specs, iter(tensors.items()),
+                                    {"hello": "world"})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"hello": "world"}
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v)
+    with pytest.raises(CheckpointError, match="does not match the header"):
+        write_safetensors_stream(tmp_path / "x.safetensors", specs, iter([("a", tensors["a"])]))
+    assert not (tmp_path / "x.safetensors").exists()
