@@ -172,7 +172,7 @@ def test_strategy_uses_its_aggregator():
     states = [u.state for u in ups]
     assert all(torch.equal(med[k], coordinate_median(states)[k]) for k in g)
     assert all(torch.equal(tm[k], trimmed_mean(states, 0.25)[k]) for k in g)
-    with pytest.raises(ConfigError, match="trimmed-mean fraction"):
+    with pytest.raises(ConfigError, match=r"trim must be a fraction in \[0, 0.5\)"):
         FedAvg(aggregator="trimmed-mean", trim=0.5)
 
 

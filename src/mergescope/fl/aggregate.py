@@ -22,8 +22,10 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from mergescope.errors import ConfigError, IncompatibleModelsError
+from mergescope.merge.basic import median as merge_median
+from mergescope.merge.basic import trimmed_mean as merge_trimmed_mean
 from mergescope.scope import Scope, divergence, fuse
-from mergescope.state import StateDict, check_compatible, check_finite, is_float, weighted_average
+from mergescope.state import StateDict, check_compatible, check_finite, weighted_average
 
 AGGREGATORS = ("mean", "median", "trimmed-mean")
 
@@ -34,51 +36,15 @@ def fedavg(states: Sequence[Mapping[str, torch.Tensor]],
     return weighted_average(states, num_examples)
 
 
-def _coordinatewise(states: Sequence[Mapping[str, torch.Tensor]], reduce) -> StateDict:
-    if not states:
-        raise IncompatibleModelsError("cannot aggregate an empty list of models")
-    out: StateDict = {}
-    for k, v in states[0].items():
-        if is_float(v):
-            stacked = torch.stack([s[k].to(torch.float64) for s in states])
-            out[k] = reduce(stacked).to(v.dtype)
-        else:
-            out[k] = v.clone()
-    return out
-
-
-def _median(stacked: torch.Tensor) -> torch.Tensor:
-    k = stacked.shape[0]
-    srt = stacked.sort(dim=0).values
-    if k % 2:
-        return srt[k // 2]
-    return 0.5 * (srt[k // 2 - 1] + srt[k // 2])
-
-
 def coordinate_median(states: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
-    """The coordinate-wise median of the client states (computed in float64)."""
-    return _coordinatewise(states, _median)
-
-
-def trimmed_count(num_states: int, trim: float) -> int:
-    """How many values are dropped at each end: ⌊trim · K⌋; raises if none would remain."""
-    if not 0 <= trim < 0.5:
-        raise ConfigError(f"the trimmed-mean fraction must be in [0, 0.5), got {trim}")
-    k = int(trim * num_states)
-    if num_states - 2 * k < 1:  # pragma: no cover - impossible for trim < 0.5
-        raise ConfigError(f"trimming {k} of {num_states} models at each end leaves none")
-    return k
+    """The coordinate-wise median of the client states (`mergescope.merge.median`)."""
+    return merge_median(states)
 
 
 def trimmed_mean(states: Sequence[Mapping[str, torch.Tensor]], trim: float = 0.1) -> StateDict:
-    """The coordinate-wise mean after dropping the ⌊trim·K⌋ smallest and largest values."""
-    k = trimmed_count(len(states), trim)
-
-    def reduce(stacked: torch.Tensor) -> torch.Tensor:
-        srt = stacked.sort(dim=0).values
-        return srt[k:stacked.shape[0] - k].mean(0)
-
-    return _coordinatewise(states, reduce)
+    """The coordinate-wise mean after dropping the ⌊trim·K⌋ smallest and largest values
+    (`mergescope.merge.trimmed_mean`)."""
+    return merge_trimmed_mean(states, trim)
 
 
 def aggregate(method: str, states: Sequence[Mapping[str, torch.Tensor]],

@@ -35,9 +35,9 @@ from mergescope.fl.aggregate import (
     aggregate,
     scope_spread,
     screen_updates,
-    trimmed_count,
 )
 from mergescope.fl.client import ClientUpdate, Instructions, derive_seed
+from mergescope.merge.basic import trim_count
 from mergescope.scope import DIVERGENCES, FUSIONS, Scope, fuse, weight_scope
 from mergescope.state import StateDict, clone_state
 from mergescope.wsa import REDUCTIONS
@@ -81,7 +81,7 @@ class Strategy:
             raise ConfigError(f"unknown aggregation '{aggregator}'; choose one of "
                               f"{', '.join(AGGREGATORS)}")
         if aggregator == "trimmed-mean":
-            trimmed_count(1, trim)  # validates the fraction
+            trim_count(1, trim)  # validates the fraction
         self.aggregator = aggregator
         self.trim = float(trim)
         self.seed = int(seed)
