@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Command groups register themselves on import.
-from mergescope.cli import core, demo  # noqa: E402,F401
+from mergescope.cli import align, core, demo  # noqa: E402,F401
