@@ -99,14 +99,17 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
                 data=None, *, num_points: int = 25, splits: Sequence[str] | None = None,
                 bn_reset: bool = True, bn_data: Dataset | tuple | None = None,
                 bn_examples: int | None = None, reset_endpoints: bool = False,
-                transform: Transform | None = None, label: str = "", progress: bool = True) -> Curve:
+                transform: Transform | None = None, label: str = "", progress: bool = True,
+                repair: bool = False) -> Curve:
     """Evaluate the linear path between two models (or the piecewise path through a list).
 
     data: a mapping split -> Dataset (or (x, y)); `splits` picks which to evaluate (default:
     all). BatchNorm statistics are reset at each point from `bn_data` (default: the "train"
     split, else the first; `bn_examples` caps how many are used); the models themselves (α = 0 and 1, the path's nodes) keep their own
     statistics unless `reset_endpoints`, so a curve's ends equal `evaluate` of the models.
-    `transform` is applied to each interpolated model (e.g. REPAIR)."""
+    `transform` is applied to each interpolated model. ``repair=True`` applies REPAIR
+    (`mergescope.align.Repair`, statistics from `bn_data`) to every point between the nodes,
+    before `transform`; for BatchNorm models it amounts to the BN reset."""
     if isinstance(model_a, Sequence):
         if model_b is not None:
             raise ConfigError("interpolate: pass either a list of models or two models, not both")
@@ -128,6 +131,9 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
     needs_bn = bn_reset and has_batchnorm(work)
     if needs_bn:
         bn_data = bn_data if bn_data is not None else all_splits.get("train", next(iter(all_splits.values())))
+    if repair:
+        transform = _repair_transform(models, bn_data if bn_data is not None else all_splits.get(
+            "train", next(iter(all_splits.values()))), not needs_bn, reset_endpoints, transform)
     grid = path_grid(len(models), num_points)
     metrics = {s: {"loss": [], "accuracy": []} for s in chosen}
     t_values = []
@@ -148,7 +154,26 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
             advance(1, t=seg + alpha)
     return Curve(t_values, metrics, len(models), label,
                  {"bn_reset": bool(needs_bn), "reset_endpoints": reset_endpoints,
-                  "num_points": num_points, "bn_examples": bn_examples})
+                  "num_points": num_points, "bn_examples": bn_examples,
+                  "repair": bool(repair)})
+
+
+def _repair_transform(models: Sequence[nn.Module], data, bn_reset: bool, at_nodes: bool,
+                      then: Transform | None) -> Transform:
+    """REPAIR each point of a segment toward its two nodes (endpoint statistics measured once
+    per segment), then apply `then`."""
+    from mergescope.align.repair import Repair
+
+    repairers: dict[int, Repair] = {}
+
+    def apply(net: nn.Module, seg: int, alpha: float) -> nn.Module:
+        if at_nodes or alpha not in (0.0, 1.0):
+            if seg not in repairers:
+                repairers[seg] = Repair([models[seg], models[seg + 1]], data, bn_reset=bn_reset)
+            net = repairers[seg](net, alpha)
+        return then(net, seg, alpha) if then is not None else net
+
+    return apply
 
 
 def barriers(curve: Curve) -> dict[str, dict[str, float]]:

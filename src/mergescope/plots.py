@@ -200,3 +200,30 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list[float], list[fl
     ax.legend(fontsize=7, ncol=min(4, n), loc="lower left")
     fig.tight_layout()
     return fig
+
+
+def barrier_vs_width(series, ylabel: str = "loss barrier", title: str = ""):
+    """Barrier against model width, one line per series ``name -> (widths, means, stds)``;
+    series whose name mentions a fix (REPAIR, BN reset) are dashed. Width on a log2 axis."""
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    bases: list[str] = []
+    for name, (widths, means, stds) in series.items():
+        base = name.split(" + ")[0]
+        if base not in bases:
+            bases.append(base)
+        color = colors[bases.index(base) % len(colors)]
+        style = "--" if " + " in name else "-"
+        ax.errorbar(widths, means, yerr=stds if any(s > 0 for s in stds) else None, fmt=style,
+                    marker="o", color=color, label=name, capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("width (hidden units per layer)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Command groups register themselves on import.
-from mergescope.cli import connectivity, core, demo, fl, merge, scope  # noqa: E402,F401
+from mergescope.cli import align, connectivity, core, demo, fl, merge, scope  # noqa: E402,F401
