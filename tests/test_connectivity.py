@@ -365,9 +365,14 @@ def test_study_runs_end_to_end_at_smoke_scale(tmp_path):
     d = json.loads((out / "result.json").read_text())
     assert d["command"].startswith("mergescope experiment mode-connectivity --dataset digits")
     cfg = mc.SCALE_CONFIGS["smoke"]
-    n_treat = len(mc.treatment_list(cfg))
+    treats = mc.treatment_list(cfg)
     records = d["data"]["records"]
-    assert len(records) == len(mc.CONDITIONS) * n_treat
+    assert len(records) == sum(t.applies_to(c) for c in mc.CONDITIONS for t in treats)
+    # the alignment columns exist for the different-seed pairs only, and alignment helps there
+    aligned = [r for r in records if r["treatment"] == "aligned"]
+    assert aligned and {r["condition"] for r in aligned} == {"seed"}
+    plain_seed = next(r for r in records if r["treatment"] == "plain" and r["condition"] == "seed")
+    assert aligned[0]["test_acc_a"] == plain_seed["test_acc_a"]  # the same trained pair
     assert set(d["tables"]) == {"conditions"} | {f"condition: {c}" for c in mc.CONDITIONS}
     assert len(d["tables"]["conditions"]["rows"]) == len(mc.CONDITIONS)
     assert set(d["data"]["real_barrier"]) == set(mc.CONDITIONS)

@@ -144,10 +144,13 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
             m = copy.deepcopy(base)
             Trainer(m, train.subset(idx), epochs=z["merge_ft_epochs"], seed=seed + i, **ADAM).run(progress=False)
             experts.append(m)
+        # The malicious member: every parameter replaced by N(0, 10²) noise. (Scaling all weights of
+        # a ReLU MLP by 1000 would not change its predictions, only their confidence.)
         bad = copy.deepcopy(experts[0])
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in bad.parameters():
-                p.mul_(1000.0)
+                p.copy_(torch.randn(p.shape, generator=gen) * 10.0)
         holdout = train.subset(min(2000, len(train)), seed=seed + 99)
         rows = [["best single model", max(evaluate(m, test)["accuracy"] for m in experts), "—"]]
         for method, opts in (("average", {}), ("task_arithmetic", {"base": base, "scale": 0.5}),
@@ -160,7 +163,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
                 net = merged[0] if isinstance(merged, tuple) else with_state(base, merged)
                 accs.append(evaluate(net, test)["accuracy"])
             rows.append([method, accs[0], accs[1]])
-        tables["4. Merging 4 fine-tuned experts (accuracy; + one member scaled ×1000)"] = Table(
+        tables["4. Merging 4 fine-tuned experts (test accuracy; + one N(0, 10²) noise member)"] = Table(
             ["method", "4 experts", "4 experts + malicious"], rows)
         advance(1)
 

@@ -42,6 +42,7 @@ from torch import nn
 
 from mergescope import data as data_mod
 from mergescope import models, plots
+from mergescope.align import align
 from mergescope.connectivity import Curve, barriers, interpolate
 from mergescope.console import progress_task
 from mergescope.data import Dataset
@@ -257,11 +258,31 @@ def _wsa(cfg: ScaleConfig) -> list[Treatment]:
     return out
 
 
+def _align_post(ctx: PairContext, a: nn.Module, b: nn.Module) -> Endpoints:
+    """Permute B's hidden units onto A's by weight matching (Git Re-Basin) before interpolating."""
+    return Endpoints(a, align(a, b, "weight", seed=ctx.seed))
+
+
+def _aligned(cfg: ScaleConfig) -> list[Treatment]:
+    """Permutation alignment of the different-seed pairs: the plain pair aligned, and each fused
+    WSA pair aligned ("WSA + aligned"). Shared-init pairs need no alignment."""
+    seeds_only = tuple(n for n, c in CONDITIONS.items() if not c.shared_init)
+    out = [Treatment("aligned", "aligned", "the plain pair, B weight-matched onto A",
+                     reuse="plain", post=_align_post, conditions=seeds_only)]
+    for t in _wsa(cfg):
+        if t.family == "wsa-fused":
+            out.append(Treatment(f"{t.name}+aligned", "wsa+aligned",
+                                 f"{t.description}, then B weight-matched onto A",
+                                 reuse=t.name, post=_align_post, conditions=seeds_only))
+    return out
+
+
 TREATMENTS: dict[str, Callable[[ScaleConfig], list[Treatment]]] = {
     "plain": _plain,
     "weight-decay": _weight_decay,
     "proximal": _proximal,
     "wsa": _wsa,
+    "aligned": _aligned,
 }
 
 

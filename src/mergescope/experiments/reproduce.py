@@ -8,6 +8,7 @@ figures inlined), with the exact commands, versions, seeds and machine.
 from __future__ import annotations
 
 import importlib
+import inspect
 import platform
 import shlex
 import sys
@@ -41,10 +42,15 @@ def run_suites(*, scale: str = "quick", out: str | Path = "report", dataset: str
     for n in names:
         console.rule(f"[bold]{n}[/] ({scale})")
         mod = importlib.import_module(SUITES[n])
-        kwargs = {"scale": scale, "device": device, "seed": seed, "out": out / n}
+        wanted = {"scale": scale, "device": device, "seed": seed, "out": out / n}
         if dataset is not None:
-            kwargs["dataset"] = dataset
-        res = mod.run(**kwargs)
+            wanted["dataset"] = dataset
+        # Every suite takes scale/device/out/dataset; a base seed only where the suite has one
+        # (the others use their fixed seeds 0..N-1, so a re-run reproduces the same numbers).
+        accepted = inspect.signature(mod.run).parameters
+        res = mod.run(**{k: v for k, v in wanted.items() if k in accepted})
+        if not res.command:
+            res.command = f"mergescope experiment {n} --scale {scale}"
         pngs[res.name] = {k: figure_png(f) for k, f in res.figures.items()}
         write_result(res, out / n)
         results.append(res)
