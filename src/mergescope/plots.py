@@ -197,7 +197,7 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list[float], list[fl
     if title:
         ax.set_title(title)
     ax.set_ylim(0, 1.0)
-    ax.legend(fontsize=7, ncol=min(4, n), loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
