@@ -172,3 +172,26 @@ def test_soft_units_and_bad_options(family):
         soft(members, train.x, model=net)
     with pytest.raises(ConfigError, match="optimizer"):
         soft(members, train, model=net, optimizer="rmsprop")
+
+
+def test_soft_align_weight_recovers_a_permuted_copy() -> None:
+    """A model and a hidden-unit permutation of it: without alignment their average is a
+    different function; with align="weight" the permuted copy is mapped back exactly, so any
+    gate combination is the model itself."""
+    from mergescope import data as data_mod
+    from mergescope.align import builtin_spec, random_permutation
+    from mergescope.align.permute import apply_permutation
+    from mergescope.models import build
+    from mergescope.train import evaluate, fit
+
+    train = data_mod.load("digits").subset(400, seed=0)
+    a = build("mlp", train.input_shape, 10, seed=0, width=24)
+    fit(a, train, optimizer="adam", lr=3e-3, epochs=3, progress=False)
+    spec = builtin_spec(a)
+    b_state = apply_permutation(spec, random_permutation(spec, seed=3), a.state_dict())
+    merged, table = soft([a, b_state], train, steps=5, model=a, align="weight", progress=False)
+    for k, v in a.state_dict().items():
+        assert torch.allclose(merged.state_dict()[k], v, atol=1e-6), k
+    assert evaluate(merged, train)["accuracy"] == evaluate(a, train)["accuracy"]
+    with pytest.raises(ConfigError, match="soft align"):
+        soft([a, b_state], train, steps=1, model=a, align="bogus", progress=False)

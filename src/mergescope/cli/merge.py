@@ -28,7 +28,7 @@ from mergescope.state import with_state
 # CLI option name -> keyword of the merge functions; None values are "not given".
 _METHOD_OPTIONS = ("weights", "density", "scale", "trim_mode", "drop", "then", "trim", "alpha",
                    "bias", "granularity", "steps", "lr", "lam", "units", "optimizer", "init",
-                   "clip", "reference", "seed", "num_examples", "batch_size")
+                   "clip", "reference", "seed", "num_examples", "batch_size", "align")
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -107,6 +107,9 @@ def merge_cmd(
     num_examples: int = typer.Option(None, "--num-examples", help="fisher / regmean: examples "
                                      "per model."),
     batch_size: int = typer.Option(None, "--batch-size", help="AdaMerging / soft batch size."),
+    align: str = typer.Option(None, "--align", help="soft: permute every model's units onto the "
+                              "first's first (weight or activation), for models from different "
+                              "initializations."),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tensor by tensor "
                                 "(default: when the method allows and all inputs are safetensors)."),
     reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm "
@@ -123,7 +126,7 @@ def merge_cmd(
                  trim_mode=trim_mode, drop=drop, then=then, trim=trim, alpha=alpha, bias=bias,
                  granularity=granularity, steps=steps, lr=lr, lam=lam, units=_parse_units(units),
                  optimizer=optimizer, init=init, clip=clip, reference=_parse_reference(reference),
-                 seed=seed, num_examples=num_examples, batch_size=batch_size)
+                 seed=seed, num_examples=num_examples, batch_size=batch_size, align=align)
     opts = _method_options(m, given)
     if m.needs_base and base is None:
         raise ConfigError(f"method '{method}' needs --base")

@@ -189,14 +189,33 @@ def _reference_state(states: list[StateDict], names: list[str], reference: Any) 
 # --------------------------------------------------------------------------- soft merging
 
 
+def _aligned_states(template: nn.Module, states: list[dict], method: str, data, seed: int) -> list[dict]:
+    """The states with models 1..K-1 permuted onto model 0 (Git Re-Basin)."""
+    from mergescope.align import align as align_model
+
+    if method not in ("weight", "activation"):
+        raise ConfigError(f"soft align must be 'weight' or 'activation', got '{method}'")
+    anchor = with_state(template, states[0])
+    out = [states[0]]
+    for s in states[1:]:
+        moved = align_model(anchor, with_state(template, s), method,
+                            data=None if method == "weight" else data, seed=seed)
+        out.append(as_state_dict(moved))
+    return out
+
+
 def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] = "tensor",
          lam: float = 0.01, steps: int = 300, lr: float = 0.1, seed: int = 0,
          optimizer: str = "sgd", momentum: float = 0.9, batch_size: int = 128, init: float = 2.0,
          clip: float | None = 1.0, reference: Any = None, model: nn.Module | None = None,
          reset_bn: bool = True, eps: float = 1e-8, progress: bool = True,
-         names: Sequence[str] | None = None) -> tuple[nn.Module, GateTable]:
+         names: Sequence[str] | None = None, align: str | None = None) -> tuple[nn.Module, GateTable]:
     """Soft-merge the models with gates learned on labeled `data`; returns the plain merged
-    model (deterministic test-time gates) and the gate table."""
+    model (deterministic test-time gates) and the gate table.
+
+    ``align="weight"`` (or ``"activation"``) first permutes every model's hidden units onto the
+    first model's (`mergescope.align.align`): needed when the models come from different
+    initializations, since their units are then in unrelated orders."""
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"soft optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
     if steps < 0 or lr <= 0 or lam < 0 or batch_size < 1:
@@ -207,6 +226,8 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     states, _, names = prepare(models, "soft", min_models=2, names=names)
     template = template_of(models, model, "soft")
     x, y = labeled(data, "soft")
+    if align is not None:
+        states = _aligned_states(template, states, align, (x, y), seed)
     unit_list = soft_units(template, units)
     gated = [k for _, ks in unit_list for k in ks]
     ref = module_state(template, _reference_state(states, names, reference))
