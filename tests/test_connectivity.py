@@ -240,6 +240,24 @@ def test_cli_interpolate_prints_the_barriers_of_the_library(checkpoints, digits,
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_interpolate_align_adds_aligned_and_repaired_curves(checkpoints, capsys):
+    """--align weight adds the aligned curve, whose endpoints equal the naive ones (the aligned
+    B computes the same function) and whose barrier is lower; --repair adds a third curve."""
+    a, b, _ = checkpoints
+    res = CliRunner().invoke(app, ["-q", "interpolate", str(a), str(b), "--points", "5", "--json",
+                                   "--align", "weight", "--repair"])
+    assert res.exit_code == 0, res.output
+    curves = json.loads(res.output)["curves"]
+    assert list(curves) == ["naive", "weight-aligned", "weight-aligned + REPAIR"]
+    naive, aligned = curves["naive"]["barriers"]["test"], curves["weight-aligned"]["barriers"]["test"]
+    assert aligned["acc_b"] == pytest.approx(naive["acc_b"])
+    assert aligned["loss_b"] == pytest.approx(naive["loss_b"], abs=1e-5)
+    assert aligned["loss_barrier"] < naive["loss_barrier"]
+    with pytest.raises(SystemExit) as e:
+        main(["interpolate", str(a), str(b), "--points", "3", "--repair"])
+    assert e.value.code == 1 and "--repair needs --align" in capsys.readouterr().err
+
+
 def test_cli_interpolate_errors_cleanly_for_incompatible_checkpoints(checkpoints, capsys):
     a, _, small = checkpoints
     with pytest.raises(SystemExit) as e:

@@ -59,6 +59,10 @@ def interpolate_cmd(
                                           "variance collapse) instead of recomputing them."),
     eval_limit: int = typer.Option(None, "--eval-limit",
                                    help="Evaluate on a random subset of this size per split."),
+    align: str = typer.Option(None, "--align", help="Also interpolate to B permuted onto A: "
+                              "weight, activation or ste (Git Re-Basin)."),
+    repair: bool = typer.Option(False, "--repair", help="With --align, also the REPAIRed aligned "
+                                "curve (each merged unit gets the endpoints' interpolated statistics)."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
@@ -74,6 +78,16 @@ def interpolate_cmd(
     net_a, net_b = net_a.to(device), net_b.to(device)
 
     specs = [CurveSpec("naive", net_b)]
+    if repair and align is None:
+        raise ConfigError("--repair needs --align (REPAIR corrects an aligned merge)")
+    if align is not None:
+        from mergescope.align import align as align_model
+
+        aligned = align_model(net_a, net_b, align, data=None if align == "weight" else train)
+        specs.append(CurveSpec(f"{align}-aligned", aligned))
+        if repair:
+            specs.append(CurveSpec(f"{align}-aligned + REPAIR", aligned,
+                                   {"repair": True, "bn_data": data["train"]}))
     curves = {s.name: connectivity.interpolate(
         net_a, s.model_b, data, num_points=points, bn_reset=not no_bn_reset, label=s.name,
         **s.options) for s in specs}
