@@ -31,7 +31,7 @@ from mergescope.train import Trainer, evaluate, train_lockstep
 
 # The demo's sizes: "quick" is the real demo (minutes), "smoke" is for the test suite (seconds).
 SIZES = {
-    "quick": dict(train=12000, test=5000, width=256, epochs=3, points=11, merge_ft_epochs=2,
+    "quick": dict(train=10000, test=5000, width=256, epochs=3, points=11, merge_ft_epochs=2,
                   soft_steps=150, fl_clients=10, fl_rounds=6, fl_epochs=1, fl_train=8000),
     "smoke": dict(train=600, test=300, width=32, epochs=1, points=3, merge_ft_epochs=1,
                   soft_steps=10, fl_clients=4, fl_rounds=2, fl_epochs=1, fl_train=400),
@@ -153,7 +153,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
                 p.copy_(torch.randn(p.shape, generator=gen) * 10.0)
         holdout = train.subset(min(2000, len(train)), seed=seed + 99)
         rows = [["best single model", max(evaluate(m, test)["accuracy"] for m in experts), "—"]]
-        for method, opts in (("average", {}), ("task_arithmetic", {"base": base, "scale": 0.5}),
+        for method, opts in (("average", {}), ("task_arithmetic", {"base": base, "scale": 0.3}),
                              ("ties", {"base": base, "density": 0.2, "scale": 1.0}),
                              ("median", {}), ("soft", {"data": holdout, "steps": z["soft_steps"],
                                                        "progress": False})):
