@@ -334,3 +334,30 @@ def test_train_wsa_bad_input(tmp_path, capsys):
     code, _, err = run_cli([*TRAIN, "-o", out, "--wsa-target", str(bad)], capsys)
     assert code == 1 and "layer 'layers.0.weight' has σ = 0" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_defaults_study_smoke(tmp_path, capsys, one_thread):
+    out = tmp_path / "study"
+    code, _, err = run_cli(["experiment", "wsa-defaults", "--scale", "smoke", "--out", str(out)],
+                           capsys)
+    assert code in (0, None), err
+    rep = json.loads((out / "result.json").read_text())
+    assert rep["command"].startswith("mergescope experiment wsa-defaults --scale smoke")
+    recs = {(r["variant"], r["init"]): r for r in rep["data"]["records"]}
+    assert set(recs) == {(v, i) for v in ("none", "kl λ=1") for i in ("shared", "independent")}
+    for init in ("shared", "independent"):
+        # Pulling both runs toward their fused scope shrinks the endpoints' scope mismatch.
+        assert recs[("kl λ=1", init)]["scope_kl"] < 0.5 * recs[("none", init)]["scope_kl"]
+    assert set(rep["tables"]) == {"shared initialization", "independent initialization"}
+    code, _, err = run_cli(["experiment", "wsa-defaults", "--variants", "bogus", "--out",
+                            str(out)], capsys)
+    assert code == 1 and "unknown variant 'bogus'" in err

@@ -12,8 +12,8 @@ from torch import nn
 from mergescope import data as data_mod
 from mergescope import io, plots
 from mergescope import scope as scope_mod
-from mergescope.cli import app
-from mergescope.cli.common import DATA_ROOT_OPT, JSON_OPT, print_json, print_table
+from mergescope.cli import app, experiment_app
+from mergescope.cli.common import DATA_ROOT_OPT, DEVICE_OPT, JSON_OPT, print_json, print_table
 from mergescope.console import console
 from mergescope.errors import CheckpointError, ConfigError
 from mergescope.scope import Scope
@@ -145,3 +145,50 @@ def scope_cmd(
                  for k, f in fq.items()])
     if plot is not None:
         console.print(f"saved {plot}")
+
+
+# --------------------------------------------------------------------------- defaults study
+
+
+@experiment_app.command("wsa-defaults")
+def wsa_defaults_cmd(
+    scale: str = typer.Option("quick", "--scale", help="smoke, quick (default) or full."),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the scale's)."),
+    variants: str = typer.Option(None, "--variants", help="Comma-separated variant names "
+                                 "(default: all of the scale's)."),
+    refresh_every: int = typer.Option(5, "--refresh-every", help="Steps between refreshes of "
+                                      "the fused target."),
+    out: Path = typer.Option(Path("runs/wsa-defaults"), "--out", "-o", help="Output folder."),
+    device: str = DEVICE_OPT,
+) -> None:
+    """SGD vs Adam MLP pairs trained in lockstep toward their fused scope: which WSA divergence
+    and reduction to use by default (scope mismatch, kurtosis, accuracy, barriers)."""
+    import shlex
+
+    from mergescope.experiments import wsa_defaults
+    from mergescope.experiments.common import print_result, write_result
+
+    def split(text: str | None) -> list[str] | None:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    try:
+        seed_list = None if seeds is None else [int(x) for x in split(seeds)]
+    except ValueError as e:
+        raise ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from e
+    names = split(variants)
+    known = [v.name for v in wsa_defaults.VARIANTS]
+    for n in names or []:
+        if n not in known:
+            raise ConfigError(f"unknown variant '{n}'; choose from: {', '.join(known)}")
+    result = wsa_defaults.run(scale=scale, seeds=seed_list, variants=names, device=device,
+                              refresh_every=refresh_every)
+    parts = ["mergescope", "experiment", "wsa-defaults", "--scale", scale, "--out", str(out)]
+    for opt, val in (("--seeds", seeds), ("--variants", variants)):
+        if val is not None:
+            parts += [opt, val]
+    if refresh_every != 5:
+        parts += ["--refresh-every", str(refresh_every)]
+    result.command = " ".join(shlex.quote(p) for p in parts)
+    write_result(result, out)
+    print_result(result)
+    console.print(f"wrote {out}")
