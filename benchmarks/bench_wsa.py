@@ -43,7 +43,7 @@ def _interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2)
 
 def _case(name: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int,
           naive_step: bool = True) -> list:
-    reg = WSARegularizer.from_init(net, lam=0.1)  # the CLI default λ, KL, mean
+    reg = WSARegularizer.from_init(net, lam=1.0)  # the CLI defaults: λ = 1, KL, mean
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     params = reg.bound_params(net)
     mu_t, sd_t = (t.to(torch.float32) for t in reg.target.tensors())
@@ -51,7 +51,7 @@ def _case(name: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rep
     def naive(model: torch.nn.Module) -> torch.Tensor:
         stats = [layer_stats(p) for p in params]
         mu, sd = torch.stack([m for m, _ in stats]), torch.stack([s for _, s in stats])
-        return 0.1 * divergence_terms(mu, sd, mu_t, sd_t, "kl").mean()
+        return 1.0 * divergence_terms(mu, sd, mu_t, sd_t, "kl").mean()
 
     def step(penalty) -> Callable[[], None]:
         def run() -> None:

@@ -307,8 +307,9 @@ def test_train_with_wsa_targets(tmp_path, capsys):
         code, _, err = run_cli([*TRAIN, "--epochs", "1", "-o", str(tmp_path / "e.safetensors"),
                                 "--wsa-target", spec], capsys)
         assert code in (0, None), err
-        assert json.loads(json.dumps(io.read_meta(tmp_path / "e.safetensors")["wsa"]))[
-            "target_scope"] == weight_scope(io.load(a)[0]).to_dict()
+        rec = io.read_meta(tmp_path / "e.safetensors")["wsa"]
+        assert rec["target_scope"] == weight_scope(io.load(a)[0]).to_dict()
+        assert rec["lambda"] == 1.0  # the default chosen by the wsa-defaults measurement
 
 
 def test_train_wsa_bad_input(tmp_path, capsys):
