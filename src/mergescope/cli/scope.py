@@ -30,14 +30,18 @@ TARGET_HELP = ("WSA target scope: REF.safetensors (a reference checkpoint's scop
 def _reference_scope(path: Path, model: nn.Module, include_bias: bool) -> Scope:
     """The scope of a checkpoint (or a Scope JSON file) over the layers of `model`."""
     if path.suffix == ".json":
-        return Scope.from_dict(io.read_json(path))
+        return Scope.from_dict(io.read_json(path)).validate(str(path))
     state, _ = io.load_state(path)
-    keys = scope_mod.scope_keys(model, include_bias)
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ConfigError(f"{path}: lacks layer '{missing[0]}' of the model (a checkpoint of "
-                          "another architecture?)")
-    return scope_mod.weight_scope(state, keys=keys)
+    own = model.state_dict()
+    for k in scope_mod.scope_keys(model, include_bias):
+        if k not in state:
+            raise ConfigError(f"{path}: lacks layer '{k}' of the model (a checkpoint of another "
+                              "architecture?)")
+        if state[k].numel() != own[k].numel():
+            raise ConfigError(f"{path}: layer '{k}' has {state[k].numel()} weights, the model's "
+                              f"has {own[k].numel()} (a checkpoint of another architecture?)")
+    return scope_mod.weight_scope(state, keys=scope_mod.scope_keys(model, include_bias)
+                                  ).validate(str(path))
 
 
 def wsa_target(spec: str, model: nn.Module, include_bias: bool = False) -> Scope:
