@@ -433,3 +433,21 @@ def test_scope_command_table_and_mismatched_architectures(ckpts, tmp_path, capsy
     code, _, err = run_cli(["scope", str(ckpts[0]), str(other)], capsys)
     assert code == 1
     assert "layer 'layers.0.weight'" in err and "another architecture" in err
+
+
+def test_scope_command_live_units(tmp_path, capsys):
+    net = models.build("mlp", (1, 8, 8), 10, width=6, depth=2, seed=0)
+    with torch.no_grad():
+        net.layers[1].weight[2] = 0.0
+        net.layers[1].bias[2] = -1.0  # unit 2 of the second hidden layer never fires
+    p = tmp_path / "dead.safetensors"
+    io.save(net, p, {"dataset": "digits"})
+    code, out, err = run_cli(["scope", str(p), "--live", "--json"], capsys)
+    assert code in (0, None), err
+    live = Scope.from_dict(json.loads(out)["live_scopes"]["dead"])
+    assert live["head.weight"].count == 10 * 5
+    w = net.head.weight.detach().double()[:, [0, 1, 3, 4, 5]]
+    assert live["head.weight"].std == pytest.approx(float(w.std(correction=0)))
+    assert live["layers.1.weight"] == weight_scope(net)["layers.1.weight"]  # its inputs live
+    code, _, err = run_cli(["scope", str(p), "--live", "--dataset", "nope"], capsys)
+    assert code == 1 and "unknown dataset 'nope'" in err

@@ -227,6 +227,14 @@ def test_bad_options(kw, match):
 # --------------------------------------------------------------------------- training
 
 
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return data.load("digits", "train"), data.load("digits", "test")
@@ -243,7 +251,7 @@ def _train(seed, digits, penalties=()):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
-def test_wsa_on_digits_reaches_a_far_target_without_losing_accuracy(seed, digits):
+def test_wsa_on_digits_reaches_a_far_target_without_losing_accuracy(seed, digits, one_thread):
     # Target: σ three times the initialization's, μ moved by 0.3 σ — far from where plain
     # training ends (plain SGD closes about half of the σ gap in the hidden layers).
     plain, init, acc_plain = _train(seed, digits)
@@ -274,7 +282,7 @@ TRAIN = ["train", "-d", "digits", "--width", "16", "--epochs", "2", "--batch-siz
 
 
 @pytest.mark.slow
-def test_train_with_wsa_targets(tmp_path, capsys):
+def test_train_with_wsa_targets(tmp_path, capsys, one_thread):
     a, b, c, d = (tmp_path / f"{n}.safetensors" for n in "abcd")
     assert run_cli([*TRAIN, "-o", str(a), "--seed", "0"], capsys)[0] in (0, None)
     assert run_cli([*TRAIN, "-o", str(b), "--seed", "1", "--optimizer", "adam", "--lr", "0.01"],
@@ -307,8 +315,9 @@ def test_train_with_wsa_targets(tmp_path, capsys):
         code, _, err = run_cli([*TRAIN, "--epochs", "1", "-o", str(tmp_path / "e.safetensors"),
                                 "--wsa-target", spec], capsys)
         assert code in (0, None), err
-        assert json.loads(json.dumps(io.read_meta(tmp_path / "e.safetensors")["wsa"]))[
-            "target_scope"] == weight_scope(io.load(a)[0]).to_dict()
+        rec = io.read_meta(tmp_path / "e.safetensors")["wsa"]
+        assert rec["target_scope"] == weight_scope(io.load(a)[0]).to_dict()
+        assert rec["lambda"] == 1.0  # the default chosen by the wsa-defaults measurement
 
 
 def test_train_wsa_bad_input(tmp_path, capsys):
@@ -317,6 +326,11 @@ def test_train_wsa_bad_input(tmp_path, capsys):
     out = str(tmp_path / "x.safetensors")
     code, _, err = run_cli([*TRAIN, "-o", out, "--wsa-target", str(wide)], capsys)
     assert code == 1 and "layer 'layers.0.weight'" in err and "another architecture" in err
+    assert "wide.safetensors" in err
+    good = tmp_path / "good.safetensors"
+    io.save(models.build("mlp", (1, 8, 8), 10, width=16, seed=1), good)
+    code, _, err = run_cli([*TRAIN, "-o", out, "--wsa-target", f"fused:{good},{wide}"], capsys)
+    assert code == 1 and "wide.safetensors: layer 'layers.0.weight' has 1088 weights" in err
     conv = tmp_path / "conv.safetensors"
     io.save(models.build("resnet20", (1, 8, 8), 10, seed=0), conv)
     code, _, err = run_cli([*TRAIN, "-o", out, "--wsa-target", f"fused:{conv}"], capsys)
@@ -334,3 +348,22 @@ def test_train_wsa_bad_input(tmp_path, capsys):
     code, _, err = run_cli([*TRAIN, "-o", out, "--wsa-target", str(bad)], capsys)
     assert code == 1 and "layer 'layers.0.weight' has σ = 0" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_defaults_study_smoke(tmp_path, capsys, one_thread):
+    out = tmp_path / "study"
+    code, _, err = run_cli(["experiment", "wsa-defaults", "--scale", "smoke", "--out", str(out)],
+                           capsys)
+    assert code in (0, None), err
+    rep = json.loads((out / "result.json").read_text())
+    assert rep["command"].startswith("mergescope experiment wsa-defaults --scale smoke")
+    recs = {(r["variant"], r["init"]): r for r in rep["data"]["records"]}
+    assert set(recs) == {(v, i) for v in ("none", "kl λ=1") for i in ("shared", "independent")}
+    for init in ("shared", "independent"):
+        # Pulling both runs toward their fused scope shrinks the endpoints' scope mismatch.
+        assert recs[("kl λ=1", init)]["scope_kl"] < 0.5 * recs[("none", init)]["scope_kl"]
+    assert set(rep["tables"]) == {"shared initialization", "independent initialization"}
+    code, _, err = run_cli(["experiment", "wsa-defaults", "--variants", "bogus", "--out",
+                            str(out)], capsys)
+    assert code == 1 and "unknown variant 'bogus'" in err

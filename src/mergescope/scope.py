@@ -285,12 +285,14 @@ class Divergence:
         return {"kind": self.kind, "per_layer": self.per_layer, "total": self.total, "mean": self.mean}
 
 
-def check_same_layers(a: Scope, b: Scope, names: tuple[str, str] = ("first scope", "second scope")) -> None:
-    """Raise one clear error if two scopes do not cover the same layers of the same size."""
+def check_same_layers(a: Scope, b: Scope, names: tuple[str, str] = ("first scope", "second scope"),
+                      same_counts: bool = True) -> None:
+    """Raise one clear error if two scopes do not cover the same layers (of the same size,
+    unless `same_counts` is False: scopes of live units keep different numbers of weights)."""
     for k in a:
         if k not in b:
             raise ConfigError(f"{names[1]} lacks layer '{k}'")
-        if a[k].count != b[k].count:
+        if same_counts and a[k].count != b[k].count:
             raise ConfigError(f"layer '{k}': {names[0]} has {a[k].count} weights, {names[1]} has "
                               f"{b[k].count} (another architecture?)")
     for k in b:
@@ -298,11 +300,12 @@ def check_same_layers(a: Scope, b: Scope, names: tuple[str, str] = ("first scope
             raise ConfigError(f"{names[0]} lacks layer '{k}'")
 
 
-def divergence(a: Scope, b: Scope, kind: str = "kl") -> Divergence:
-    """Per-layer divergence of scope `a` (the model) from `b` (the target), and their total."""
+def divergence(a: Scope, b: Scope, kind: str = "kl", same_counts: bool = True) -> Divergence:
+    """Per-layer divergence of scope `a` (the model) from `b` (the target), and their total.
+    `same_counts=False` allows layers of different sizes (live-unit scopes of two models)."""
     if kind not in DIVERGENCES:
         raise ConfigError(f"unknown divergence '{kind}'; choose one of {', '.join(DIVERGENCES)}")
-    check_same_layers(a, b)
+    check_same_layers(a, b, same_counts=same_counts)
     a.validate("first scope")
     b.validate("second scope")
     mu, sd = a.tensors()
@@ -311,16 +314,16 @@ def divergence(a: Scope, b: Scope, kind: str = "kl") -> Divergence:
     return Divergence(kind, {k: float(v) for k, v in zip(a, vals.tolist(), strict=True)})
 
 
-def pairwise_mismatch(scopes: Mapping[str, Scope],
-                      kinds: Sequence[str] = DIVERGENCES) -> list[dict]:
+def pairwise_mismatch(scopes: Mapping[str, Scope], kinds: Sequence[str] = DIVERGENCES,
+                      same_counts: bool = True) -> list[dict]:
     """The scope mismatch of every pair (a, b), a before b in `scopes`' order, for each
     divergence kind: records ``{"a", "b", "kind", "total", "mean", "per_layer"}``. KL is
     asymmetric: ``kl`` is KL(a ‖ b) and ``reverse_kl`` is KL(b ‖ a)."""
     out = []
     for (na, sa), (nb, sb) in combinations(scopes.items(), 2):
-        check_same_layers(sa, sb, (na, nb))
+        check_same_layers(sa, sb, (na, nb), same_counts)
         for kind in kinds:
-            d = divergence(sa, sb, kind)
+            d = divergence(sa, sb, kind, same_counts)
             out.append({"a": na, "b": nb, **d.to_dict()})
     return out
 

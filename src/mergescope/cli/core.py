@@ -58,7 +58,8 @@ def train_cmd(
     train_limit: int = typer.Option(None, "--train-limit", help="Train on a random subset of this size."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint to write (.safetensors)."),
     wsa_target: str = typer.Option(None, "--wsa-target", help=TARGET_HELP),
-    wsa_lambda: float = typer.Option(None, "--wsa-lambda", help="WSA strength λ (default 0.1)."),
+    wsa_lambda: float = typer.Option(None, "--wsa-lambda",
+                                     help="WSA strength λ (default 1, for KL with mean)."),
     wsa_divergence: str = typer.Option(None, "--wsa-divergence",
                                        help="kl, reverse_kl or w2 (default kl)."),
     wsa_reduce: str = typer.Option(None, "--wsa-reduce", help="mean or sum over layers "
@@ -88,7 +89,7 @@ def train_cmd(
         if given:
             raise ConfigError(f"{given[0]} needs --wsa-target")
     else:
-        reg = build_wsa(wsa_target, net, 0.1 if wsa_lambda is None else wsa_lambda,
+        reg = build_wsa(wsa_target, net, 1.0 if wsa_lambda is None else wsa_lambda,
                         wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias)
     hist = train_mod.fit(net, train, device=device, penalties=[reg] if reg is not None else (), **train_cfg)
     metrics = {"train": train_mod.evaluate(net, train), "test": train_mod.evaluate(net, test)}

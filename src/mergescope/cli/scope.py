@@ -12,8 +12,8 @@ from torch import nn
 from mergescope import data as data_mod
 from mergescope import io, plots
 from mergescope import scope as scope_mod
-from mergescope.cli import app
-from mergescope.cli.common import DATA_ROOT_OPT, JSON_OPT, print_json, print_table
+from mergescope.cli import app, experiment_app
+from mergescope.cli.common import DATA_ROOT_OPT, DEVICE_OPT, JSON_OPT, print_json, print_table
 from mergescope.console import console
 from mergescope.errors import CheckpointError, ConfigError
 from mergescope.scope import Scope
@@ -30,14 +30,18 @@ TARGET_HELP = ("WSA target scope: REF.safetensors (a reference checkpoint's scop
 def _reference_scope(path: Path, model: nn.Module, include_bias: bool) -> Scope:
     """The scope of a checkpoint (or a Scope JSON file) over the layers of `model`."""
     if path.suffix == ".json":
-        return Scope.from_dict(io.read_json(path))
+        return Scope.from_dict(io.read_json(path)).validate(str(path))
     state, _ = io.load_state(path)
-    keys = scope_mod.scope_keys(model, include_bias)
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ConfigError(f"{path}: lacks layer '{missing[0]}' of the model (a checkpoint of "
-                          "another architecture?)")
-    return scope_mod.weight_scope(state, keys=keys)
+    own = model.state_dict()
+    for k in scope_mod.scope_keys(model, include_bias):
+        if k not in state:
+            raise ConfigError(f"{path}: lacks layer '{k}' of the model (a checkpoint of another "
+                              "architecture?)")
+        if state[k].numel() != own[k].numel():
+            raise ConfigError(f"{path}: layer '{k}' has {state[k].numel()} weights, the model's "
+                              f"has {own[k].numel()} (a checkpoint of another architecture?)")
+    return scope_mod.weight_scope(state, keys=scope_mod.scope_keys(model, include_bias)
+                                  ).validate(str(path))
 
 
 def wsa_target(spec: str, model: nn.Module, include_bias: bool = False) -> Scope:
@@ -145,3 +149,50 @@ def scope_cmd(
                  for k, f in fq.items()])
     if plot is not None:
         console.print(f"saved {plot}")
+
+
+# --------------------------------------------------------------------------- defaults study
+
+
+@experiment_app.command("wsa-defaults")
+def wsa_defaults_cmd(
+    scale: str = typer.Option("quick", "--scale", help="smoke, quick (default) or full."),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the scale's)."),
+    variants: str = typer.Option(None, "--variants", help="Comma-separated variant names "
+                                 "(default: all of the scale's)."),
+    refresh_every: int = typer.Option(5, "--refresh-every", help="Steps between refreshes of "
+                                      "the fused target."),
+    out: Path = typer.Option(Path("runs/wsa-defaults"), "--out", "-o", help="Output folder."),
+    device: str = DEVICE_OPT,
+) -> None:
+    """SGD vs Adam MLP pairs trained in lockstep toward their fused scope: which WSA divergence
+    and reduction to use by default (scope mismatch, kurtosis, accuracy, barriers)."""
+    import shlex
+
+    from mergescope.experiments import wsa_defaults
+    from mergescope.experiments.common import print_result, write_result
+
+    def split(text: str | None) -> list[str] | None:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    try:
+        seed_list = None if seeds is None else [int(x) for x in split(seeds)]
+    except ValueError as e:
+        raise ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from e
+    names = split(variants)
+    known = [v.name for v in wsa_defaults.VARIANTS]
+    for n in names or []:
+        if n not in known:
+            raise ConfigError(f"unknown variant '{n}'; choose from: {', '.join(known)}")
+    result = wsa_defaults.run(scale=scale, seeds=seed_list, variants=names, device=device,
+                              refresh_every=refresh_every)
+    parts = ["mergescope", "experiment", "wsa-defaults", "--scale", scale, "--out", str(out)]
+    for opt, val in (("--seeds", seeds), ("--variants", variants)):
+        if val is not None:
+            parts += [opt, val]
+    if refresh_every != 5:
+        parts += ["--refresh-every", str(refresh_every)]
+    result.command = " ".join(shlex.quote(p) for p in parts)
+    write_result(result, out)
+    print_result(result)
+    console.print(f"wrote {out}")
