@@ -314,6 +314,12 @@ def divergence(a: Scope, b: Scope, kind: str = "kl", same_counts: bool = True) -
     return Divergence(kind, {k: float(v) for k, v in zip(a, vals.tolist(), strict=True)})
 
 
+def symmetric_kl(a: Scope, b: Scope, same_counts: bool = True) -> float:
+    """Mean over layers of ½[KL(a‖b) + KL(b‖a)]: a symmetric scope mismatch of two models
+    (`same_counts=False` for live-unit scopes, whose layers hold different numbers of weights)."""
+    return 0.5 * (divergence(a, b, "kl", same_counts).mean + divergence(b, a, "kl", same_counts).mean)
+
+
 def pairwise_mismatch(scopes: Mapping[str, Scope], kinds: Sequence[str] = DIVERGENCES,
                       same_counts: bool = True) -> list[dict]:
     """The scope mismatch of every pair (a, b), a before b in `scopes`' order, for each

@@ -57,11 +57,11 @@ from mergescope.experiments.common import (
 from mergescope.penalties import ProximalPenalty
 from mergescope.scope import (
     Scope,
-    divergence_terms,
     excess_kurtosis,
     fuse,
     live_input_masks,
     scope_keys,
+    symmetric_kl,
     weight_scope,
 )
 from mergescope.train import Trainer, evaluate, train_lockstep
@@ -352,18 +352,6 @@ def train_pair(ctx: PairContext, treatment: Treatment) -> tuple[nn.Module, nn.Mo
 # --------------------------------------------------------------------------- measuring
 
 
-def symmetric_kl(a: Scope, b: Scope) -> float:
-    """Mean over layers of ½ [KL(a‖b) + KL(b‖a)] between two scopes. Layers are matched by name
-    only, so scopes over different subsets of weights (live units) can be compared."""
-    keys = [k for k in a if k in b]
-    mu_a = torch.tensor([a[k].mean for k in keys], dtype=torch.float64)
-    sd_a = torch.tensor([a[k].std for k in keys], dtype=torch.float64)
-    mu_b = torch.tensor([b[k].mean for k in keys], dtype=torch.float64)
-    sd_b = torch.tensor([b[k].std for k in keys], dtype=torch.float64)
-    d = 0.5 * (divergence_terms(mu_a, sd_a, mu_b, sd_b, "kl") + divergence_terms(mu_b, sd_b, mu_a, sd_a, "kl"))
-    return float(d.mean())
-
-
 def measure_pair(ctx: PairContext, ends: Endpoints, label: str) -> tuple[dict, Curve]:
     """Interpolate the pair and collect its metrics (one flat dict) and its curve."""
     curve = interpolate(ends.a, ends.b, ctx.eval_data, num_points=ctx.scale.points, label=label,
@@ -381,7 +369,7 @@ def measure_pair(ctx: PairContext, ends: Endpoints, label: str) -> tuple[dict, C
     masks = [live_input_masks(n, x_live) for n in (ends.a, ends.b)]
     live = [weight_scope(n, input_masks=mk) for n, mk in zip((ends.a, ends.b), masks, strict=True)]
     m["scope_div"] = symmetric_kl(*scopes)
-    m["scope_div_live"] = symmetric_kl(*live)
+    m["scope_div_live"] = symmetric_kl(*live, same_counts=False)
     kurt = [v for n in (ends.a, ends.b) for v in excess_kurtosis(n).values()]
     m["kurtosis"] = float(np.nanmean(kurt))
     hidden = [k for k in scope_keys(ends.a)][1:]  # inputs of the first layer are pixels

@@ -27,8 +27,14 @@ from mergescope import models
 from mergescope.connectivity import barriers, interpolate
 from mergescope.console import progress_task
 from mergescope.experiments.common import ExperimentResult, Table, check_scale, fmt_mean_std
-from mergescope.scope import divergence, excess_kurtosis, live_input_masks, weight_scope
-from mergescope.train import Trainer, evaluate
+from mergescope.scope import (
+    divergence,
+    excess_kurtosis,
+    live_input_masks,
+    symmetric_kl,
+    weight_scope,
+)
+from mergescope.train import Trainer, evaluate, train_lockstep
 from mergescope.wsa import WSARegularizer
 
 
@@ -63,11 +69,6 @@ SCALES = {
 INITS = ("shared", "independent")
 
 
-def _sym_kl(a, b, same_counts: bool = True) -> float:
-    """½(KL(a‖b) + KL(b‖a)), mean over layers."""
-    return 0.5 * (divergence(a, b, "kl", same_counts).mean + divergence(b, a, "kl", same_counts).mean)
-
-
 def _pair(variant: Variant, init: str, seed: int, train, test, evals, width: int, epochs: int,
           refresh_every: int, device: str) -> dict:
     build = dict(name="mlp", in_shape=train.input_shape, num_classes=train.num_classes, width=width,
@@ -83,9 +84,7 @@ def _pair(variant: Variant, init: str, seed: int, train, test, evals, width: int
                  seed=seed, penalties=regs[0], device=device)
     tb = Trainer(b, train, optimizer="adam", lr=1e-3, batch_size=128, epochs=epochs,
                  seed=seed + 100, penalties=regs[1], device=device)
-    while ta.step_count < ta.total_steps:
-        ta.step()
-        tb.step()
+    train_lockstep([ta, tb])
     x_live = train.x[:2000]
     sa, sb = weight_scope(a), weight_scope(b)
     la = weight_scope(a, input_masks=live_input_masks(a, x_live))
@@ -94,7 +93,7 @@ def _pair(variant: Variant, init: str, seed: int, train, test, evals, width: int
     kurt = [float(np.mean(list(excess_kurtosis(m).values()))) for m in (a, b)]
     return {
         "variant": variant.name, "init": init, "seed": seed,
-        "scope_kl": _sym_kl(sa, sb), "scope_kl_live": _sym_kl(la, lb, same_counts=False),
+        "scope_kl": symmetric_kl(sa, sb), "scope_kl_live": symmetric_kl(la, lb, same_counts=False),
         "scope_kl_head": 0.5 * (divergence(sa, sb).per_layer["head.weight"]
                                 + divergence(sb, sa).per_layer["head.weight"]),
         "kurtosis_sgd": kurt[0], "kurtosis_adam": kurt[1],
