@@ -30,6 +30,27 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def result_markdown(r: Any, level: int = 2, figure_prefix: str = "") -> str:
+    """One result as Markdown: a heading of `level`, its command, time and notes, its tables
+    one level down, and its figures (PNG files under `figure_prefix`)."""
+    h = "#" * level
+    lines = [f"{h} {r.name}\n"]
+    if r.command:
+        lines.append(f"Command: `{r.command}`  ")
+    lines.append(f"Time: {r.seconds:.0f} s\n")
+    for note in r.notes:
+        lines.append(f"> {note}\n")
+    for name, t in r.tables.items():
+        lines.append(f"{h}# {name}\n")
+        if t.caption:
+            lines.append(t.caption + "\n")
+        lines.append(markdown_table(t.columns, t.rows))
+    prefix = figure_prefix.rstrip("/") + "/" if figure_prefix else ""
+    for name in r.figures:
+        lines.append(f"![{name}]({prefix}{name}.png)\n")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_report(title: str, results: Sequence[Any], *, header: Mapping[str, Any] | None = None,
                     figure_dirs: Mapping[str, str] | None = None) -> str:
     """A Markdown report. `figure_dirs[result.name]` is the folder (relative to the report)
@@ -39,21 +60,7 @@ def markdown_report(title: str, results: Sequence[Any], *, header: Mapping[str, 
         lines.append(f"- **{k}**: {v}")
     lines.append("")
     for r in results:
-        lines.append(f"## {r.name}\n")
-        if r.command:
-            lines.append(f"Command: `{r.command}`  ")
-        lines.append(f"Time: {r.seconds:.0f} s\n")
-        for note in r.notes:
-            lines.append(f"> {note}\n")
-        for name, t in r.tables.items():
-            lines.append(f"### {name}\n")
-            if t.caption:
-                lines.append(t.caption + "\n")
-            lines.append(markdown_table(t.columns, t.rows))
-        prefix = (figure_dirs or {}).get(r.name, "")
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        for name in r.figures:
-            lines.append(f"![{name}]({prefix}{name}.png)\n")
+        lines.append(result_markdown(r, 2, (figure_dirs or {}).get(r.name, "")))
     return "\n".join(lines) + "\n"
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mergescope.errors import ConfigError
+from mergescope.train import batched_outputs
 
 DIVERGENCES = ("kl", "reverse_kl", "w2")
 FUSIONS = ("moment", "mean")
@@ -410,16 +411,12 @@ def live_input_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) 
 
     for key, m in mods.items():
         hooks.append(m.register_forward_pre_hook(hook_for(key, m)))
-    was_training = model.training
-    model.eval()
     try:
-        device = next(iter(model.parameters())).device
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size].to(device))
+        for _ in batched_outputs(model, x, batch_size):
+            pass
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return {k: _input_mask(mods[k], v.cpu()) for k, v in alive.items()}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -209,14 +209,23 @@ def fit(model: nn.Module, data, *, optimizer: str = "sgd", lr: float = 0.05,
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+                    train_mode: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run `x` through `model` batch by batch without gradients, in eval mode (or train mode),
+    yielding ``(start index, outputs)``; the model's mode is restored afterwards. The one
+    forward loop behind evaluation, prediction and every statistics pass (hooks, BN)."""
     was_training = model.training
-    model.eval()
+    model.train(train_mode)
     try:
         device = next(iter(model.parameters())).device
-        return torch.cat([model(x[i:i + batch_size].to(device)) for i in range(0, x.shape[0], batch_size)])
+        for i in range(0, x.shape[0], batch_size):
+            yield i, model(x[i:i + batch_size].to(device))
     finally:
         model.train(was_training)
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([out for _, out in batched_outputs(model, x, batch_size)])
 
 
 @torch.no_grad()
@@ -225,18 +234,11 @@ def evaluate(model: nn.Module, data, batch_size: int = 1000) -> dict[str, float]
     x, y = _as_xy(data)
     if y.shape[0] == 0:
         raise ConfigError("cannot evaluate on an empty dataset")
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(iter(model.parameters())).device
-        loss_sum, correct = 0.0, 0
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            logits = model(xb)
-            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
+    loss_sum, correct = 0.0, 0
+    for i, logits in batched_outputs(model, x, batch_size):
+        yb = y[i:i + batch_size].to(logits.device)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
     n = int(y.shape[0])
     return {"loss": loss_sum / n, "accuracy": correct / n}
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mergescope import io
-from mergescope.console import console, markdown_table, table
+from mergescope.console import console, table
 from mergescope.errors import ConfigError
 
 SCALES = ("smoke", "quick", "full")
@@ -58,19 +58,9 @@ class ExperimentResult:
                 "figures": [f"{k}.png" for k in self.figures]}
 
     def markdown(self, figure_prefix: str = "") -> str:
-        lines = [f"# {self.name}\n"]
-        if self.command:
-            lines.append(f"Command: `{self.command}`\n")
-        for note in self.notes:
-            lines.append(f"> {note}\n")
-        for name, t in self.tables.items():
-            lines.append(f"## {name}\n")
-            if t.caption:
-                lines.append(t.caption + "\n")
-            lines.append(markdown_table(t.columns, t.rows))
-        for name in self.figures:
-            lines.append(f"![{name}]({figure_prefix}{name}.png)\n")
-        return "\n".join(lines)
+        from mergescope.report import result_markdown
+
+        return result_markdown(self, level=1, figure_prefix=figure_prefix)
 
 
 def environment() -> dict:
