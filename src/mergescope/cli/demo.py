@@ -42,12 +42,14 @@ def reproduce_cmd(
     device: str = typer.Option("cpu", "--device"),
     seed: int = typer.Option(0, "--seed", help="Base seed; the same seed reproduces the same numbers."),
     suite: list[str] = typer.Option([], "--suite", help="Run only these suites (repeatable)."),
+    seeds: int = typer.Option(None, "--seeds", help="Seeds per suite (default: 1 at smoke/quick, "
+                                                   "each suite's default at full)."),
 ) -> None:
     """Run every study suite and write report.md and a self-contained report.html."""
     from mergescope.experiments.reproduce import run_suites
 
     paths = run_suites(scale=scale, out=out, dataset=dataset, device=device, seed=seed,
-                       suites=suite or None)
+                       suites=suite or None, seeds=seeds)
     for r in paths["results"]:
         print_result(r)
     console.print(f"report: [bold]{paths['markdown']}[/] and [bold]{paths['html']}[/]")

@@ -26,9 +26,13 @@ from mergescope.report import figure_png, html_report, markdown_report
 
 def run_suites(*, scale: str = "quick", out: str | Path = "report", dataset: str | None = None,
                device: str = "cpu", seed: int = 0, suites: Sequence[str] | None = None,
-               command: str | None = None) -> dict:
+               seeds: int | None = None, command: str | None = None) -> dict:
     """Run the chosen suites (all by default) and write the combined report; returns the
-    paths written and the results."""
+    paths written and the results.
+
+    `seeds`: seeds per suite; by default 1 at the smoke and quick scales (so that quick fits
+    in about 20 minutes on 2 CPU cores; the tables in docs/results.md use 3-5 seeds, run suite
+    by suite) and each suite's own default at full scale."""
     check_scale(scale)
     names = list(suites) if suites else list(SUITES)
     for n in names:
@@ -42,13 +46,14 @@ def run_suites(*, scale: str = "quick", out: str | Path = "report", dataset: str
     for n in names:
         console.rule(f"[bold]{n}[/] ({scale})")
         mod = importlib.import_module(SUITES[n])
-        wanted = {"scale": scale, "device": device, "seed": seed, "out": out / n}
+        wanted = {"scale": scale, "device": device, "seed": seed, "out": out / n,
+                  "seeds": seeds if seeds is not None else (None if scale == "full" else 1)}
         if dataset is not None:
             wanted["dataset"] = dataset
         # Every suite takes scale/device/out/dataset; a base seed only where the suite has one
         # (the others use their fixed seeds 0..N-1, so a re-run reproduces the same numbers).
         accepted = inspect.signature(mod.run).parameters
-        res = mod.run(**{k: v for k, v in wanted.items() if k in accepted})
+        res = mod.run(**{k: v for k, v in wanted.items() if k in accepted and v is not None})
         if not res.command:
             res.command = f"mergescope experiment {n} --scale {scale}"
         pngs[res.name] = {k: figure_png(f) for k, f in res.figures.items()}
@@ -57,6 +62,7 @@ def run_suites(*, scale: str = "quick", out: str | Path = "report", dataset: str
     header = {
         "command": command or "mergescope " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "scale": scale, "seed": seed, "device": device,
+        "seeds per suite": seeds if seeds is not None else ("suite default" if scale == "full" else 1),
         "machine": f"{platform.node()} {platform.machine()} ({platform.processor() or 'cpu'})",
         **{k: v for k, v in environment().items() if k != "date"},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
