@@ -73,7 +73,7 @@ def test_objective_never_decreases_and_matches_a_recomputation(seed, width):
     assert all(y > x for x, y in zip(obj[:-2], obj[1:-1], strict=True))  # each sweep but the last gains
     assert obj[-1] == obj[-2] and trace.converged
     assert obj[0] == pytest.approx(objective(pa, pb), rel=1e-9)
-    assert obj[-1] == pytest.approx(objective(pa, apply_permutation(spec, perm, pb)), rel=1e-6)
+    assert obj[-1] == pytest.approx(objective(pa, apply_permutation(spec, perm, pb)), rel=1e-5)
 
 
 @pytest.mark.parametrize("name,shape,cfg", [
@@ -148,7 +148,6 @@ def test_ste_keeps_the_best_permutation_on_held_out_data():
     assert [s for s, _ in trace.held_out] == [0, 2, 4, 6]
     assert trace.best_loss == min(v for _, v in trace.held_out)
     assert len(trace.losses) == 6 and all(torch.isfinite(torch.tensor(trace.losses)))
-    spec = builtin_spec(a)
     assert sorted(perm["P_layers.0"].tolist()) == list(range(32))
     with pytest.raises(ConfigError, match="needs data"):
         align(a, b, "ste")

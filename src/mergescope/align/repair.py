@@ -163,7 +163,9 @@ class Repair:
             weights = (1.0 - float(alpha), float(alpha))
         net = copy.deepcopy(merged)
         if self.bn_reset and has_batchnorm(net):
-            reset_bn_stats(net, self.x, batch_size=self.batch_size)
+            # reset_bn_stats reads only the inputs of an (x, y) pair.
+            reset_bn_stats(net, (self.x, self.x.new_zeros(self.x.shape[0])),
+                           batch_size=self.batch_size)
         if self.points:
             self._fold(net, self.goal(weights))
         return net

@@ -57,6 +57,9 @@ class ScaleConfig:
     merge_width: int
     batch_size: int = 128
     lr: float = 1e-3
+    conv_optimizer: str = "adam"   # conv nets; MLPs use Adam (the paper's MNIST MLP recipe)
+    conv_weight_decay: float = 0.0
+    conv_schedule: str = "constant"
 
 
 SCALE_CONFIGS = {
@@ -77,7 +80,8 @@ SCALE_CONFIGS = {
                                          ("resnet20", "batch", 4), ("resnet20", "layer", 4)),
                         conv_train_limit=None, conv_epochs=20, eval_limit=None,
                         stats_examples=5000, num_points=25, ste_steps=300, ste_on_conv=True,
-                        pairs=3, conv_pairs=3, merge_width=512),
+                        pairs=3, conv_pairs=3, merge_width=512, conv_optimizer="adamw",
+                        conv_weight_decay=0.05, conv_schedule="cosine"),
 }
 
 
@@ -118,9 +122,14 @@ class _Models:
                 self.train.subset(limit, seed=1000 + seed)
             net = models.build(arch.name, self.train.input_shape, self.train.num_classes,
                                seed=seed, **arch.cfg).to(self.device)
-            fit(net, data, optimizer="adam", lr=self.cfg.lr, batch_size=self.cfg.batch_size,
-                epochs=self.cfg.epochs if arch.is_mlp else self.cfg.conv_epochs, seed=seed,
-                progress=False)
+            c = self.cfg
+            if arch.is_mlp:
+                fit(net, data, optimizer="adam", lr=c.lr, batch_size=c.batch_size,
+                    epochs=c.epochs, seed=seed, progress=False)
+            else:
+                fit(net, data, optimizer=c.conv_optimizer, lr=c.lr, batch_size=c.batch_size,
+                    epochs=c.conv_epochs, weight_decay=c.conv_weight_decay,
+                    schedule=c.conv_schedule, seed=seed, progress=False)
             net.eval()
             self.cache[key] = net
             self.seconds += time.perf_counter() - t0
@@ -215,8 +224,9 @@ def _fmt(values: Sequence[float]) -> str | float:
 
 
 def _summary(records: list[dict], archs: list[Arch], methods: Sequence[str]) -> Table:
-    cols = ["model", "method", "test loss barrier", "+ fix", "test acc barrier", "+ fix",
-            "train loss barrier", "+ fix", "midpoint test acc (+ fix)", "align s", "pairs"]
+    cols = ["model", "method", "endpoint test acc", "test loss barrier", "+ fix",
+            "over chord", "+ fix", "test acc barrier", "+ fix", "train loss barrier", "+ fix",
+            "midpoint test acc + fix", "align s"]
     rows = []
     for arch in archs:
         for method in methods:
@@ -224,19 +234,25 @@ def _summary(records: list[dict], archs: list[Arch], methods: Sequence[str]) -> 
                        and (r["fix"] == "none") == (f == "none")] for f in ("none", "fix")}
             if not sel["none"]:
                 continue
+
             def get(f: str, k: str, sel=sel) -> list[float]:
                 return [r[k] for r in sel[f]]
 
-            rows.append([arch.label, method, _fmt(get("none", "test_loss_barrier")),
-                         _fmt(get("fix", "test_loss_barrier")), _fmt(get("none", "test_acc_barrier")),
-                         _fmt(get("fix", "test_acc_barrier")), _fmt(get("none", "train_loss_barrier")),
-                         _fmt(get("fix", "train_loss_barrier")), _fmt(get("fix", "test_mid_acc")),
-                         round(mean_std(get("none", "align_seconds"))[0], 2), len(sel["none"])])
+            endpoint = [(r["test_acc_a"] + r["test_acc_b"]) / 2 for r in sel["none"]]
+            rows.append([arch.label, method, _fmt(endpoint)]
+                        + [_fmt(get(f, k)) for k in ("test_loss_barrier", "test_linear_loss_barrier",
+                                                     "test_acc_barrier", "train_loss_barrier")
+                           for f in ("none", "fix")]
+                        + [_fmt(get("fix", "test_mid_acc")),
+                           round(mean_std(get("none", "align_seconds"))[0], 2)])
     caption = ("Loss barrier = max over the path of the loss minus the mean endpoint loss (Git "
-               "Re-Basin); acc barrier = mean endpoint accuracy minus the lowest accuracy on the "
-               "path. '+ fix' = with BatchNorm statistics recomputed (BN models; VGG's BN-free "
-               "hidden linear layer gets REPAIR) or REPAIR (others). Mean ± std over pairs (a "
-               "single value when there is one pair).")
+               "Re-Basin's definition; unequal endpoints alone make it positive); over chord = "
+               "max of the loss minus the straight line between the endpoint losses (0 when the "
+               "path never rises above it); acc barrier = mean endpoint accuracy minus the lowest "
+               "accuracy on the path. '+ fix' = with BatchNorm statistics recomputed (BN models; "
+               "VGG's BN-free hidden linear layer gets REPAIR) or REPAIR (others). Mean ± std "
+               "over pairs (a single value when there is one pair); align s = wall seconds of "
+               "the matching.")
     return Table(cols, rows, caption)
 
 
@@ -266,6 +282,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
     records: list[dict] = []
     example_curves: dict[str, Curve] = {}
     zoo = _Models(train, cfg, device)
+    example_width = cfg.merge_width if cfg.merge_width in cfg.mlp_widths else max(cfg.mlp_widths)
     try:
         jobs = [(arch, p) for arch in archs for p in range(pairs if arch.is_mlp else min(pairs, cfg.conv_pairs))]
         with progress_task("rebasin", len(jobs) + 1, enabled=progress) as advance:
@@ -274,7 +291,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
                 methods = [m for m in METHODS if m != "ste" or arch.is_mlp or cfg.ste_on_conv]
                 rows, curves = _pair_rows(arch, p, a, b, splits, stats, cfg, methods)
                 records += rows
-                if p == 0 and arch.is_mlp and arch.width == max(cfg.mlp_widths):
+                if p == 0 and arch.is_mlp and arch.width == example_width:
                     example_curves = {f"{arch.label} {k}": c for k, c in curves.items()}
                 advance(1, model=arch.label, pair=p)
             mm_arch = Arch(f"mlp-{cfg.merge_width}", "mlp",
@@ -294,12 +311,17 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
         f"Four {mm_arch.label} models (seeds 0-3); '+ fix' = REPAIR toward the mean of the "
         "(aligned) models' unit statistics (BN models: BN reset).")
     mlp_archs = [a for a in archs if a.is_mlp]
-    result.figures["barrier_vs_width"] = plots.barrier_vs_width(
-        _width_series(records, mlp_archs), ylabel="test loss barrier",
-        title=f"MLP ({cfg.mlp_depth} hidden layers) on {dataset}: barrier vs width")
+    for key, fig_name, what in (("test_loss_barrier", "barrier_vs_width", "loss barrier"),
+                                ("test_linear_loss_barrier", "chord_barrier_vs_width",
+                                 "loss barrier over the chord")):
+        result.figures[fig_name] = plots.barrier_vs_width(
+            _width_series(records, mlp_archs, key), ylabel=f"test {what}",
+            title=f"MLP ({cfg.mlp_depth} hidden layers) on {dataset}: {what} vs width")
     if example_curves:
+        shown = {k: Curve(c.t, {"test": c.metrics["test"]}, c.num_models, c.label, c.info)
+                 for k, c in example_curves.items() if " + " not in k or "naive" in k or "weight" in k}
         result.figures["curves"] = plots.interpolation_curves(
-            {k: v for k, v in example_curves.items()}, title="linear path A → aligned B")
+            shown, title="test loss on the linear path A → aligned B (pair 0)")
     result.data = {"records": records, "merge_many": mm_raw,
                    "curves": {k: c.to_dict() for k, c in example_curves.items()},
                    "train_seconds": zoo.seconds}
@@ -314,7 +336,9 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
         f"{len(stats)} training examples.",
     ]
     if image:
-        result.notes.append(f"Conv nets: {cfg.conv_epochs} epoch(s) on "
+        result.notes.append(f"Conv nets: {cfg.conv_optimizer} lr {cfg.lr} (weight decay "
+                            f"{cfg.conv_weight_decay:g}, {cfg.conv_schedule} schedule), "
+                            f"{cfg.conv_epochs} epoch(s) on "
                             f"{cfg.conv_train_limit or len(train)} training examples"
                             + ("" if cfg.ste_on_conv else "; STE matching on the MLPs only at this scale")
                             + ".")
@@ -324,13 +348,13 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
     return result
 
 
-def _width_series(records: list[dict], mlp_archs: list[Arch]) -> dict:
+def _width_series(records: list[dict], mlp_archs: list[Arch], key: str) -> dict:
     series = {}
     for method in METHODS:
         for fix in ("none", "fix"):
             xs, ms, ss = [], [], []
             for arch in mlp_archs:
-                vals = [r["test_loss_barrier"] for r in records if r["model"] == arch.label
+                vals = [r[key] for r in records if r["model"] == arch.label
                         and r["method"] == method and (r["fix"] == "none") == (fix == "none")]
                 if vals:
                     m, s = mean_std(vals)
