@@ -35,7 +35,7 @@ from mergescope.align.spec import trace_units
 from mergescope.errors import ConfigError
 from mergescope.models import ChannelLayerNorm
 from mergescope.state import as_state_dict, check_compatible
-from mergescope.train import has_batchnorm, reset_bn_stats
+from mergescope.train import batched_outputs, has_batchnorm, reset_bn_stats
 
 __all__ = ["Repair", "RepairPoint", "repair", "repair_points", "reset_bn_stats"]
 
@@ -112,16 +112,12 @@ def unit_statistics(model: nn.Module, points: Sequence[RepairPoint], x: torch.Te
     stats = {p.module: _Stats() for p in points}
     handles = [modules[p.module].register_forward_hook(
         lambda m, a, out, p=p: stats[p.module].add(_per_unit(out, p.channel_axis))) for p in points]
-    was_training = model.training
-    model.eval()
     try:
-        device = next(iter(model.parameters())).device
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size].to(device))
+        for _ in batched_outputs(model, x, batch_size):
+            pass
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return {k: s.mean_std() for k, s in stats.items()}
 
 
