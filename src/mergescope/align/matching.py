@@ -116,8 +116,9 @@ class MatchingTrace:
 
 
 def _lap(cost: torch.Tensor) -> np.ndarray:
-    """Column assignment maximizing the total of `cost` (rows are already 0..n-1)."""
-    _, cols = linear_sum_assignment(cost.detach().cpu().numpy(), maximize=True)
+    """Column assignment maximizing the total of `cost` (rows are already 0..n-1). SciPy works
+    in float64; handing it float64 saves its own (slower) conversion."""
+    _, cols = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
     return cols
 
 
@@ -141,8 +142,10 @@ class _WeightMatcher:
     in one (n_p, Σ m) buffer for A (constant) and one for B (kept permuted by the current
     assignment). The cost matrix for p is then a single matrix product ``A_p @ B_pᵀ`` in the
     current coordinates of B; the LAP gives a relative permutation σ; an accepted σ is applied
-    to the rows of B_p and to the matching dimension of the key's layouts in the other
-    permutations' buffers (the only tensors that change)."""
+    to the moved rows of B_p and to the matching dimension of the key's layouts in the other
+    permutations' buffers (the only tensors that change). Cost matrices are cached and kept
+    current (see `_apply`), and a permutation whose cost matrix has not changed since it was
+    last solved is skipped (see `step`)."""
 
     def __init__(self, spec: PermutationSpec, params_a, params_b, keys, perm: Perm,
                  dtype: torch.dtype):
@@ -185,9 +188,9 @@ class _WeightMatcher:
         self.dirty = set(self.active)
         self.M: dict[str, torch.Tensor | None] = {}
         self.updates: dict[str, int] = {}
-        # Row norms (float64, on the CPU) bound the rounding error of cost matrix entries; B's
-        # row norms only move with p's own σ (neighbours permute entries within rows).
-        # (float32 norms, inflated by 0.1% to stay upper bounds).
+        # Row norms bound the rounding error of cost matrix entries (`_gain`); B's row norms only
+        # move with p's own σ (neighbours permute entries within rows). Computed in float32
+        # and inflated by 0.1% to stay upper bounds.
         self.a_norm = {p: self._row_norms(self.A[p]) for p in self.active}
         self.b_norm = {p: self._row_norms(self.B[p]) for p in self.active}
 
@@ -344,9 +347,10 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
 
     Coordinate ascent as in the paper: start from `init_perm` (identity by default); each sweep
     visits the permutations in a fresh random order (numpy ``default_rng(seed)``) and solves one
-    LAP per permutation with the others fixed; a new assignment is kept only if it raises the
-    objective by more than 1e-12 (checked exactly, in float64); the loop stops after a sweep
-    without progress or `max_iter` sweeps.
+    LAP per permutation with the others fixed; a new assignment is kept only if it provably
+    raises the objective by more than 1e-12 (the rounding of the check is bounded, see
+    `_WeightMatcher._gain`); the loop stops after a sweep without progress or `max_iter`
+    sweeps. Cost matrices are float32 (`dtype`) matrix products.
 
     params_a, params_b: the tensors to match on, with the spec's keys (pass parameters only:
     BatchNorm running statistics are data statistics). Returns the permutation (apply it to B
@@ -408,7 +412,7 @@ def weight_matching_reference(spec: PermutationSpec, params_a: Mapping[str, torc
                 p = names[i]
                 t0 = time.perf_counter()
                 n = spec.sizes[p]
-                cost = torch.zeros(n, n, dtype=torch.float64)
+                cost = torch.zeros(n, n, dtype=torch.float64, device=pa[keys[0]].device)
                 for key, axis in spec.perm_to_axes[p]:
                     if key not in pa:
                         continue

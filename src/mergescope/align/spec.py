@@ -259,6 +259,9 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
         raise ConfigError(f"cannot trace {type(model).__name__} with torch.fx: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     gm = fx.GraphModule(model, graph)
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        example_input = example_input.to(param.device)
     was_training = model.training
     gm.eval()
     try:

@@ -16,6 +16,7 @@ cores: fewer widths, training subsets and short training; the notes of the resul
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -113,6 +114,15 @@ class _Models:
         self.cache: dict[tuple[str, int], nn.Module] = {}
         self.seconds = 0.0
 
+    def epochs(self, arch: Arch) -> int:
+        """The scale's epochs, raised for a training set smaller than the scale's subset so
+        that every dataset gets the same number of examples seen (MNIST-1D has 4,000)."""
+        epochs = self.cfg.epochs if arch.is_mlp else self.cfg.conv_epochs
+        limit = self.cfg.train_limit if arch.is_mlp else self.cfg.conv_train_limit
+        if limit is None or limit <= len(self.train):
+            return epochs
+        return math.ceil(epochs * limit / len(self.train))
+
     def get(self, arch: Arch, seed: int) -> nn.Module:
         key = (arch.label, seed)
         if key not in self.cache:
@@ -125,10 +135,10 @@ class _Models:
             c = self.cfg
             if arch.is_mlp:
                 fit(net, data, optimizer="adam", lr=c.lr, batch_size=c.batch_size,
-                    epochs=c.epochs, seed=seed, progress=False)
+                    epochs=self.epochs(arch), seed=seed, progress=False)
             else:
                 fit(net, data, optimizer=c.conv_optimizer, lr=c.lr, batch_size=c.batch_size,
-                    epochs=c.conv_epochs, weight_decay=c.conv_weight_decay,
+                    epochs=self.epochs(arch), weight_decay=c.conv_weight_decay,
                     schedule=c.conv_schedule, seed=seed, progress=False)
             net.eval()
             self.cache[key] = net
@@ -321,16 +331,17 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
         shown = {k: Curve(c.t, {"test": c.metrics["test"]}, c.num_models, c.label, c.info)
                  for k, c in example_curves.items() if " + " not in k or "naive" in k or "weight" in k}
         result.figures["curves"] = plots.interpolation_curves(
-            shown, title="test loss on the linear path A → aligned B (pair 0)")
+            shown, title="linear path A → aligned B, test split (pair 0)")
     result.data = {"records": records, "merge_many": mm_raw,
                    "curves": {k: c.to_dict() for k, c in example_curves.items()},
                    "train_seconds": zoo.seconds}
-    n_train = cfg.train_limit or len(train)
+    n_train = min(cfg.train_limit or len(train), len(train))
+    mlp_epochs = zoo.epochs(archs[0])
     result.notes += [
         f"{dataset}: pairs from seeds (2i, 2i+1): different initializations and batch orders; "
         f"{pairs} pair(s) per MLP width, {min(pairs, cfg.conv_pairs)} per conv net.",
         f"MLPs: {cfg.mlp_depth} hidden layers, widths {', '.join(map(str, cfg.mlp_widths))}, Adam "
-        f"lr {cfg.lr}, {cfg.epochs} epoch(s) on {n_train} training examples.",
+        f"lr {cfg.lr}, {mlp_epochs} epoch(s) on {n_train} training examples.",
         f"Barriers on {len(splits['train'])} train / {len(splits['test'])} test examples, "
         f"{cfg.num_points} points on the path; BN reset, REPAIR and activation statistics from "
         f"{len(stats)} training examples.",
