@@ -367,3 +367,29 @@ def test_defaults_study_smoke(tmp_path, capsys, one_thread):
     code, _, err = run_cli(["experiment", "wsa-defaults", "--variants", "bogus", "--out",
                             str(out)], capsys)
     assert code == 1 and "unknown variant 'bogus'" in err
+
+
+def test_lazy_regularization_matches_the_per_step_gradient_on_average():
+    """every=k: one call in k returns k x the penalty (same gradient summed over k calls), the
+    others a constant 0 with no graph."""
+    from mergescope.models import build
+    from mergescope.scope import weight_scope
+
+    net = build("mlp", (6,), 3, seed=0, width=8)
+    target = weight_scope(build("mlp", (6,), 3, seed=1, width=8))
+    full = WSARegularizer(target, 0.5)
+    lazy = WSARegularizer(target, 0.5, every=4)
+    ref = full(net)
+    ref_grads = torch.autograd.grad(ref, list(net.parameters()), allow_unused=True)
+    values = [lazy(net) for _ in range(8)]
+    assert values[0].item() == pytest.approx(4 * ref.item(), rel=1e-6)
+    assert values[4].item() == pytest.approx(4 * ref.item(), rel=1e-6)
+    assert all(v.item() == 0.0 and not v.requires_grad for i, v in enumerate(values) if i % 4)
+    grads = torch.autograd.grad(values[0], list(net.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None
+        else:
+            assert torch.allclose(g, 4 * r, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ConfigError, match="every must be >= 1"):
+        WSARegularizer(target, 0.5, every=0)

@@ -110,7 +110,7 @@ class WSARegularizer:
     """λ · Σ/mean over layers of D(model scope ‖ target scope); see the module docstring."""
 
     def __init__(self, target: Scope, lam: float, divergence: str = "kl", reduce: str = "mean",
-                 refresh: Refresh | None = None, refresh_every: int = 1):
+                 refresh: Refresh | None = None, refresh_every: int = 1, every: int = 1):
         if divergence not in DIVERGENCES:
             raise ConfigError(f"unknown divergence '{divergence}'; choose one of {', '.join(DIVERGENCES)}")
         if reduce not in REDUCTIONS:
@@ -119,6 +119,10 @@ class WSARegularizer:
             raise ConfigError(f"WSA lambda must be a finite number >= 0, got {lam}")
         if int(refresh_every) < 1:
             raise ConfigError(f"refresh_every must be >= 1, got {refresh_every}")
+        if int(every) < 1:
+            raise ConfigError(f"WSA every must be >= 1, got {every}")
+        self.every = int(every)
+        self._calls = 0
         self.lam = float(lam)
         self.kind = divergence
         self.reduce = reduce
@@ -227,9 +231,15 @@ class WSARegularizer:
         return divergence_terms(mu, sd, mu_t, sd_t, self.kind)
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
+        """The penalty. With ``every = k > 1`` ("lazy regularization", as in StyleGAN2) it is
+        evaluated on one call in k, scaled by k, and is a constant 0 otherwise: the same
+        gradient on average at 1/k of the cost."""
         params = self.bound_params(model)
+        self._calls += 1
+        if (self._calls - 1) % self.every:
+            return params[0].new_zeros(())
         mu_t, sd_t = self._target_on(params[0])
-        return wsa_penalty(params, mu_t, sd_t, self.lam, self.kind, self.reduce)
+        return wsa_penalty(params, mu_t, sd_t, self.lam * self.every, self.kind, self.reduce)
 
     def on_step(self, step: int, model: nn.Module) -> None:
         """Called by the trainer after each optimizer step: refresh the target if due."""
@@ -239,7 +249,7 @@ class WSARegularizer:
 
     def config(self) -> dict:
         """A JSON-able description (for checkpoint metadata)."""
-        return {"lambda": self.lam, "divergence": self.kind, "reduce": self.reduce,
+        return {"lambda": self.lam, "divergence": self.kind, "reduce": self.reduce, "every": self.every,
                 "layers": list(self.target), "refresh_every": self.refresh_every if self.refresh else None}
 
     def __repr__(self) -> str:

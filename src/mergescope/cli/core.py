@@ -65,6 +65,8 @@ def train_cmd(
     wsa_reduce: str = typer.Option(None, "--wsa-reduce", help="mean or sum over layers "
                                    "(default mean)."),
     wsa_bias: bool = typer.Option(False, "--wsa-bias", help="Also align the biases' scopes."),
+    wsa_every: int = typer.Option(None, "--wsa-every", help="Lazy regularization: apply the "
+                                  "penalty (times this) every this many steps (default 1)."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
@@ -84,13 +86,14 @@ def train_cmd(
     reg = None
     if wsa_target is None:
         given = [o for o, v in (("--wsa-lambda", wsa_lambda), ("--wsa-divergence", wsa_divergence),
-                                ("--wsa-reduce", wsa_reduce), ("--wsa-bias", wsa_bias or None))
+                                ("--wsa-reduce", wsa_reduce), ("--wsa-bias", wsa_bias or None),
+                                ("--wsa-every", wsa_every))
                  if v is not None]
         if given:
             raise ConfigError(f"{given[0]} needs --wsa-target")
     else:
         reg = build_wsa(wsa_target, net, 1.0 if wsa_lambda is None else wsa_lambda,
-                        wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias)
+                        wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias, wsa_every or 1)
     hist = train_mod.fit(net, train, device=device, penalties=[reg] if reg is not None else (), **train_cfg)
     metrics = {"train": train_mod.evaluate(net, train), "test": train_mod.evaluate(net, test)}
     meta = {"dataset": dataset, "train_limit": train_limit, "training": train_cfg,

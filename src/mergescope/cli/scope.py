@@ -61,10 +61,10 @@ def wsa_target(spec: str, model: nn.Module, include_bias: bool = False) -> Scope
 
 
 def build_wsa(spec: str, model: nn.Module, lam: float, divergence: str = "kl",
-              reduce: str = "mean", include_bias: bool = False) -> WSARegularizer:
+              reduce: str = "mean", include_bias: bool = False, every: int = 1) -> WSARegularizer:
     """A WSA regularizer for `model` from CLI options, checked against the model now."""
     reg = WSARegularizer(wsa_target(spec, model, include_bias), lam, divergence=divergence,
-                         reduce=reduce)
+                         reduce=reduce, every=every)
     return reg.check(model)
 
 

@@ -31,8 +31,8 @@ from mergescope.train import Trainer, evaluate, train_lockstep
 
 # The demo's sizes: "quick" is the real demo (minutes), "smoke" is for the test suite (seconds).
 SIZES = {
-    "quick": dict(train=10000, test=5000, width=256, epochs=3, points=11, merge_ft_epochs=2,
-                  soft_steps=150, fl_clients=10, fl_rounds=6, fl_epochs=1, fl_train=8000),
+    "quick": dict(train=20000, test=10000, width=256, epochs=3, points=11, merge_ft_epochs=2,
+                  soft_steps=300, fl_clients=10, fl_rounds=10, fl_epochs=2, fl_train=12000),
     "smoke": dict(train=600, test=300, width=32, epochs=1, points=3, merge_ft_epochs=1,
                   soft_steps=10, fl_clients=4, fl_rounds=2, fl_epochs=1, fl_train=400),
 }
