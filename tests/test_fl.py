@@ -40,14 +40,7 @@ TINY = dict(dataset="digits", model="mlp", model_options={"width": 16}, clients=
             test_limit=200)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small batches: one thread is faster, and two threads next to another busy process are
-    many times slower (the CLI does the same with --threads 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

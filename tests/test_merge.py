@@ -32,14 +32,7 @@ from mergescope.merge.soup import greedy_soup_info
 from mergescope.state import with_state
 from mergescope.train import evaluate, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread (and fight less with other processes)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vec(*values: float) -> dict[str, torch.Tensor]:

@@ -25,13 +25,7 @@ from mergescope.merge.soft import BETA, GAMMA, ZETA, soft_units
 from mergescope.state import with_state
 from mergescope.train import evaluate, fit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- hard concrete

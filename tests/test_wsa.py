@@ -227,14 +227,6 @@ def test_bad_options(kw, match):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds contention
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return data.load("digits", "train"), data.load("digits", "test")
