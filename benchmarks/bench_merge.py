@@ -117,7 +117,9 @@ def run() -> str:
         f"which counts touched pages of memory-mapped files. Start-up RSS (import only): "
         f"{startup / 2**20:.0f} MiB. 'load-all' reads every checkpoint with "
         "`mergescope.io.load_state`, merges in memory and saves; 'stream' is "
-        "`mergescope.merge.stream_merge` (per key: K tensors in, one out, written as it goes).",
+        "`mergescope.merge.stream_merge` with its default 1 MiB row blocks (per block: K slices "
+        "in, one out, written as it goes; TIES finds each model's global threshold by radix "
+        "selection over the same blocks, two reading passes per model).",
         "",
         *table,
         "",

@@ -95,15 +95,16 @@ def _bad(state, kind):
     return {k: -v for k, v in state.items()}
 
 
+@pytest.mark.parametrize("units", ["module", "tensor"])
 @pytest.mark.parametrize("kind", ["x1000", "noise"])
-def test_malicious_member_gates_close_exactly_and_average_collapses(family, kind):
+def test_malicious_member_gates_close_exactly_and_average_collapses(family, kind, units):
     net, members, train, test, clean = family
     bad = _bad(members[0], kind)
     group = members + [bad]
     before = [{k: v.clone() for k, v in s.items()} for s in group]
     avg_acc = evaluate(with_state(net, average(group)), test)["accuracy"]
     assert avg_acc < clean - 0.1  # plain averaging collapses
-    model, gates = soft(group, train, model=net, progress=False)
+    model, gates = soft(group, train, model=net, units=units, progress=False)
     g = gates.gates
     assert (g[:, -1] == 0).all()  # the malicious member is switched off, exactly
     assert (g[:, :-1] == 1).float().mean() > 0.5  # good gates reach exactly 1
@@ -116,13 +117,13 @@ def test_malicious_member_gates_close_exactly_and_average_collapses(family, kind
 def test_sign_flipped_member_gates_close_with_module_units(family):
     net, members, train, test, clean = family
     group = members + [_bad(members[0], "flip")]
-    model, gates = soft(group, train, model=net, units="module", progress=False)
+    model, gates = soft(group, train, model=net, progress=False)  # default: module units
     assert gates.units == ["layers.0", "layers.1", "head"]
     assert (gates.gates[:, -1] == 0).all() and (gates.gates[:, :-1] > 0.99).all()
     assert evaluate(model, test)["accuracy"] > clean - 0.03
     # per-tensor units: every weight gate closes; a flipped bias does little harm, and its gate
-    # closes only slowly (see docs/methods.md)
-    _, gates = soft(group, train, model=net, progress=False)
+    # closes only slowly (why module units are the default; see docs/methods.md)
+    _, gates = soft(group, train, model=net, units="tensor", progress=False)
     weight_rows = [i for i, u in enumerate(gates.units) if u.endswith("weight")]
     assert (gates.gates[weight_rows, -1] == 0).all()
 

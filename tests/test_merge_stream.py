@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from mergescope import io, models
 from mergescope.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from mergescope.merge import merge, stream_merge, streamable
+from mergescope.merge._common import row_blocks
 from mergescope.merge.stream import write_safetensors_stream
+from mergescope.merge.task import kth_smallest
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -47,12 +51,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("block_mib", [1.0, 1e-4])  # 1e-4 MiB: blocks of 2 rows of enc.weight
 @pytest.mark.parametrize(("method", "opts"), CASES)
-def test_streaming_equals_in_memory_bit_for_bit(files, method, opts):
+def test_streaming_equals_in_memory_bit_for_bit(files, method, opts, block_mib):
     d, paths, base = files
     needs_base = method in ("task_arithmetic", "ties", "dare")
     out = stream_merge(paths, method, d / f"out_{method}.safetensors",
-                       base=base if needs_base else None, **opts)
+                       base=base if needs_base else None, block_mib=block_mib, **opts)
     streamed, meta = io.load_state(out)
     states = [io.load_state(p)[0] for p in paths]
     b = io.load_state(base)[0] if needs_base else None
@@ -131,3 +136,45 @@ def test_stream_writer_output_is_standard_safetensors(tmp_path):
     with pytest.raises(CheckpointError, match="does not match the header"):
         write_safetensors_stream(tmp_path / "x.safetensors", specs, iter([("a", tensors["a"])]))
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_row_blocks_cover_the_first_axis_in_order():
+    blocks = row_blocks((17, 9), 4, 80)  # 36 bytes a row: 2 rows a block
+    assert [(b.start, b.stop) for b in blocks] == [(a, min(a + 2, 17)) for a in range(0, 17, 2)]
+    assert row_blocks((17, 9), 4, 10) == [slice(a, a + 1) for a in range(17)]  # at least a row
+    assert row_blocks((17, 9), 4, 10**6) == [None]  # fits: whole
+    assert row_blocks((), 4, 1) == [None] and row_blocks((0, 3), 4, 1) == [None]
+    assert row_blocks((17, 9), 4, None) == [None]
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 1e-30, 0.5, 0.5000001, 1.0, 3.0, 7e20]) | st.floats(
+           0, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=60),
+       cuts=st.lists(st.integers(0, 60), max_size=4), wide=st.booleans(), data=st.data())
+def test_radix_select_equals_sorting(values, cuts, wide, data):
+    """kth_smallest over arbitrary chunkings equals the rank-th value of the sorted list."""
+    dtype = torch.float64 if wide else torch.float32
+    t = torch.tensor(values, dtype=dtype)
+    rank = data.draw(st.integers(1, t.numel()))
+    edges = sorted({0, t.numel(), *[min(c, t.numel()) for c in cuts]})
+    chunks = [t[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    assert kth_smallest(lambda: iter(chunks), rank, wide) == float(t.sort().values[rank - 1])
+    with pytest.raises(ValueError, match="exceeds"):
+        kth_smallest(lambda: iter(chunks), t.numel() + 1, wide)
+
+
+def test_writer_takes_row_blocks_and_rejects_overflowing_ones(tmp_path):
+    w = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    specs = [("w", torch.float32, (5, 3)), ("s", torch.float32, ())]
+    parts = [("w", w[:2]), ("w", w[2:4]), ("w", w[4:]), ("s", torch.tensor(2.0))]
+    path = write_safetensors_stream(tmp_path / "w.safetensors", specs, iter(parts))
+    with safe_open(str(path), framework="pt") as f:
+        assert torch.equal(f.get_tensor("w"), w) and f.get_tensor("s").item() == 2.0
+    for bad in ([("w", w[:2]), ("w", w)], [("w", w[:, :2])], [("w", w[:2]), ("s", torch.tensor(1.0))]):
+        with pytest.raises(CheckpointError, match="does not match the header"):
+            write_safetensors_stream(tmp_path / "x.safetensors", specs, iter(bad))
+    with pytest.raises(CheckpointError, match="ended before"):
+        write_safetensors_stream(tmp_path / "x.safetensors", specs, iter(parts[:2]))
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(ConfigError, match="block_mib"):
+        stream_merge([path], "average", tmp_path / "y.safetensors", block_mib=0)

@@ -289,9 +289,12 @@ class StateReader:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{self.path}: key '{key}' cannot be read ({e})") from e
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `key`, or only its rows `rows` (a slice along the first axis)."""
         try:
-            return self._ctx.get_tensor(key)
+            if rows is None:
+                return self._ctx.get_tensor(key)
+            return self._ctx.get_slice(key)[rows]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{self.path}: key '{key}' cannot be read ({e})") from e
 

@@ -112,6 +112,8 @@ def merge_cmd(
                               "initializations."),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tensor by tensor "
                                 "(default: when the method allows and all inputs are safetensors)."),
+    block_mib: float = typer.Option(1.0, "--block-mib", help="Streaming: MiB of a tensor read "
+                                    "from each model at a time (coordinate-wise methods)."),
     reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm "
                                   "statistics on the data after merging (needs --dataset)."),
     gates_out: Path = typer.Option(None, "--gates-out", help="soft: write the gate table (JSON) "
@@ -147,7 +149,7 @@ def merge_cmd(
               "base": str(base) if base is not None else None}
     info: dict = {}
     if can_stream and stream is not False:
-        merge_mod.stream_merge(checkpoints, method, out, base=base, **opts)
+        merge_mod.stream_merge(checkpoints, method, out, base=base, block_mib=block_mib, **opts)
         merged, meta = io.load(out)
     else:
         first, meta = io.load(checkpoints[0])

@@ -161,9 +161,18 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
     timed("fisher", fisher_fn)
     timed("regmean", lambda: M.regmean(members, shard_data, alpha=0.9, model=net,
                                        num_examples=cfg["regmean_examples"]))
+    ada: dict[str, dict] = {}
     for gran in ("task", "layer"):
-        timed(f"adamerging ({gran})", lambda g=gran: M.adamerging(
-            base, members, val_x, g, model=net, steps=cfg["ada_steps"], seed=seed, progress=False))
+        def ada_fn(g=gran) -> StateDict:
+            state, info = M.adamerging_info(base, members, val_x, g, model=net,
+                                            steps=cfg["ada_steps"], seed=seed, progress=False)
+            lams = info["lambdas"]
+            ada[g] = {"entropy_first": info["entropy_first"], "entropy_last": info["entropy_last"],
+                      "mean_lambda": [float(sum(v.values()) / len(v)) if isinstance(v, dict)
+                                      else float(v) for v in lams.values()]}
+            return state
+        timed(f"adamerging ({gran})", ada_fn)
+    extra["adamerging"] = ada
     gates = {}
     for units in ("tensor", "module"):
         def soft_fn(u=units) -> StateDict:
@@ -262,6 +271,16 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
             gate_rows.append([cond, units, fmt_mean_std([b["closed"] for b in bad], 2),
                               fmt_mean_std([b["mean_gate"] for b in bad], 3),
                               fmt_mean_std([g["mean_gate"] for g in good], 3)])
+    ada_rows = []
+    for cond in CONDITIONS:
+        for gran in ("task", "layer"):
+            recs = [r[cond]["adamerging"][gran] for r in per_seed]
+            good = [x for rec in recs for x in rec["mean_lambda"][:K]]
+            bad = [rec["mean_lambda"][K] for rec in recs if len(rec["mean_lambda"]) > K]
+            ada_rows.append([cond, gran, fmt_mean_std(good, 3),
+                             fmt_mean_std(bad, 3) if bad else "-",
+                             fmt_mean_std([rec["entropy_first"] for rec in recs], 3),
+                             fmt_mean_std([rec["entropy_last"] for rec in recs], 3)])
     sub = (f"a random {limit:,}-example subset of the {n_train:,} training examples"
            if limit is not None else f"all {n_train:,} training examples")
     notes = [f"Trained on {sub}; {cfg['merge_examples']:,} of them are held out as the merge set "
@@ -287,6 +306,11 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
             "soft merging gates of the malicious member": Table(
                 ["condition", "units", "fraction of its gates = 0", "its mean gate",
                  "mean gate of good members"], gate_rows),
+            "adamerging coefficients": Table(
+                ["condition", "granularity", "mean lambda of good members",
+                 "lambda of the malicious member", "entropy first step", "entropy last step"],
+                ada_rows, "Learned task-arithmetic coefficients (start 0.3, clamped to [0, 1]; "
+                "'layer': mean over the member's tensors) and the batch prediction entropy."),
         },
         data={"per_seed": per_seed},
         notes=notes,

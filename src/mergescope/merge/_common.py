@@ -6,6 +6,11 @@ runs over an in-memory `StateSource` (a list of state_dicts) or over the files o
 merge (`mergescope.merge.stream.FileSource`), so both paths compute the very same bits.
 Float tensors go through the kernel; integer buffers (``num_batches_tracked``) are taken from
 the first model.
+
+A kernel that is *elementwise* (each output coordinate depends only on the K input values at
+that coordinate, as for averaging, the median or TIES with precomputed thresholds) is marked
+with `elementwise`; a streaming merge then feeds it row blocks of each tensor (`row_blocks`)
+instead of whole tensors, so its memory does not grow with the largest tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +26,32 @@ from mergescope.state import StateDict, as_state_dict, check_compatible, check_f
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor]
 Kernel = Callable[[str, list[torch.Tensor], torch.Tensor | None], torch.Tensor]
+
+
+def elementwise(kernel: Kernel) -> Kernel:
+    """Mark `kernel` as coordinate-wise: merging row blocks one by one gives the same bits as
+    merging the whole tensor."""
+    kernel.elementwise = True  # type: ignore[attr-defined]
+    return kernel
+
+
+def is_elementwise(kernel: Kernel) -> bool:
+    return bool(getattr(kernel, "elementwise", False))
+
+
+def row_blocks(shape: Sequence[int], element_size: int, budget: int | None) -> list[slice | None]:
+    """Consecutive slices along the first axis whose K-model input fits in `budget` bytes per
+    model (at least one row each); ``[None]`` (the whole tensor) when `budget` is None, the
+    tensor is 0-d, or it fits at once."""
+    if budget is None or len(shape) == 0 or shape[0] == 0:
+        return [None]
+    row = element_size
+    for d in shape[1:]:
+        row *= int(d)
+    rows = max(1, int(budget) // max(row, 1))
+    if rows >= shape[0]:
+        return [None]
+    return [slice(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,9 +123,13 @@ class TensorSource(Protocol):
 
     def numel(self, key: str) -> int: ...
 
-    def model_tensor(self, k: int, key: str) -> torch.Tensor: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
 
-    def base_tensor(self, key: str) -> torch.Tensor | None: ...
+    def element_size(self, key: str) -> int: ...
+
+    def model_tensor(self, k: int, key: str, rows: slice | None = None) -> torch.Tensor: ...
+
+    def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor | None: ...
 
     @property
     def num_models(self) -> int: ...
@@ -122,11 +157,20 @@ class StateSource:
     def numel(self, key: str) -> int:
         return self.states[0][key].numel()
 
-    def model_tensor(self, k: int, key: str) -> torch.Tensor:
-        return self.states[k][key]
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.states[0][key].shape)
 
-    def base_tensor(self, key: str) -> torch.Tensor | None:
-        return None if self.base is None else self.base[key]
+    def element_size(self, key: str) -> int:
+        return self.states[0][key].element_size()
+
+    def model_tensor(self, k: int, key: str, rows: slice | None = None) -> torch.Tensor:
+        t = self.states[k][key]
+        return t if rows is None else t[rows]
+
+    def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
+        if self.base is None:
+            return None
+        return self.base[key] if rows is None else self.base[key][rows]
 
     @property
     def num_models(self) -> int:
@@ -137,18 +181,23 @@ class StateSource:
         return self.base is not None
 
 
-def merged_items(source: TensorSource, kernel: Kernel) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_items(source: TensorSource, kernel: Kernel,
+                 block_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every key of `source`, in its key order: float keys
-    through `kernel`, the rest copied from the first model."""
+    through `kernel`, the rest copied from the first model. With `block_bytes`, an elementwise
+    kernel gets row blocks of at most that many bytes per model, and a key is yielded as
+    consecutive row blocks (the same key several times, in order)."""
     for key in source.keys():
-        if source.is_float(key):
-            tensors = [source.model_tensor(k, key) for k in range(source.num_models)]
-            dtype = tensors[0].dtype
-            out = kernel(key, tensors, source.base_tensor(key))
-            del tensors  # let go of the inputs (memory-mapped pages when streaming) before the next key
-            yield key, out.to(dtype)
-        else:
+        if not source.is_float(key):
             yield key, source.model_tensor(0, key).clone()
+            continue
+        budget = block_bytes if is_elementwise(kernel) else None
+        for rows in row_blocks(source.shape(key), source.element_size(key), budget):
+            tensors = [source.model_tensor(k, key, rows) for k in range(source.num_models)]
+            dtype = tensors[0].dtype
+            out = kernel(key, tensors, source.base_tensor(key, rows))
+            del tensors  # let go of the inputs (memory-mapped pages when streaming) first
+            yield key, out.to(dtype)
 
 
 def run_kernel(source: TensorSource, kernel: Kernel) -> StateDict:

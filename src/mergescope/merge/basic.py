@@ -16,6 +16,7 @@ from mergescope.merge._common import (
     ModelLike,
     StateSource,
     TensorSource,
+    elementwise,
     prepare,
     run_kernel,
     stack_work,
@@ -32,7 +33,7 @@ def average_kernel(source: TensorSource, weights: Sequence[float] | None = None)
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         return weighted_average([{key: t} for t in tensors], wl)[key]
 
-    return kernel
+    return elementwise(kernel)
 
 
 def median_kernel(source: TensorSource) -> Kernel:
@@ -45,7 +46,7 @@ def median_kernel(source: TensorSource) -> Kernel:
             return s[k // 2]
         return (s[k // 2 - 1] + s[k // 2]) / 2
 
-    return kernel
+    return elementwise(kernel)
 
 
 def trim_count(k: int, trim: float) -> int:
@@ -63,7 +64,7 @@ def trimmed_mean_kernel(source: TensorSource, trim: float = 0.25) -> Kernel:
         s = stack_work(tensors).sort(dim=0).values
         return s[t:s.shape[0] - t].mean(dim=0)
 
-    return kernel
+    return elementwise(kernel)
 
 
 def average(models: Sequence[ModelLike], weights: Sequence[float] | None = None, *,

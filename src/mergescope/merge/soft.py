@@ -14,10 +14,15 @@ through `torch.func.functional_call` with the stacked frozen weights, so no mode
 At the end one plain model is built with the deterministic test-time gates
 ``clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``.
 
-A unit is a parameter tensor (default), all parameters of one module (``units="module"``) or a
-list of names (each a parameter key or a module prefix); everything outside the units (and all
-buffers) comes from the plain average of the models or from a ``reference`` (a model index or a
-state_dict). Reconstructed details (the paper's text was not available): gate logits start at
+A unit is all parameters of one module (``units="module"``, the default), one parameter tensor
+(``units="tensor"``) or a list of names (each a parameter key or a module prefix); everything
+outside the units (and all buffers) comes from the plain average of the models or from a
+``reference`` (a model index or a state_dict). Module units are the default because they were
+measured to be more robust (docs/results.md, merging study): with per-tensor units a
+sign-flipped member's *bias* gates stay open (a flipped bias costs the task loss little, so
+its gate hardly moves), and a noise member kept two of its six gates partly open in one seed
+of three; with module units a bias shares its weight's gate, and every gate of every bad
+member closed exactly in all runs, at the same clean accuracy. Reconstructed details (the paper's text was not available): gate logits start at
 ``init`` (2.0: every gate open with probability 0.97); each gradient entry is clipped to
 [-clip, clip] so that one enormous gradient (a malicious member) cannot throw a good gate far
 off in a single step; a unit whose test-time gates are all 0 takes the model with the largest
@@ -91,7 +96,7 @@ def deterministic_gate(log_alpha: torch.Tensor, *, gamma: float = GAMMA, zeta: f
 # --------------------------------------------------------------------------- units and gates
 
 
-def soft_units(template: nn.Module, units: str | Sequence[str] = "tensor") -> list[tuple[str, list[str]]]:
+def soft_units(template: nn.Module, units: str | Sequence[str] = "module") -> list[tuple[str, list[str]]]:
     """The merge units as (name, parameter keys): one per tensor, one per module, or one per
     given name (a parameter key or a module prefix)."""
     keys = param_keys(template)
@@ -204,7 +209,7 @@ def _aligned_states(template: nn.Module, states: list[dict], method: str, data, 
     return out
 
 
-def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] = "tensor",
+def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] = "module",
          lam: float = 0.01, steps: int = 300, lr: float = 0.1, seed: int = 0,
          optimizer: str = "sgd", momentum: float = 0.9, batch_size: int = 128, init: float = 2.0,
          clip: float | None = 1.0, reference: Any = None, model: nn.Module | None = None,

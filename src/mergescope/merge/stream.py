@@ -8,10 +8,15 @@ the output file and lets go of the inputs. Files are reopened per key on purpose
 memory-mapped file has touched stay resident (and count in the process's RSS) as long as the
 file is open, so one long-lived reader per model would end up holding every model.
 
-Peak memory is about K times the largest tensor (plus, for TIES with global trimming, one
-model-sized buffer of |tau| for the per-model threshold pass). The output is written
-incrementally in the safetensors format to a temporary file and renamed into place; the result
-is bit for bit the in-memory merge of the same files.
+Coordinate-wise kernels (average, weighted, median, trimmed mean, task arithmetic, TIES with
+the global per-model threshold) are fed row blocks of at most `block_mib` MiB per model, read
+with safetensors' slicing, so the working set is a few times K blocks whatever the tensor
+sizes; TIES's global thresholds are found by radix selection over the same blocks (see
+`mergescope.merge.task`), without a model-sized buffer. DARE and per-tensor TIES trimming need
+whole tensors (their masks and thresholds are per tensor), so their peak is a few times K times
+the largest tensor. The output is written incrementally in the safetensors format to a
+temporary file and renamed into place; the result is bit for bit the in-memory merge of the
+same files.
 """
 
 from __future__ import annotations
@@ -109,6 +114,12 @@ class FileSource:
     def numel(self, key: str) -> int:
         return math.prod(self.headers[0][key][1])
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.headers[0][key][1]
+
+    def element_size(self, key: str) -> int:
+        return torch.empty((), dtype=DTYPES[self.headers[0][key][0]]).element_size()
+
     @property
     def num_models(self) -> int:
         return len(self.paths)
@@ -117,23 +128,24 @@ class FileSource:
     def has_base(self) -> bool:
         return self.base_path is not None
 
-    def _read(self, idx: int, path: Path, name: str, key: str) -> torch.Tensor:
+    def _read(self, idx: int, path: Path, name: str, key: str, rows: slice | None) -> torch.Tensor:
         with StateReader(path) as r:
-            t = r.get(key)
-        if (idx, key) not in self._checked:
+            t = r.get(key, rows)
+        part = (idx, key, None if rows is None else rows.start)
+        if part not in self._checked:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = "NaN" if torch.isnan(t).any() else "Inf"
                 raise IncompatibleModelsError(f"{name}: key '{key}' contains {bad} values")
-            self._checked.add((idx, key))
+            self._checked.add(part)
         return t
 
-    def model_tensor(self, k: int, key: str) -> torch.Tensor:
-        return self._read(k, self.paths[k], self.names[k], key)
+    def model_tensor(self, k: int, key: str, rows: slice | None = None) -> torch.Tensor:
+        return self._read(k, self.paths[k], self.names[k], key, rows)
 
-    def base_tensor(self, key: str) -> torch.Tensor | None:
+    def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
         if self.base_path is None:
             return None
-        return self._read(-1, self.base_path, f"base {self.base_path}", key)
+        return self._read(-1, self.base_path, f"base {self.base_path}", key, rows)
 
 
 def write_safetensors_stream(path: str | os.PathLike,
@@ -141,7 +153,8 @@ def write_safetensors_stream(path: str | os.PathLike,
                              items: Iterable[tuple[str, torch.Tensor]],
                              metadata: dict[str, str] | None = None) -> Path:
     """Write tensors to a safetensors file as they come, atomically: the header (from `specs`,
-    in order) first, then each tensor's bytes. Only one tensor is held at a time."""
+    in order) first, then each tensor's bytes. A tensor may come whole or as consecutive row
+    blocks (the same key repeated); only one block is held at a time."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
     pos = 0
     for key, dtype, shape in specs:
@@ -155,13 +168,25 @@ def write_safetensors_stream(path: str | os.PathLike,
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         expected = iter(specs)
+        want, rows_left = None, 0
         for key, t in items:
-            want = next(expected, None)
-            if want is None or want[0] != key or t.dtype != want[1] or tuple(t.shape) != want[2]:
+            if rows_left == 0:  # a new key starts
+                want = next(expected, None)
+                if want is None or want[0] != key:
+                    raise CheckpointError(f"{path}: streamed tensor '{key}' does not match the header")
+                rows_left = want[2][0] if want[2] else 1
+            shape = tuple(t.shape)
+            if not want[2] or want[2][0] == 0:  # 0-d or empty: whole only
+                block_ok, rows = shape == want[2], rows_left
+            else:
+                rows = shape[0] if shape else 0
+                block_ok = shape[1:] == want[2][1:] and 0 < rows <= rows_left
+            if not block_ok or t.dtype != want[1] or key != want[0]:
                 raise CheckpointError(f"{path}: streamed tensor '{key}' does not match the header")
+            rows_left -= rows
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del t
-        if next(expected, None) is not None:
+        if rows_left or next(expected, None) is not None:
             raise CheckpointError(f"{path}: the stream ended before every tensor was written")
     return path
 
@@ -183,11 +208,16 @@ def streamable() -> list[str]:
 
 def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.PathLike, *,
                  base: str | os.PathLike | None = None, meta: dict | None = None,
-                 **options: Any) -> Path:
+                 block_mib: float = 1.0, **options: Any) -> Path:
     """Merge safetensors files with a data-free method, streaming, into `out` (atomically).
 
-    The output's metadata is the first model's (so `mergescope.io.load` rebuilds it) plus a
-    ``merge`` record (method, options, inputs) and anything in `meta`."""
+    `block_mib`: the most MiB of one tensor read from each model at a time by a
+    coordinate-wise method. The output's metadata is the first model's (so
+    `mergescope.io.load` rebuilds it) plus a ``merge`` record (method, options, inputs) and
+    anything in `meta`."""
+    if not block_mib > 0:
+        raise ConfigError(f"block_mib must be positive, got {block_mib}")
+    block_bytes = max(1, int(block_mib * 2**20))
     kernels = _kernels()
     if method not in kernels:
         raise ConfigError(f"method '{method}' cannot stream; streaming methods: {', '.join(kernels)}")
@@ -198,13 +228,16 @@ def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.
     if needs_base and base is None:
         raise ConfigError(f"merge method '{method}' needs a base model (base=...)")
     source = FileSource(paths, base if needs_base else None)
+    kernel_opts = dict(options)
+    if method == "ties":
+        kernel_opts["block_bytes"] = block_bytes
     try:
-        kernel = factory(source, **options)
+        kernel = factory(source, **kernel_opts)
     except TypeError as e:
         raise ConfigError(f"merge method '{method}': bad option ({e})") from e
     record = {"method": method, "options": options, "inputs": source.names,
               "base": str(base) if needs_base else None, "streamed": True}
     full_meta = {**source.meta, **(meta or {}), "merge": record}
     specs = [(k, DTYPES[dt], shape) for k, (dt, shape) in source.headers[0].items()]
-    return write_safetensors_stream(out, specs, merged_items(source, kernel),
+    return write_safetensors_stream(out, specs, merged_items(source, kernel, block_bytes),
                                     {META_KEY: json.dumps(full_meta, default=str)})

@@ -9,14 +9,17 @@
   by 1 / (1 - drop), then task arithmetic or TIES. The masks depend only on (seed, model index,
   key), so the same merge is reproduced in memory and when streaming.
 
-The global TIES threshold of model k is the kth smallest |tau_k| over all float tensors, found
-with an in-place selection over one model-sized buffer (the first pass of a streaming merge).
+The global TIES threshold of model k is the kth smallest |tau_k| over all float tensors. It is
+found exactly, without holding the model, by radix selection on the IEEE-754 bit patterns of
+|tau_k| (non-negative floats order like their bits read as integers): each pass reads the model
+once, tensor by tensor (or row block by row block), and histograms the next 16 bits of the
+values that share the bits fixed so far; two passes for float32, four when float64 is involved.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +31,9 @@ from mergescope.merge._common import (
     StateSource,
     TensorSource,
     delta_stack,
+    elementwise,
     prepare,
+    row_blocks,
     run_kernel,
     work_dtype,
 )
@@ -84,37 +89,56 @@ def task_arithmetic_kernel(source: TensorSource, scale: float = 1.0,
         tau = all_deltas(key, tensors, base, delta_fn)
         return base.to(tau.dtype) + scale * tau.sum(dim=0)
 
-    return kernel
+    return elementwise(kernel) if delta_fn is _identity else kernel
 
 
 # --------------------------------------------------------------------------- TIES
 
 
-def global_thresholds(source: TensorSource, density: float,
-                      delta_fn: DeltaFn = _identity) -> list[float | None]:
+def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], rank: int, wide: bool) -> float:
+    """The `rank`-th smallest (1-based) of all values of the non-negative, finite float tensors
+    that `chunks()` yields (it is called once per pass), found exactly by 16-bit radix selection
+    on their bit patterns. `wide`: compare in float64 (4 passes), else float32 (2 passes)."""
+    fdt, idt, nbits = (torch.float64, torch.int64, 64) if wide else (torch.float32, torch.int32, 32)
+    prefix, remaining = 0, int(rank)
+    for shift in range(nbits - 16, -1, -16):
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for t in chunks():
+            bits = t.to(fdt).reshape(-1).view(idt)
+            if shift + 16 < nbits:
+                bits = bits[(bits >> (shift + 16)) == prefix]
+            hist += torch.bincount(((bits >> shift) & 0xFFFF).long(), minlength=1 << 16)
+        cum = hist.cumsum(0)
+        if int(cum[-1]) < remaining:
+            raise ValueError(f"rank {rank} exceeds the number of values")
+        digit = int(torch.searchsorted(cum, torch.tensor([remaining]))[0])
+        remaining -= int(cum[digit - 1]) if digit else 0
+        prefix = (prefix << 16) | digit
+    return float(torch.tensor(prefix, dtype=idt).view(fdt))
+
+
+def global_thresholds(source: TensorSource, density: float, delta_fn: DeltaFn = _identity,
+                      block_bytes: int | None = None) -> list[float | None]:
     """Per model: the magnitude threshold that keeps its top `density` fraction of |tau_k|
-    over all float tensors (None: keep everything). Reads one model at a time and holds one
-    model-sized buffer."""
+    over all float tensors (None: keep everything). Holds one tensor (or one row block of at
+    most `block_bytes`, when `delta_fn` is the identity) at a time."""
     keys = [k for k in source.keys() if source.is_float(k)]
     total = sum(source.numel(k) for k in keys)
     if total == 0 or density == 1.0:
         return [None] * source.num_models
     rank = kth_rank(total, density)
     wide = any(source.model_tensor(0, k).dtype == torch.float64 for k in keys)
-    buf = np.empty(total, dtype=np.float64 if wide else np.float32)
-    out: list[float | None] = []
-    for m in range(source.num_models):
-        pos = 0
+    budget = block_bytes if delta_fn is _identity else None
+
+    def magnitudes(m: int) -> Iterable[torch.Tensor]:
         for key in keys:
-            t = source.model_tensor(m, key)
-            tau = t.to(work_dtype(t.dtype)) - source.base_tensor(key).to(work_dtype(t.dtype))
-            tau = delta_fn(key, m, tau)
-            n = tau.numel()
-            buf[pos:pos + n] = tau.abs().reshape(-1).numpy()
-            pos += n
-        buf.partition(rank - 1)
-        out.append(float(buf[rank - 1]))
-    return out
+            for rows in row_blocks(source.shape(key), source.element_size(key), budget):
+                t = source.model_tensor(m, key, rows)
+                dt = work_dtype(t.dtype)
+                tau = t.to(dt) - source.base_tensor(key, rows).to(dt)
+                yield delta_fn(key, m, tau).abs_()
+
+    return [kth_smallest(lambda m=m: magnitudes(m), rank, wide) for m in range(source.num_models)]
 
 
 def _trim_mask(key: str, tau: torch.Tensor, density: float,
@@ -124,7 +148,10 @@ def _trim_mask(key: str, tau: torch.Tensor, density: float,
         keep = torch.ones_like(tau, dtype=torch.bool)
         for k, thr in enumerate(thresholds):
             if thr is not None:
-                keep[k] = tau[k].abs().to(torch.float64) >= thr
+                mag = tau[k].abs()
+                if float(torch.tensor(thr, dtype=mag.dtype)) != thr:  # compare exactly
+                    mag = mag.to(torch.float64)
+                keep[k] = mag >= thr
         return keep
     flat = tau.abs().reshape(tau.shape[0], -1)
     if flat.shape[1] == 0 or density == 1.0:
@@ -147,17 +174,20 @@ def ties_merge_deltas(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def ties_kernel(source: TensorSource, density: float = 0.2, scale: float = 1.0,
-                trim_mode: str = "global", delta_fn: DeltaFn = _identity) -> Kernel:
+                trim_mode: str = "global", delta_fn: DeltaFn = _identity,
+                block_bytes: int | None = None) -> Kernel:
     density, scale = check_density(density), check_scale(scale)
     if trim_mode not in TRIM_MODES:
         raise ConfigError(f"unknown TIES trim mode '{trim_mode}'; choose one of {', '.join(TRIM_MODES)}")
-    thresholds = global_thresholds(source, density, delta_fn) if trim_mode == "global" else None
+    thresholds = (global_thresholds(source, density, delta_fn, block_bytes)
+                  if trim_mode == "global" else None)
 
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         tau = all_deltas(key, tensors, base, delta_fn)
         return base.to(tau.dtype) + scale * ties_merge_deltas(tau, _trim_mask(key, tau, density, thresholds))
 
-    return kernel
+    coordinatewise = delta_fn is _identity and (trim_mode == "global" or density == 1.0)
+    return elementwise(kernel) if coordinatewise else kernel
 
 
 # --------------------------------------------------------------------------- DARE
