@@ -33,7 +33,7 @@ from mergescope.fl.simulator import simulate
 from mergescope.fl.strategy import WSA, FedAvg, FedProx
 from mergescope.models import build
 from mergescope.penalties import ProximalPenalty
-from mergescope.scope import divergence, fuse, weight_scope
+from mergescope.scope import divergence, fuse, std_ratios, weight_scope
 
 TINY = dict(dataset="digits", model="mlp", model_options={"width": 16}, clients=5, alpha=0.5,
             min_size=5, rounds=3, local_epochs=1, batch_size=32, fraction=0.6, train_limit=500,
@@ -285,6 +285,62 @@ def test_wsa_targets_and_nan_rejection():
     assert FedProx(mu=0.5).instructions(1, g).mu == 0.5
 
 
+def test_wsa_reports_a_collapsing_target_once_and_remembers_it(caplog):
+    g = build("mlp", (6,), 3, seed=0, width=5).state_dict()
+
+    def shrunk(factor: float) -> dict:
+        return {k: v * factor if k == "head.weight" else v.clone() for k, v in g.items()}
+
+    wsa = WSA(lam=1.0, target="global", collapse_ratio=0.25)
+    with caplog.at_level("WARNING", logger="mergescope.fl"):
+        wsa.instructions(1, g)
+        wsa.instructions(2, shrunk(0.5))  # σ ratio 0.5: no report
+        assert wsa.collapse is None and wsa.round_warnings(2) == []
+        wsa.instructions(3, shrunk(0.2))  # 0.2 < 0.25: reported, naming the layer
+        wsa.instructions(4, shrunk(0.1))  # only once
+    assert wsa.collapse["round"] == 3 and wsa.collapse["layer"] == "head.weight"
+    assert wsa.collapse["ratio"] == pytest.approx(0.2, rel=1e-6)
+    assert len(wsa.round_warnings(3)) == 1 and wsa.round_warnings(4) == []
+    assert "head.weight" in wsa.round_warnings(3)[0]
+    assert sum("WSA target's std" in r.message for r in caplog.records) == 1
+    restored = WSA(lam=1.0, target="global")
+    restored.load_state_dict(json.loads(json.dumps(wsa.state_dict())))
+    assert restored.collapse == wsa.collapse and restored.first_target == weight_scope(g)
+    quiet = WSA(lam=1.0, target="global", collapse_ratio=0.0)
+    quiet.instructions(1, g)
+    quiet.instructions(2, shrunk(0.01))
+    assert quiet.collapse is None
+    with pytest.raises(ConfigError, match="collapse_ratio"):
+        WSA(lam=1.0, collapse_ratio=1.5)
+
+
+def test_simulator_records_a_collapsing_wsa_target_in_the_round(digits):
+    """Clients that shrink the classifier 10x make the global target collapse in round 2."""
+    cfg, train, test = digits
+    cfg = fl.FLConfig(**{**TINY, "fraction": 1.0, "rounds": 3, "strategy": "wsa",
+                         "wsa_target": "global"})
+
+    def shrinking(*args, **kw):
+        upd = client_update(*args, **kw)
+        upd.state["head.weight"].mul_(0.1)
+        return upd
+
+    strat = cfg.make_strategy()
+    res = simulate(fl.build_model(cfg, train), train, test, fl.build_partitions(cfg, train), strat,
+                   cfg.local_training(), rounds=3, seed=cfg.seed, progress=False,
+                   config=cfg.identity(), update_fn=shrinking)
+    flagged = [r["round"] for r in res.history if "warnings" in r]
+    assert flagged == [2] and "head.weight" in res.history[2]["warnings"][0]
+    assert strat.collapse["round"] == 2
+
+
+def test_std_ratios_per_layer():
+    a = build("mlp", (6,), 3, seed=0, width=5).state_dict()
+    b = {k: v * 3 for k, v in a.items()}
+    r = std_ratios(weight_scope(b), weight_scope(a))
+    assert set(r) == set(weight_scope(a)) and all(v == pytest.approx(3.0, rel=1e-5) for v in r.values())
+
+
 def test_all_updates_bad_keeps_global():
     g = build("mlp", (6,), 3, seed=0, width=5).state_dict()
     bad = _update(0, 10, 1)
@@ -448,3 +504,17 @@ def test_study_smoke():
         assert 0 <= run["final_accuracy"] <= run["best_accuracy"] <= 1
         assert len(run["accuracy"]) == 3  # rounds 0..2
     assert {"accuracy_mlp", "scope_divergence_mlp", "partition_alpha0.5"} <= set(res.figures)
+
+
+def test_study_model_choice():
+    from mergescope.experiments import federated
+
+    assert federated.study_models("quick") == ["mlp"]
+    assert federated.study_models("full") == ["mlp", "vgg"]
+    plan = list(federated.configs("digits", "quick", 2, models=["vgg"]))
+    assert {p[0] for p in plan} == {"vgg"} and len(plan) == 3 * len(federated.METHODS) * 2
+    assert all(p[4].model == "vgg" and p[4].model_options == {"width": 0.25} for p in plan)
+    with pytest.raises(ConfigError, match="must be among mlp, vgg, got resnet"):
+        federated.study_models("quick", ["resnet"])
+    with pytest.raises(ConfigError, match="got none"):
+        federated.study_models("quick", [])

@@ -321,6 +321,13 @@ def symmetric_kl(a: Scope, b: Scope, same_counts: bool = True) -> float:
     return 0.5 * (divergence(a, b, "kl", same_counts).mean + divergence(b, a, "kl", same_counts).mean)
 
 
+def std_ratios(scope: Scope, reference: Scope) -> dict[str, float]:
+    """σ of each layer of `scope` over its σ in `reference` (a reference σ of 0 gives inf)."""
+    check_same_layers(scope, reference, ("scope", "reference scope"), same_counts=False)
+    return {k: (scope[k].std / reference[k].std if reference[k].std > 0 else math.inf)
+            for k in scope}
+
+
 def pairwise_mismatch(scopes: Mapping[str, Scope], kinds: Sequence[str] = DIVERGENCES,
                       same_counts: bool = True) -> list[dict]:
     """The scope mismatch of every pair (a, b), a before b in `scopes`' order, for each

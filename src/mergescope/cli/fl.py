@@ -55,7 +55,7 @@ def fl_cmd(
     trim: float = typer.Option(0.1, "--trim", help="Trimmed-mean fraction cut at each end."),
     mu: float = typer.Option(0.01, "--mu", help="FedProx proximal weight."),
     wsa_lambda: float = typer.Option(DEFAULT_WSA_LAMBDA, "--wsa-lambda", help="WSA penalty weight."),
-    wsa_target: str = typer.Option("fused", "--wsa-target", help="fused (clients' scopes) or global (the global model's)."),
+    wsa_target: str = typer.Option("fused", "--wsa-target", help="fused (clients' scopes) or global (the global model's; ratchets down and diverges under label skew, warned when its std collapses)."),
     divergence: str = typer.Option("kl", "--divergence", help="kl, reverse_kl or w2."),
     fusion: str = typer.Option("moment", "--fusion", help="Scope fusion: moment or mean."),
     seed: int = typer.Option(0, "--seed"),
@@ -134,6 +134,8 @@ def federated_cmd(
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),
     scale: str = typer.Option("quick", "--scale", help="smoke, quick (<= 20 min on 2 cores) or full (GPU)."),
     seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration."),
+    models: str = typer.Option(None, "--models", help="Comma-separated architectures (mlp, vgg) "
+                               "instead of the scale's own (quick: mlp; full: mlp,vgg)."),
     out: Path = typer.Option(Path("runs/experiments/federated"), "--out", "-o"),
     threads: int = typer.Option(1, "--threads", help=THREADS_HELP),
     root: str | None = DATA_ROOT_OPT,
@@ -146,10 +148,12 @@ def federated_cmd(
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
+    archs = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
     result = federated.run(dataset=dataset, scale=scale, seeds=seeds, out=out, device=device,
-                           data_root=root)
+                           data_root=root, models=archs)
     result.command = (f"mergescope experiment federated --dataset {dataset} --scale {scale} "
-                      f"--seeds {seeds} --out {out}" + (f" --device {device}" if device != "cpu" else ""))
+                      f"--seeds {seeds}" + (f" --models {models}" if models is not None else "")
+                      + f" --out {out}" + (f" --device {device}" if device != "cpu" else ""))
     write_result(result, out)
     print_result(result)
     console.print(f"wrote {out}/result.md")

@@ -17,9 +17,11 @@ Fashion-MNIST for 50 rounds (for a GPU).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from mergescope.console import progress_task
+from mergescope.errors import ConfigError
 from mergescope.experiments.common import (
     ExperimentResult,
     Table,
@@ -52,10 +54,23 @@ SCALES = {
 }
 
 
-def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None):
+def study_models(scale: str, models: Sequence[str] | None = None) -> list[str]:
+    """The architectures a run covers: the scale's own list unless `models` names others."""
+    if models is None:
+        return list(SCALES[check_scale(scale)]["models"])
+    models = list(models)
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models:
+        raise ConfigError(f"federated study models must be among {', '.join(MODELS)}, got "
+                          f"{', '.join(models) or 'none'}")
+    return models
+
+
+def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None,
+            models: Sequence[str] | None = None):
     """Every (model, alpha, method, seed, FLConfig) of a scale, in run order."""
     s = SCALES[check_scale(scale)]
-    for model in s["models"]:
+    for model in study_models(scale, models):
         opts = {**MODELS[model], **s["model_options"].get(model, {})}
         for alpha in s["alphas"]:
             for method, over in METHODS.items():
@@ -105,14 +120,21 @@ def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], see
                 "NaN/Inf weights, summed over seeds.")
 
 
+def _first_round(history: list[dict], key: str) -> int | None:
+    """The first round whose record has a non-empty `key` (None: none has)."""
+    return next((r["round"] for r in history if r.get(key)), None)
+
+
 def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         out: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
-        progress: bool = True) -> ExperimentResult:
+        progress: bool = True, models: Sequence[str] | None = None) -> ExperimentResult:
+    """Run the study; `models` (e.g. ``["vgg"]``) replaces the scale's list of architectures."""
     from mergescope.plots import fl_round_curves, partition_heatmap
 
     check_scale(scale)
     t_start = time.perf_counter()
-    plan = list(configs(dataset, scale, seeds, data_root))
+    archs = study_models(scale, models)
+    plan = list(configs(dataset, scale, seeds, data_root, archs))
     runs: list[dict] = []
     partitions: dict[float, dict] = {}
     with progress_task(f"federated study ({scale})", len(plan), enabled=progress) as advance:
@@ -131,10 +153,12 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
                          "scope_divergence": [r["scope_divergence"] for r in res.history],
                          "dropped": sum(len(r["dropped"]) for r in res.history),
                          "rejected": sum(len(r["rejected"]) for r in res.history),
+                         "first_rejected_round": _first_round(res.history, "rejected"),
+                         "target_collapse_round": _first_round(res.history, "warnings"),
                          "seconds": res.timings["total_seconds"]})
             advance(1, model=model, alpha=alpha, method=method, acc=res.final_accuracy)
 
-    s = SCALES[scale]
+    s = {**SCALES[scale], "models": archs}
     result = ExperimentResult(
         name="Federated learning: FedAvg vs FedProx vs weight decay vs WSA",
         config={"dataset": dataset, "scale": scale, "seeds": seeds, "device": device,

@@ -251,6 +251,9 @@ def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequen
                       "train_loss": finite_or_none(outcome.train_loss),
                       "scope_divergence": finite_or_none(outcome.scope_divergence),
                       "train_seconds": t_train, "eval_seconds": t_eval}
+            warnings = strategy.round_warnings(r)
+            if warnings:
+                record["warnings"] = warnings
             history.append(record)
             if out_path is not None:
                 write_checkpoint(out_path, state, r, config, strategy, history)

@@ -11,7 +11,10 @@ same objects, so they compute the same thing.
 - `WSA`: FedAvg plus the clients' scope penalty toward a target. ``target="fused"`` (default):
   the next round's target is `fuse` of the participating clients' scopes weighted by their
   sample counts (the first round uses the initial global model's scope); ``target="global"``:
-  the current global model's scope each round.
+  the current global model's scope each round. A target whose σ of some layer falls below
+  ``collapse_ratio`` (default 0.25) times its first-round value is reported once (logged, and
+  in the round record via `round_warnings`): a shrinking target ratchets the clients' scopes
+  down until SGD diverges, which the study measured for the global target under label skew.
 
 Client sampling draws ``max(1, round(fraction · N))`` clients without replacement from a
 generator seeded with ``derive_seed(seed, round, SAMPLE_STREAM)``: the same clients for the
@@ -38,7 +41,7 @@ from mergescope.fl.aggregate import (
 )
 from mergescope.fl.client import ClientUpdate, Instructions, derive_seed
 from mergescope.merge.basic import trim_count
-from mergescope.scope import DIVERGENCES, FUSIONS, Scope, fuse, weight_scope
+from mergescope.scope import DIVERGENCES, FUSIONS, Scope, fuse, std_ratios, weight_scope
 from mergescope.state import StateDict, clone_state
 from mergescope.wsa import REDUCTIONS
 
@@ -127,6 +130,10 @@ class Strategy:
                         updates: Sequence[ClientUpdate]) -> None:
         """Hook for state carried to the next round (the WSA target)."""
 
+    def round_warnings(self, server_round: int) -> list[str]:
+        """Warnings the strategy raised about `server_round` (for the round record)."""
+        return []
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         return {}
@@ -164,8 +171,13 @@ class WSA(Strategy):
     name = "wsa"
 
     def __init__(self, *, lam: float = DEFAULT_WSA_LAMBDA, target: str = "fused", divergence: str = "kl",
-                 reduce: str = "mean", fusion: str = "moment", **kw):
+                 reduce: str = "mean", fusion: str = "moment", collapse_ratio: float = 0.25, **kw):
         super().__init__(**kw)
+        if not (math.isfinite(collapse_ratio) and 0 <= collapse_ratio < 1):
+            raise ConfigError(f"WSA collapse_ratio must be in [0, 1), got {collapse_ratio}")
+        self.collapse_ratio = float(collapse_ratio)
+        self.first_target: Scope | None = None
+        self.collapse: dict | None = None
         if not (math.isfinite(lam) and lam > 0):
             raise ConfigError(f"WSA needs lambda > 0, got {lam}")
         if target not in WSA_TARGETS:
@@ -185,8 +197,34 @@ class WSA(Strategy):
             target = weight_scope(global_state)
         else:
             target = self.target
+        self._watch(server_round, target)
         return Instructions(round=server_round, wsa_lambda=self.lam, divergence=self.divergence,
                             reduce=self.reduce, target=target)
+
+    def _watch(self, server_round: int, target: Scope) -> None:
+        """Remember the first target; report (once) a layer whose target σ has collapsed."""
+        if self.first_target is None:
+            self.first_target = target
+            return
+        if self.collapse is not None or self.collapse_ratio == 0:
+            return
+        ratios = std_ratios(target, self.first_target)
+        layer = min(ratios, key=ratios.__getitem__)
+        if ratios[layer] < self.collapse_ratio:
+            self.collapse = {"round": server_round, "layer": layer, "ratio": ratios[layer]}
+            log.warning("%s", self._collapse_message())
+
+    def _collapse_message(self) -> str:
+        c = self.collapse
+        return (f"round {c['round']}: the WSA target's std of layer '{c['layer']}' fell to "
+                f"{c['ratio']:.3g} of its first-round value; a shrinking target ratchets the "
+                f"clients' scopes down until training diverges (target='{self.target_kind}'; "
+                "the fused target avoids this under label skew, docs/results.md)")
+
+    def round_warnings(self, server_round: int) -> list[str]:
+        if self.collapse is not None and self.collapse["round"] == server_round:
+            return [self._collapse_message()]
+        return []
 
     def after_aggregate(self, server_round: int, state: StateDict,
                         updates: Sequence[ClientUpdate]) -> None:
@@ -195,15 +233,20 @@ class WSA(Strategy):
                                self.fusion)
 
     def state_dict(self) -> dict:
-        return {"target": self.target.to_dict() if self.target is not None else None}
+        return {"target": self.target.to_dict() if self.target is not None else None,
+                "first_target": self.first_target.to_dict() if self.first_target is not None else None,
+                "collapse": self.collapse}
 
     def load_state_dict(self, state: Mapping) -> None:
-        t = state.get("target")
+        t, f = state.get("target"), state.get("first_target")
         self.target = Scope.from_dict(t) if t is not None else None
+        self.first_target = Scope.from_dict(f) if f is not None else None
+        self.collapse = state.get("collapse")
 
     def describe(self) -> dict:
         return {**super().describe(), "lambda": self.lam, "target": self.target_kind,
-                "divergence": self.divergence, "reduce": self.reduce, "fusion": self.fusion}
+                "divergence": self.divergence, "reduce": self.reduce, "fusion": self.fusion,
+                "collapse_ratio": self.collapse_ratio}
 
 
 def make_strategy(name: str, *, fraction: float = 1.0, seed: int = 0, aggregator: str = "mean",
