@@ -209,6 +209,39 @@ def test_reset_bn_stats_gives_the_dataset_statistics():
     torch.testing.assert_close(bn.running_mean, h[:10].mean(0).float(), rtol=1e-5, atol=1e-5)
 
 
+def test_reset_bn_stats_takes_bare_inputs_even_two_rows():
+    """A bare tensor is the inputs (two rows must not be unpacked as an (x, y) pair), and gives
+    the same statistics as the (x, y) pair; a frozen BN's mode survives the pass."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, generator=g)
+    a = models.build("mlp", (6,), 3, depth=1, width=5, norm="batch", seed=0)
+    b = models.build("mlp", (6,), 3, depth=1, width=5, norm="batch", seed=0)
+    a.train()
+    a.norms[0].eval()  # frozen by the caller
+    reset_bn_stats(a, x)
+    reset_bn_stats(b, (x, torch.zeros(2, dtype=torch.long)))
+    assert torch.equal(a.norms[0].running_mean, b.norms[0].running_mean)
+    assert torch.equal(a.norms[0].running_var, b.norms[0].running_var)
+    assert a.training and not a.norms[0].training
+
+
+def test_frozen_batchnorm_stays_frozen_through_training_and_evaluation(small):
+    """A BN submodule put in eval mode under a training model keeps its running statistics
+    through fit (which evaluates as it goes) and is still in eval mode afterwards."""
+    m = _mlp(norm="batch")
+    m.train()
+    m.norms[0].eval()
+    stats = (m.norms[0].running_mean.clone(), m.norms[0].running_var.clone())
+    before = m.layers[0].weight.detach().clone()
+    evaluate(m, small)
+    assert m.training and not m.norms[0].training
+    Trainer(m, small, batch_size=100, epochs=1).run(progress=False)
+    assert not torch.equal(m.layers[0].weight, before)  # it did train
+    assert torch.equal(m.norms[0].running_mean, stats[0])
+    assert torch.equal(m.norms[0].running_var, stats[1])
+    assert m.training and not m.norms[0].training
+
+
 def test_reset_bn_stats_conv_channels():
     """BatchNorm2d after the first conv of a VGG: per-channel statistics over (N, H, W)."""
     g = torch.Generator().manual_seed(1)

@@ -8,7 +8,8 @@ A state_dict here is a ``dict[str, torch.Tensor]`` with the keys of ``model.stat
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -94,6 +95,21 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
         else:
             out[k] = v.clone()
     return out
+
+
+@contextmanager
+def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put `model` and every submodule in train (or eval) mode for the block, then give each
+    submodule back its own previous mode, so a deliberately frozen submodule (a BatchNorm kept
+    in eval mode while the rest trains) stays frozen; ``model.train(was_training)`` would
+    overwrite it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.training = was
 
 
 def with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from mergescope.console import progress_task
 from mergescope.data import Dataset
 from mergescope.errors import ConfigError
+from mergescope.state import module_mode
 
 Penalty = Callable[[nn.Module], torch.Tensor]
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -130,8 +131,10 @@ class Trainer:
         return self._order[i:i + self.batch_size]
 
     def step(self) -> float:
-        """One optimizer step; returns the batch's task loss."""
-        self.model.train()
+        """One optimizer step; returns the batch's task loss. A model in eval mode is put in
+        train mode; submodules the caller froze in eval mode (under a training model) stay so."""
+        if not self.model.training:
+            self.model.train()
         idx = self._next_batch()
         xb, yb = self.x[idx], self.y[idx]
         logits = self.model(xb)
@@ -214,14 +217,10 @@ def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
     """Run `x` through `model` batch by batch without gradients, in eval mode (or train mode),
     yielding ``(start index, outputs)``; the model's mode is restored afterwards. The one
     forward loop behind evaluation, prediction and every statistics pass (hooks, BN)."""
-    was_training = model.training
-    model.train(train_mode)
-    try:
+    with module_mode(model, train_mode):
         device = next(iter(model.parameters())).device
         for i in range(0, x.shape[0], batch_size):
             yield i, model(x[i:i + batch_size].to(device))
-    finally:
-        model.train(was_training)
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -267,12 +266,12 @@ def reset_bn_stats(model: nn.Module, data, batch_size: int = 500,
     all examples (not an average of batch statistics, which would weight a short last batch
     like a full one and miss the between-batch variance). The mode and momenta are restored.
     Models without BatchNorm are returned unchanged. Needed after interpolating or merging BN
-    models (variance collapse)."""
+    models (variance collapse). `data`: a Dataset, an (x, y) pair, or the inputs alone."""
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
-    x, _ = _as_xy(data)
+    x = data if isinstance(data, torch.Tensor) else _as_xy(data)[0]
     if num_examples is not None:
         x = x[:num_examples]
     if x.shape[0] < 2:
@@ -296,22 +295,20 @@ def reset_bn_stats(model: nn.Module, data, batch_size: int = 500,
         stats[module] = (n, ma + delta * (nb / n), m2a + m2b + delta ** 2 * (na * nb / n))
 
     momenta = [m.momentum for m in bns]
-    was_training = model.training
     handles = [m.register_forward_pre_hook(record) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
     try:
         device = next(iter(model.parameters())).device
-        for sl in _even_batches(int(x.shape[0]), batch_size):
-            model(x[sl].to(device))
+        with module_mode(model, True):
+            for sl in _even_batches(int(x.shape[0]), batch_size):
+                model(x[sl].to(device))
     finally:
         for h in handles:
             h.remove()
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom
-        model.train(was_training)
     for m in bns:
         n, mean, m2 = stats[m]
         m.running_mean.copy_(mean.to(m.running_mean.dtype))

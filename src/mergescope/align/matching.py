@@ -36,7 +36,14 @@ from mergescope.align.permute import (
 )
 from mergescope.align.spec import PermutationSpec, parameter_keys, resolve_spec
 from mergescope.errors import ConfigError
-from mergescope.state import StateDict, as_state_dict, check_compatible, lerp, weighted_average
+from mergescope.state import (
+    StateDict,
+    as_state_dict,
+    check_compatible,
+    lerp,
+    module_mode,
+    weighted_average,
+)
 from mergescope.train import _as_xy, evaluate, has_batchnorm, reset_bn_stats
 
 ACCEPT_TOL = 1e-12
@@ -548,24 +555,20 @@ def _activation_costs(model_a: nn.Module, model_b: nn.Module, spec: PermutationS
     points = _observation_points(model_a, spec, perms)
     rec_a = _Recorder(model_a, points, spec.sizes)
     rec_b = _Recorder(model_b, points, spec.sizes)
-    modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
     device = next(iter(model_a.parameters())).device
     moments = {p: _Moments(spec.sizes[p], device) for p in perms}
     try:
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device)
-            cap_a = rec_a.run(model_a, xb)
-            cap_b = rec_b.run(model_b, xb)
-            for p in perms:
-                for a, b in zip(cap_a[p], cap_b[p], strict=True):
-                    moments[p].add(a, b)
+        with module_mode(model_a, False), module_mode(model_b, False):
+            for i in range(0, x.shape[0], batch_size):
+                xb = x[i:i + batch_size].to(device)
+                cap_a = rec_a.run(model_a, xb)
+                cap_b = rec_b.run(model_b, xb)
+                for p in perms:
+                    for a, b in zip(cap_a[p], cap_b[p], strict=True):
+                        moments[p].add(a, b)
     finally:
         rec_a.close()
         rec_b.close()
-        model_a.train(modes[0])
-        model_b.train(modes[1])
     return {p: moments[p].cost(method) for p in perms}
 
 

@@ -34,7 +34,7 @@ from mergescope.align.matching import model_inputs
 from mergescope.align.spec import trace_units
 from mergescope.errors import ConfigError
 from mergescope.models import ChannelLayerNorm
-from mergescope.state import as_state_dict, check_compatible
+from mergescope.state import as_state_dict, check_compatible, module_mode
 from mergescope.train import batched_outputs, has_batchnorm, reset_bn_stats
 
 __all__ = ["Repair", "RepairPoint", "repair", "repair_points", "reset_bn_stats"]
@@ -185,16 +185,14 @@ class Repair:
             return hook
 
         handles = [modules[p.module].register_forward_hook(correct(p)) for p in self.points]
-        was_training = net.training
-        net.eval()
         try:
             device = next(iter(net.parameters())).device
-            for i in range(0, self.x.shape[0], self.batch_size):
-                net(self.x[i:i + self.batch_size].to(device))
+            with module_mode(net, False):
+                for i in range(0, self.x.shape[0], self.batch_size):
+                    net(self.x[i:i + self.batch_size].to(device))
         finally:
             for h in handles:
                 h.remove()
-            net.train(was_training)
         for p in self.points:
             mean, std = running[p.module].mean_std()
             g_mean, g_std = goal[p.module]

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from mergescope.errors import ConfigError
 from mergescope.models import MLP, VGG, ChannelLayerNorm, ResNet20
+from mergescope.state import module_mode
 
 Axis = tuple[str, int]  # (state_dict key, axis)
 
@@ -262,16 +263,12 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     param = next(iter(model.parameters()), None)
     if param is not None:
         example_input = example_input.to(param.device)
-    was_training = model.training
-    gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), module_mode(gm, False):
             ShapeProp(gm).propagate(example_input)
     except Exception as e:
         raise ConfigError(f"running {type(model).__name__} on the example input failed: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    finally:
-        model.train(was_training)
     return gm
 
 

@@ -28,7 +28,7 @@ from mergescope.merge._common import (
     template_of,
     xy,
 )
-from mergescope.state import StateDict, is_float
+from mergescope.state import StateDict, is_float, module_mode
 
 GRANULARITIES = ("task", "layer")
 
@@ -74,10 +74,8 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
     opt = torch.optim.Adam([lam], lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
     it = batches(x.shape[0], batch_size, gen)
-    was_training = template.training
-    template.eval()
     entropies: list[float] = []
-    try:
+    with module_mode(template, False):
         with progress_task("adamerging", steps, enabled=progress) as advance:
             for _ in range(steps):
                 xb = x[next(it)].to(device)
@@ -89,8 +87,6 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
                     lam.clamp_(0.0, 1.0)
                 entropies.append(float(loss.detach()))
                 advance(1, entropy=entropies[-1])
-    finally:
-        template.train(was_training)
     with torch.no_grad():
         final = {k: v.detach().cpu() for k, v in merged(lam.detach()).items()}
     out = {k: final[k].to(states[0][k].dtype) if k in final else states[0][k].clone()

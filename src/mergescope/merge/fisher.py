@@ -35,7 +35,7 @@ from mergescope.merge._common import (
     weights_vector,
     xy,
 )
-from mergescope.state import StateDict, is_float, weighted_average
+from mergescope.state import StateDict, is_float, module_mode, weighted_average
 
 JACOBIAN_BUDGET = 2 ** 24  # floats held by one chunk of per-example Jacobians (64 MB)
 
@@ -52,9 +52,7 @@ def diagonal_fisher(template: nn.Module, state: StateDict, data: Any, *,
     params = {k: full[k].detach() for k in keys}
     rest = {k: v for k, v in full.items() if k not in params}
     device = next(iter(params.values())).device
-    was_training = template.training
-    template.eval()
-    try:
+    with module_mode(template, False):
         def log_probs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             out = functional_call(template, (p, rest), (xi.unsqueeze(0),))
             return torch.log_softmax(out, dim=-1).squeeze(0)
@@ -74,8 +72,6 @@ def diagonal_fisher(template: nn.Module, state: StateDict, data: Any, *,
             for k, j in jac.items():
                 sq = j.detach().reshape(w.shape[1], -1) ** 2  # (B*C, numel)
                 fisher[k] += (w @ sq).reshape(fisher[k].shape).to(torch.float64)
-    finally:
-        template.train(was_training)
     return {k: (v / x.shape[0]).to("cpu") for k, v in fisher.items()}
 
 

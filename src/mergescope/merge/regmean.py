@@ -33,7 +33,7 @@ from mergescope.merge._common import (
     template_of,
     xy,
 )
-from mergescope.state import StateDict, weighted_average
+from mergescope.state import StateDict, module_mode, weighted_average
 
 BIAS_MODES = ("average", "regress")
 
@@ -69,13 +69,11 @@ def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     full = module_state(template, state)
     device = next(iter(full.values())).device
-    was_training = template.training
-    template.eval()
     try:
-        for i in range(0, x.shape[0], batch_size):
-            functional_call(template, full, (x[i:i + batch_size].to(device),))
+        with module_mode(template, False):
+            for i in range(0, x.shape[0], batch_size):
+                functional_call(template, full, (x[i:i + batch_size].to(device),))
     finally:
-        template.train(was_training)
         for h in handles:
             h.remove()
     return {n: (g / counts[n]).cpu() for n, g in grams.items()}

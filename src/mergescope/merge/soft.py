@@ -60,6 +60,7 @@ from mergescope.state import (
     StateDict,
     as_state_dict,
     check_compatible,
+    module_mode,
     weighted_average,
     with_state,
 )
@@ -246,9 +247,8 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     gen = torch.Generator().manual_seed(int(seed))
     it = batches(x.shape[0], batch_size, gen)
     skipped = 0
-    was_training = template.training
-    template.train()  # BatchNorm uses batch statistics; `rest` holds copies of the buffers
-    try:
+    # train mode: BatchNorm uses batch statistics; `rest` holds copies of the buffers
+    with module_mode(template, True):
         with progress_task("soft merge", steps, enabled=progress) as advance:
             for _ in range(steps):
                 idx = next(it)
@@ -268,8 +268,6 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
                     log_alpha.grad.clamp_(-clip, clip)
                 opt.step()
                 advance(1, loss=float(task.detach()))
-    finally:
-        template.train(was_training)
     la = log_alpha.detach().cpu()
     gates = deterministic_gate(la)
     fallback = []
