@@ -27,7 +27,8 @@ def machine() -> str:
     except Exception:  # pragma: no cover
         cores = "?"
     return (f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{cores} CPU cores, {torch.get_num_threads()} torch threads, {platform.machine()}")
+            f"{cores} CPU cores, {torch.get_num_threads()} torch threads by default (a benchmark "
+            f"that sets its own says so above), {platform.machine()}")
 
 
 def assemble() -> None:

@@ -11,7 +11,9 @@ Reported per (model, α, method): final and best test accuracy of the global mod
 over seeds), the client scope divergence in the last round, accuracy and divergence curves, and
 the partitions. ``quick`` (<= ~20 min on 2 CPU cores) trains the MLP only, on a fixed 6,000-example
 training subset for 15 rounds; ``full`` adds the small CNN (VGG at width 1/4) on all of
-Fashion-MNIST for 50 rounds (for a GPU).
+Fashion-MNIST for 50 rounds (for a GPU). ``models=["vgg"]`` (CLI ``--models vgg``) runs the CNN
+at any scale (quick: about 17 minutes on 2 CPU cores). WSA runs record the round in which the
+strategy reported a collapsing target and the first round with a rejected (NaN) update.
 """
 
 from __future__ import annotations
@@ -91,6 +93,15 @@ def _divergence_cell(values: list) -> str:
     return cell if len(vals) == len(values) else f"{cell} ({len(vals)}/{len(values)} runs)"
 
 
+def _rounds_cell(runs: list[dict]) -> str:
+    """Per run 'w/n': the round of the WSA target-collapse warning and of the first rejected
+    update ('-' where none happened); '-' when no run had either."""
+    pairs = [(r.get("target_collapse_round"), r.get("first_rejected_round")) for r in runs]
+    if all(w is None and n is None for w, n in pairs):
+        return "-"
+    return ", ".join(f"{w or '-'}/{n or '-'}" for w, n in pairs)
+
+
 def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], seeds: int,
                    rounds: int) -> Table:
     """The study's main table from its per-run records (also rebuilt from result.json)."""
@@ -108,16 +119,19 @@ def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], see
                 rows.append([model, alpha, method, fmt_mean_std(final),
                              fmt_mean_std([r["best_accuracy"] for r in sel]), fmt_mean_std(delta),
                              _divergence_cell([r["scope_divergence"][-1] for r in sel]),
-                             sum(r["rejected"] for r in sel)])
+                             sum(r["rejected"] for r in sel), _rounds_cell(sel)])
     return Table(
         ["model", "alpha", "method", "final accuracy", "best accuracy", "final - FedAvg (paired)",
-         "client scope divergence (last round)", "rejected updates"], rows,
+         "client scope divergence (last round)", "rejected updates",
+         "target collapse warned / first NaN update (round)"], rows,
         caption=f"Global-model test accuracy after {rounds} rounds, mean ± std over {seeds} "
                 "seeds; the difference to FedAvg is paired by seed (same initialization, "
                 "partition and client sampling). Scope divergence: mean over the accepted clients "
                 "of the layer-averaged KL between a client's weight scope and the clients' fused "
                 "scope (n/a when no update was accepted). Rejected updates: client updates with "
-                "NaN/Inf weights, summed over seeds.")
+                "NaN/Inf weights, summed over seeds. Last column, per seed: the round in which "
+                "the WSA target's std collapse was reported / the first round with a rejected "
+                "update.")
 
 
 def _first_round(history: list[dict], key: str) -> int | None:
@@ -185,6 +199,6 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         f"scale={scale}: models {', '.join(s['models'])}; {s['clients']} clients, 50% sampled per "
         f"round, {s['rounds']} rounds, {s['local_epochs']} local epochs; training subset "
         f"{s['train_limit'] or 'all'}, test subset {s['test_limit'] or 'all'} (fixed subsets)."
-        + (" The CNN runs only at scale=full." if "vgg" not in s["models"] else ""))
+        + (" The CNN runs at scale=full, or with --models vgg." if "vgg" not in s["models"] else ""))
     result.seconds = time.perf_counter() - t_start
     return result
