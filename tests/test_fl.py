@@ -506,6 +506,13 @@ def test_study_smoke():
     assert {"accuracy_mlp", "scope_divergence_mlp", "partition_alpha0.5"} <= set(res.figures)
 
 
+def test_cli_study_rejects_unknown_models(capsys):
+    code = _cli(["experiment", "federated", "--dataset", "digits", "--scale", "smoke",
+                 "--models", "mlp,resnet"])
+    assert code == 1
+    assert "must be among mlp, vgg, got mlp, resnet" in " ".join(capsys.readouterr().err.split())
+
+
 def test_study_model_choice():
     from mergescope.experiments import federated
 
