@@ -513,6 +513,33 @@ def test_cli_study_rejects_unknown_models(capsys):
     assert "must be among mlp, vgg, got mlp, resnet" in " ".join(capsys.readouterr().err.split())
 
 
+def test_study_overrides_and_their_errors(capsys):
+    from mergescope.experiments import federated
+
+    s = federated.settings("quick", methods=["WSA (fused)", "FedAvg"], alphas=[0.2], rounds=4)
+    assert s["methods"] == ["FedAvg", "WSA (fused)"] and s["alphas"] == [0.2] and s["rounds"] == 4
+    plan = list(federated.configs("digits", "quick", 2, methods=["FedAvg"], alphas=[0.2], rounds=4))
+    assert len(plan) == 2 and all(p[4].rounds == 4 and p[4].alpha == 0.2 for p in plan)
+    for kw, msg in ((dict(methods=["FedSGD"]), "methods must be among"),
+                    (dict(alphas=[0.0]), "alphas must be positive"),
+                    (dict(rounds=0), "rounds must be >= 1")):
+        with pytest.raises(ConfigError, match=msg):
+            federated.settings("quick", **kw)
+    code = _cli(["experiment", "federated", "--dataset", "digits", "--scale", "smoke",
+                 "--alphas", "0.5,abc"])
+    assert code == 1 and "--alphas must be comma-separated numbers" in capsys.readouterr().err
+
+
+def test_study_smoke_subset_without_fedavg_has_no_paired_column():
+    from mergescope.experiments import federated
+
+    res = federated.run(dataset="digits", scale="smoke", seeds=1, progress=False,
+                        methods=["WSA (fused)"], rounds=1)
+    (row,) = res.tables["accuracy"].rows
+    assert row[2] == "WSA (fused)" and row[5] == "-"
+    assert len(res.data["runs"][0]["accuracy"]) == 2  # rounds 0..1
+
+
 def test_study_model_choice():
     from mergescope.experiments import federated
 

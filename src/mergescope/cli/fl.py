@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -136,6 +137,11 @@ def federated_cmd(
     seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration."),
     models: str = typer.Option(None, "--models", help="Comma-separated architectures (mlp, vgg) "
                                "instead of the scale's own (quick: mlp; full: mlp,vgg)."),
+    methods: str = typer.Option(None, "--methods", help="Comma-separated methods instead of all "
+                                "(FedAvg, FedProx, weight decay, WSA (fused), WSA (global))."),
+    alphas: str = typer.Option(None, "--alphas", help="Comma-separated Dirichlet alphas instead "
+                               "of 0.1,0.5,5."),
+    rounds: int = typer.Option(None, "--rounds", help="Rounds instead of the scale's own."),
     out: Path = typer.Option(Path("runs/experiments/federated"), "--out", "-o"),
     threads: int = typer.Option(1, "--threads", help=THREADS_HELP),
     root: str | None = DATA_ROOT_OPT,
@@ -148,12 +154,23 @@ def federated_cmd(
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    archs = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
+    def items(text: str | None) -> list[str] | None:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    try:
+        alpha_list = None if alphas is None else [float(a) for a in items(alphas)]
+    except ValueError as e:
+        raise ConfigError(f"--alphas must be comma-separated numbers, got '{alphas}'") from e
     result = federated.run(dataset=dataset, scale=scale, seeds=seeds, out=out, device=device,
-                           data_root=root, models=archs)
+                           data_root=root, models=items(models), methods=items(methods),
+                           alphas=alpha_list, rounds=rounds)
+    extra = "".join(f" --{name} {shlex.quote(str(value))}" for name, value in
+                    (("models", models), ("methods", methods), ("alphas", alphas),
+                     ("rounds", rounds), ("threads", threads if threads != 1 else None))
+                    if value is not None)
     result.command = (f"mergescope experiment federated --dataset {dataset} --scale {scale} "
-                      f"--seeds {seeds}" + (f" --models {models}" if models is not None else "")
-                      + f" --out {out}" + (f" --device {device}" if device != "cpu" else ""))
+                      f"--seeds {seeds}{extra} --out {out}"
+                      + (f" --device {device}" if device != "cpu" else ""))
     write_result(result, out)
     print_result(result)
     console.print(f"wrote {out}/result.md")

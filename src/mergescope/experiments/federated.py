@@ -68,14 +68,41 @@ def study_models(scale: str, models: Sequence[str] | None = None) -> list[str]:
     return models
 
 
-def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None,
-            models: Sequence[str] | None = None):
-    """Every (model, alpha, method, seed, FLConfig) of a scale, in run order."""
-    s = SCALES[check_scale(scale)]
-    for model in study_models(scale, models):
+def settings(scale: str, *, models: Sequence[str] | None = None,
+             methods: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
+             rounds: int | None = None) -> dict:
+    """The scale's settings with any of its architectures, methods, Dirichlet alphas or number
+    of rounds replaced (each checked: one clear error naming the bad value)."""
+    s = {**SCALES[check_scale(scale)], "models": study_models(scale, models),
+         "methods": list(METHODS)}
+    if methods is not None:
+        methods = list(methods)
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ConfigError(f"federated study methods must be among {', '.join(METHODS)}, got "
+                              f"{', '.join(methods) or 'none'}")
+        s["methods"] = [m for m in METHODS if m in methods]
+    if alphas is not None:
+        alphas = [float(a) for a in alphas]
+        if not alphas or any(not a > 0 for a in alphas):
+            raise ConfigError(f"federated study alphas must be positive numbers, got {alphas}")
+        s["alphas"] = alphas
+    if rounds is not None:
+        if int(rounds) < 1:
+            raise ConfigError(f"federated study rounds must be >= 1, got {rounds}")
+        s["rounds"] = int(rounds)
+    return s
+
+
+def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None, **overrides):
+    """Every (model, alpha, method, seed, FLConfig) of a scale, in run order; `overrides` are
+    those of `settings` (models, methods, alphas, rounds)."""
+    s = settings(scale, **overrides)
+    for model in s["models"]:
         opts = {**MODELS[model], **s["model_options"].get(model, {})}
         for alpha in s["alphas"]:
-            for method, over in METHODS.items():
+            for method in s["methods"]:
+                over = METHODS[method]
                 for seed in range(seeds):
                     yield model, alpha, method, seed, FLConfig(
                         dataset=dataset, model=model, model_options=opts, clients=s["clients"],
@@ -116,8 +143,9 @@ def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], see
                     continue
                 final = [r["final_accuracy"] for r in sel]
                 delta = [r["final_accuracy"] - base[r["seed"]] for r in sel if r["seed"] in base]
+                delta_cell = fmt_mean_std(delta) if delta else "-"
                 rows.append([model, alpha, method, fmt_mean_std(final),
-                             fmt_mean_std([r["best_accuracy"] for r in sel]), fmt_mean_std(delta),
+                             fmt_mean_std([r["best_accuracy"] for r in sel]), delta_cell,
                              _divergence_cell([r["scope_divergence"][-1] for r in sel]),
                              sum(r["rejected"] for r in sel), _rounds_cell(sel)])
     return Table(
@@ -141,14 +169,17 @@ def _first_round(history: list[dict], key: str) -> int | None:
 
 def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         out: str | Path | None = None, device: str = "cpu", data_root: str | None = None,
-        progress: bool = True, models: Sequence[str] | None = None) -> ExperimentResult:
-    """Run the study; `models` (e.g. ``["vgg"]``) replaces the scale's list of architectures."""
+        progress: bool = True, models: Sequence[str] | None = None,
+        methods: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
+        rounds: int | None = None) -> ExperimentResult:
+    """Run the study. `models` (e.g. ``["vgg"]``), `methods` (names in `METHODS`), `alphas`
+    and `rounds` replace the scale's own."""
     from mergescope.plots import fl_round_curves, partition_heatmap
 
-    check_scale(scale)
     t_start = time.perf_counter()
-    archs = study_models(scale, models)
-    plan = list(configs(dataset, scale, seeds, data_root, archs))
+    overrides = dict(models=models, methods=methods, alphas=alphas, rounds=rounds)
+    s = settings(scale, **overrides)
+    plan = list(configs(dataset, scale, seeds, data_root, **overrides))
     runs: list[dict] = []
     partitions: dict[float, dict] = {}
     with progress_task(f"federated study ({scale})", len(plan), enabled=progress) as advance:
@@ -172,22 +203,22 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
                          "seconds": res.timings["total_seconds"]})
             advance(1, model=model, alpha=alpha, method=method, acc=res.final_accuracy)
 
-    s = {**SCALES[scale], "models": archs}
     result = ExperimentResult(
         name="Federated learning: FedAvg vs FedProx vs weight decay vs WSA",
         config={"dataset": dataset, "scale": scale, "seeds": seeds, "device": device,
                 **{k: v for k, v in s.items()}, "model_architectures": MODELS,
-                "methods": METHODS, "fraction": 0.5, "batch_size": 64, "lr": 0.05,
+                "method_settings": {m: METHODS[m] for m in s["methods"]}, "fraction": 0.5,
+                "batch_size": 64, "lr": 0.05,
                 "optimizer": "sgd (momentum 0.9)"},
         data={"runs": runs, "partitions": partitions})
     result.tables["accuracy"] = accuracy_table(runs, s["models"], s["alphas"], seeds, s["rounds"])
     for model in s["models"]:
         acc_panels = {f"alpha={a:g}": {m: [r["accuracy"] for r in runs
                                            if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
-                                       for m in METHODS} for a in s["alphas"]}
+                                       for m in s["methods"]} for a in s["alphas"]}
         div_panels = {f"alpha={a:g}": {m: [r["scope_divergence"] for r in runs
                                            if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
-                                       for m in METHODS} for a in s["alphas"]}
+                                       for m in s["methods"]} for a in s["alphas"]}
         result.figures[f"accuracy_{model}"] = fl_round_curves(acc_panels, "test accuracy",
                                                               title=f"{model}: global model")
         result.figures[f"scope_divergence_{model}"] = fl_round_curves(
