@@ -127,7 +127,7 @@ def global_thresholds(source: TensorSource, density: float, delta_fn: DeltaFn = 
     if total == 0 or density == 1.0:
         return [None] * source.num_models
     rank = kth_rank(total, density)
-    wide = any(source.model_tensor(0, k).dtype == torch.float64 for k in keys)
+    wide = any(source.element_size(k) == 8 for k in keys)  # a float64 tensor (from the header)
     budget = block_bytes if delta_fn is _identity else None
 
     def magnitudes(m: int) -> Iterable[torch.Tensor]:
