@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.mergescope-installed
+STAMP := $(VENV)/.basinmerge-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
-EXTRAS ?= dev,flower
+EXTRAS ?= dev,flower,hf
 
 .PHONY: all demo test test-fast bench lint data venv clean
 
@@ -34,7 +34,7 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(VENV)/bin/mergescope demo
+	$(VENV)/bin/basinmerge demo
 
 test: $(STAMP) data
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -38,7 +38,7 @@ def assemble() -> None:
              "depend on the machine.\n"]
     for f in sorted(RESULTS.glob("*.md")):
         parts.append(f.read_text(encoding="utf-8").rstrip() + "\n")
-    from mergescope.io import write_text
+    from basinmerge.io import write_text
 
     write_text(DOC, "\n".join(parts))
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
         print(f"== {name}", flush=True)
         section = mod.run()
         stamp = f"\n_Machine: {machine()}; ran {time.strftime('%Y-%m-%d')} in {time.perf_counter() - t0:.0f} s._\n"
-        from mergescope.io import write_text
+        from basinmerge.io import write_text
 
         write_text(RESULTS / f"{name}.md", section.rstrip() + "\n" + stamp)
         print(section)

@@ -1,8 +1,8 @@
-"""Weight matching: mergescope's implementation against a plain port of the official loop.
+"""Weight matching: basinmerge's implementation against a plain port of the official loop.
 
 Both run in this process with the same seed (the same visiting order): the plain loop gathers
 every member tensor of B with all other permutations applied and sums float64 products for each
-permutation at each sweep, as the official Git Re-Basin code does; mergescope keeps float32
+permutation at each sweep, as the official Git Re-Basin code does; basinmerge keeps float32
 unit-major layouts per permutation, computes each cost matrix as one matrix product, keeps cost
 matrices up to date with low-rank corrections when a neighbouring permutation changes, and skips
 LAPs whose cost matrix has not changed since they were last solved (which cannot change the
@@ -21,15 +21,15 @@ import time
 
 import torch
 
-from mergescope import data, models
-from mergescope.align import (
+from basinmerge import data, models
+from basinmerge.align import (
     apply_permutation,
     builtin_spec,
     objective,
     weight_matching,
     weight_matching_reference,
 )
-from mergescope.train import fit
+from basinmerge.train import fit
 
 COMMAND = ".venv/bin/python -m benchmarks bench_align"
 REPEATS = 3
@@ -47,7 +47,7 @@ def _mlps() -> tuple[list[torch.nn.Module], str]:
 
 
 def _best_pair(spec, pa, pb):
-    """Best of REPEATS runs (wall time) of the reference and of mergescope, interleaved so that
+    """Best of REPEATS runs (wall time) of the reference and of basinmerge, interleaved so that
     both see the same machine load; each with its permutation and trace."""
     best: dict[str, tuple] = {}
     for _ in range(REPEATS):
@@ -80,14 +80,14 @@ def run() -> str:
                 torch.set_num_threads(default_threads)
             same = all(torch.equal(fast[1][p], ref[1][p]) for p in spec.perms)
             for label, (wall, perm, tr) in (("plain official loop (float64)", ref),
-                                            ("mergescope", fast)):
+                                            ("basinmerge", fast)):
                 final = objective(pa, apply_permutation(spec, perm, pb))
                 rows.append([f"{name}, {origin}", label, threads, f"{load:.1f}", f"{wall:.2f}",
                              tr.sweeps, f"{wall / tr.sweeps:.3f}", tr.sweeps * len(spec.perms) - tr.skipped,
                              f"{100 * tr.lap_seconds / wall:.0f}%", f"{100 * tr.cost_seconds / wall:.0f}%",
                              f"{final:.6f}",
-                             f"{ref[0] / wall:.2f}x" if label == "mergescope" else "1.00x",
-                             ("yes" if same else "no") if label == "mergescope" else ""])
+                             f"{ref[0] / wall:.2f}x" if label == "basinmerge" else "1.00x",
+                             ("yes" if same else "no") if label == "basinmerge" else ""])
     cols = ["models", "implementation", "threads", "load avg", "total s", "sweeps", "s / sweep",
             "LAPs solved", "LAP share", "cost-matrix share", "final objective", "speed-up",
             "same permutation"]
@@ -97,7 +97,7 @@ def run() -> str:
         f"Command: `{COMMAND}`",
         "",
         "Weight matching (Git Re-Basin) of two models, best of "
-        f"{REPEATS} interleaved runs each, same seed: `mergescope.align.weight_matching` against "
+        f"{REPEATS} interleaved runs each, same seed: `basinmerge.align.weight_matching` against "
         "`weight_matching_reference`, a plain port of the official loop (per-key gathering of B "
         "with the other permutations applied, float64 cost matrices, one LAP per permutation and "
         "sweep). *LAP share*: time in `scipy.optimize.linear_sum_assignment`; *cost-matrix "
@@ -112,9 +112,9 @@ def run() -> str:
     lines += [
         "",
         "Both implementations find the same permutations (same LAP decisions) and the same "
-        "objective. For the MLP, what remains of mergescope's time is mostly the LAP itself "
+        "objective. For the MLP, what remains of basinmerge's time is mostly the LAP itself "
         "(`linear_sum_assignment` on 512×512, ~8 ms a call), which both call the same way; "
-        "mergescope only solves fewer of them (those whose cost matrix changed), so the MLP's "
+        "basinmerge only solves fewer of them (those whose cost matrix changed), so the MLP's "
         "speed-up is capped near the reference's time over its LAP time. On a loaded machine "
         "two torch threads slow the many small gathers down badly (use one thread there).",
     ]

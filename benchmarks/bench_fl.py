@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from mergescope import fl
-from mergescope.console import markdown_table
-from mergescope.train import fit
+from basinmerge import fl
+from basinmerge.console import markdown_table
+from basinmerge.train import fit
 
 CONFIG = dict(dataset="fashion-mnist", model="mlp", clients=20, alpha=0.5, rounds=10,
               local_epochs=2, batch_size=64, fraction=0.5, strategy="fedavg", train_limit=12000)
@@ -53,7 +53,7 @@ def run() -> str:
         os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
         os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         os.environ["FLWR_HOME"] = tempfile.mkdtemp(prefix="flwr-home-")
-        from mergescope.fl.flower_app import run_flower
+        from basinmerge.fl.flower_app import run_flower
 
         t0 = time.perf_counter()
         flw = run_flower(cfg, progress=False, num_cpus=os.cpu_count() or 1)

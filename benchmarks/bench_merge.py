@@ -1,5 +1,5 @@
 """Peak memory and time of `average` and `ties` over K = 8 checkpoints: streaming
-(`mergescope.merge.stream_merge`) vs loading every checkpoint and merging in memory.
+(`basinmerge.merge.stream_merge`) vs loading every checkpoint and merging in memory.
 
 Checkpoints of random float32 tensors (~200 MB each by default) are written to a temporary
 folder. Every variant runs in a fresh worker process started by a small launcher process that
@@ -37,7 +37,7 @@ def make_checkpoints(folder: Path, k: int, size_mb: int) -> tuple[list[Path], Pa
     """K random checkpoints and a base, each about `size_mb` MB; returns (paths, base, bytes)."""
     import torch
 
-    from mergescope.io import save_state
+    from basinmerge.io import save_state
 
     n_tensors = max(1, round(size_mb * 1e6 / (TENSOR_FLOATS * 4)))
     paths = []
@@ -53,8 +53,8 @@ def make_checkpoints(folder: Path, k: int, size_mb: int) -> tuple[list[Path], Pa
 
 def worker(variant: str, method: str, out: str, base: str, paths: list[str]) -> None:
     """One measured run; prints the merge's wall seconds."""
-    from mergescope import io
-    from mergescope.merge import merge, stream_merge
+    from basinmerge import io
+    from basinmerge.merge import merge, stream_merge
 
     opts = {"density": 0.2} if method == "ties" else {}
     base_arg = base if method == "ties" else None
@@ -116,8 +116,8 @@ def run() -> str:
         "process; peak RSS is the worker's `ru_maxrss` (read as RUSAGE_CHILDREN by a launcher), "
         f"which counts touched pages of memory-mapped files. Start-up RSS (import only): "
         f"{startup / 2**20:.0f} MiB. 'load-all' reads every checkpoint with "
-        "`mergescope.io.load_state`, merges in memory and saves; 'stream' is "
-        "`mergescope.merge.stream_merge` with its default 1 MiB row blocks (per block: K slices "
+        "`basinmerge.io.load_state`, merges in memory and saves; 'stream' is "
+        "`basinmerge.merge.stream_merge` with its default 1 MiB row blocks (per block: K slices "
         "in, one out, written as it goes; TIES finds each model's global threshold by radix "
         "selection over the same blocks, two reading passes per model).",
         "",
@@ -131,7 +131,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _, _, variant, method, out, base, *paths = sys.argv
         if variant == "import-only":
-            import mergescope.merge  # noqa: F401  (the start-up cost alone)
+            import basinmerge.merge  # noqa: F401  (the start-up cost alone)
 
             print("0.0")
         else:

@@ -1,4 +1,4 @@
-"""`mergescope.train.fit` against a bare PyTorch loop: one Fashion-MNIST epoch of an MLP
+"""`basinmerge.train.fit` against a bare PyTorch loop: one Fashion-MNIST epoch of an MLP
 784-512-512-10 at batch 128 (SGD, momentum 0.9, lr 0.05), in the same process.
 
 Both do the same work: the same initialization, the same `torch.randperm` batch order from a
@@ -12,7 +12,7 @@ torch._dynamo, several seconds), then REPEATS rounds in rotating order; the medi
 as wall-clock seconds and as CPU seconds of the whole process (`time.process_time`, all
 threads, the progress bar's refresh thread included). On a machine shared with other busy
 processes the wall clock mostly measures the others; the CPU time of a single-threaded run (the
-default; ``MERGESCOPE_BENCH_THREADS=N`` sets another count) stays close to the work done. With
+default; ``BASINMERGE_BENCH_THREADS=N`` sets another count) stays close to the work done. With
 several torch threads the CPU time also counts OpenMP's spin-waiting, which grows under
 contention, and the ratios turned to noise (0.82-1.03 on the quiet 2-core machine).
 
@@ -34,13 +34,13 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from mergescope import console as console_mod
-from mergescope import data, models
-from mergescope.console import markdown_table
-from mergescope.train import fit
+from basinmerge import console as console_mod
+from basinmerge import data, models
+from basinmerge.console import markdown_table
+from basinmerge.train import fit
 
 COMMAND = ".venv/bin/python -m benchmarks bench_train"
-THREADS_ENV = "MERGESCOPE_BENCH_THREADS"
+THREADS_ENV = "BASINMERGE_BENCH_THREADS"
 REPEATS = 5
 BATCH, LR, MOMENTUM, SEED = 128, 0.05, 0.9, 0
 

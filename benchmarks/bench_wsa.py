@@ -6,7 +6,7 @@ alike; medians are reported. Times are the CPU time of the one torch thread
 (`time.thread_time`, `torch.set_num_threads(1)`): on a shared machine wall-clock time mostly
 measures the other processes. Also timed: the penalty alone (value + backward) and, for
 comparison, the same penalty written naively with `torch.var_mean` and autograd (what the
-closed-form backward of `mergescope.wsa.LayerMoments` replaces).
+closed-form backward of `basinmerge.wsa.LayerMoments` replaces).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from mergescope import models
-from mergescope.scope import divergence_terms, layer_stats
-from mergescope.wsa import WSARegularizer
+from basinmerge import models
+from basinmerge.scope import divergence_terms, layer_stats
+from basinmerge.wsa import WSARegularizer
 
 COMMAND = ".venv/bin/python -m benchmarks bench_wsa"
 
@@ -88,7 +88,7 @@ def _case(name: str, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rep
 
 
 def run() -> str:
-    from mergescope.console import markdown_table
+    from basinmerge.console import markdown_table
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mergescope import data, models
-from mergescope.align import (
+from basinmerge import data, models
+from basinmerge.align import (
     activation_matching,
     align,
     apply_permutation,
@@ -21,9 +21,9 @@ from mergescope.align import (
     weight_matching,
     weight_matching_reference,
 )
-from mergescope.align.matching import _activation_costs
-from mergescope.errors import ConfigError
-from mergescope.state import weighted_average
+from basinmerge.align.matching import _activation_costs
+from basinmerge.errors import ConfigError
+from basinmerge.state import weighted_average
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,7 +102,7 @@ def test_warm_start_from_the_answer_stops_after_one_sweep():
 
 
 def _digits_mlp(seed: int, width: int = 32, epochs: int = 3) -> nn.Module:
-    from mergescope.train import fit
+    from basinmerge.train import fit
 
     train = data.load("digits", "train")
     net = models.build("mlp", train.input_shape, 10, seed=seed, depth=2, width=width)

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from mergescope import data, io, models
-from mergescope.align import Repair, repair, repair_points, reset_bn_stats
-from mergescope.align.repair import unit_statistics
-from mergescope.cli import app
-from mergescope.connectivity import interpolate
-from mergescope.errors import ConfigError
-from mergescope.state import lerp, with_state
-from mergescope.train import evaluate, fit
+from basinmerge import data, io, models
+from basinmerge.align import Repair, repair, repair_points, reset_bn_stats
+from basinmerge.align.repair import unit_statistics
+from basinmerge.cli import app
+from basinmerge.connectivity import interpolate
+from basinmerge.errors import ConfigError
+from basinmerge.state import lerp, with_state
+from basinmerge.train import evaluate, fit
 
 
 def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:
@@ -148,7 +148,7 @@ def test_cli_align_writes_an_equivalent_aligned_checkpoint(checkpoints, tmp_path
 ])
 def test_cli_align_bad_options(checkpoints, tmp_path, args, message, capsys):
     a, b, _ = checkpoints
-    from mergescope.cli import main
+    from basinmerge.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["align", str(a), str(b), "--out", str(tmp_path / "x.safetensors"), *args])
@@ -158,7 +158,7 @@ def test_cli_align_bad_options(checkpoints, tmp_path, args, message, capsys):
 
 def test_cli_align_incompatible_models(checkpoints, tmp_path, capsys):
     a, _, other = checkpoints
-    from mergescope.cli import main
+    from basinmerge.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["align", str(a), str(other), "--out", str(tmp_path / "x.safetensors")])
@@ -172,7 +172,7 @@ def test_cli_rebasin_smoke(tmp_path):
                                    "smoke", "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["command"].startswith("mergescope experiment rebasin --dataset digits")
+    assert result["command"].startswith("basinmerge experiment rebasin --dataset digits")
     table = result["tables"]["barriers"]
     methods = {r[1] for r in table["rows"]}
     assert methods == {"naive", "weight", "activation", "ste"}

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from mergescope import models
-from mergescope.align import (
+from basinmerge import models
+from basinmerge.align import (
     apply_permutation,
     builtin_spec,
     compose,
@@ -20,8 +20,8 @@ from mergescope.align import (
     spec_for,
     weight_matching,
 )
-from mergescope.align.permute import check_permutation
-from mergescope.errors import ConfigError, IncompatibleModelsError
+from basinmerge.align.permute import check_permutation
+from basinmerge.errors import ConfigError, IncompatibleModelsError
 
 # (architecture, input shape, config): tiny widths, every norm of every built-in model.
 CASES = [

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import mergescope
-from mergescope import data, io, train
-from mergescope.cli import main
-from mergescope.errors import CheckpointError
+import basinmerge
+from basinmerge import data, io, train
+from basinmerge.cli import main
+from basinmerge.errors import CheckpointError
 
-SRC = Path(mergescope.__file__).resolve().parents[1]
+SRC = Path(basinmerge.__file__).resolve().parents[1]
 
 
 def run_cli(args: list[str]) -> int:
@@ -32,7 +32,7 @@ def error_lines(text: str) -> list[str]:
 
 def test_version(capsys):
     assert run_cli(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == f"mergescope {mergescope.__version__}"
+    assert capsys.readouterr().out.strip() == f"basinmerge {basinmerge.__version__}"
 
 
 def test_datasets_lists_every_name(capsys):
@@ -102,7 +102,7 @@ def test_debug_raises_and_does_not_stick(tmp_path, capsys):
 
 def test_long_error_stays_on_one_line(tmp_path, monkeypatch, capsys):
     """The missing-dataset message is longer than the 80 columns rich assumes off a terminal."""
-    monkeypatch.delenv("MERGESCOPE_DATA", raising=False)
+    monkeypatch.delenv("BASINMERGE_DATA", raising=False)
     code = run_cli(["--quiet", "train", "-d", "cifar100", "--data-root", str(tmp_path),
                     "--out", str(tmp_path / "x.safetensors")])
     assert code == 1
@@ -137,8 +137,8 @@ def test_bad_option_values(tmp_path, capsys):
 
 
 def _subprocess_cli(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from mergescope.cli import main; main(sys.argv[1:])"
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "MERGESCOPE_QUIET": "1"}
+    code = "import sys; from basinmerge.cli import main; main(sys.argv[1:])"
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "BASINMERGE_QUIET": "1"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, timeout=120)
 

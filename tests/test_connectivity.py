@@ -12,14 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergescope import connectivity, data, io, models
-from mergescope.cli import app, main
-from mergescope.connectivity import Curve, barriers, interpolate, path_grid
-from mergescope.errors import ConfigError, IncompatibleModelsError
-from mergescope.experiments import mode_connectivity as mc
-from mergescope.penalties import ProximalPenalty
-from mergescope.scope import fuse, symmetric_kl, weight_scope
-from mergescope.train import Trainer, evaluate, fit
+from basinmerge import connectivity, data, io, models
+from basinmerge.cli import app, main
+from basinmerge.connectivity import Curve, barriers, interpolate, path_grid
+from basinmerge.errors import ConfigError, IncompatibleModelsError
+from basinmerge.experiments import mode_connectivity as mc
+from basinmerge.penalties import ProximalPenalty
+from basinmerge.scope import fuse, symmetric_kl, weight_scope
+from basinmerge.train import Trainer, evaluate, fit
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -384,7 +384,7 @@ def test_study_runs_end_to_end_at_smoke_scale(tmp_path):
                               "--scale", "smoke", "--out", str(out)])
     assert res.exit_code == 0, res.output
     d = json.loads((out / "result.json").read_text())
-    assert d["command"].startswith("mergescope experiment mode-connectivity --dataset digits")
+    assert d["command"].startswith("basinmerge experiment mode-connectivity --dataset digits")
     cfg = mc.SCALE_CONFIGS["smoke"]
     treats = mc.treatment_list(cfg)
     records = d["data"]["records"]

@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergescope import data
-from mergescope.errors import ConfigError, DataError, MergescopeError
+from basinmerge import data
+from basinmerge.errors import ConfigError, DataError, BasinmergeError
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
              np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
@@ -25,8 +25,8 @@ IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"):
 
 @pytest.fixture(autouse=True)
 def _no_data_env(monkeypatch):
-    """Tests see only the directories they create (no user $MERGESCOPE_DATA)."""
-    monkeypatch.delenv("MERGESCOPE_DATA", raising=False)
+    """Tests see only the directories they create (no user $BASINMERGE_DATA)."""
+    monkeypatch.delenv("BASINMERGE_DATA", raising=False)
 
 
 # --------------------------------------------------------------------------- writers
@@ -183,7 +183,7 @@ def test_idx_dataset_from_root(tmp_path, name):
 
 def test_idx_dataset_via_environment(tmp_path, monkeypatch):
     arrays = write_idx_dataset(tmp_path / "mnist", seed=3)
-    monkeypatch.setenv("MERGESCOPE_DATA", str(tmp_path))
+    monkeypatch.setenv("BASINMERGE_DATA", str(tmp_path))
     ds = data.load("mnist", "train")
     assert torch.equal(ds.y, torch.from_numpy(arrays["train"][1].astype(np.int64)))
     torch.testing.assert_close(ds.x, normalized(arrays["train"][0], "mnist"), rtol=0, atol=1e-6)
@@ -233,7 +233,7 @@ def test_cifar10_pickle_batches(tmp_path):
 
 def test_cifar100_pickle_batches_via_environment(tmp_path, monkeypatch):
     arrays = write_cifar100(tmp_path / "cifar100")
-    monkeypatch.setenv("MERGESCOPE_DATA", str(tmp_path))
+    monkeypatch.setenv("BASINMERGE_DATA", str(tmp_path))
     for split in ("train", "test"):
         ds = data.load("cifar100", split)
         images, labels = arrays[split]
@@ -286,7 +286,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, name):
     with pytest.raises(DataError) as e:
         data.load(name, "train", root=tmp_path)
     msg = str(e.value)
-    assert isinstance(e.value, MergescopeError)
+    assert isinstance(e.value, BasinmergeError)
     assert f"'{name}' not found" in msg and "To get it:" in msg and str(tmp_path) in msg
     assert "Nothing is downloaded" in msg and "\n" not in msg
     assert {r["name"]: r["found"] for r in data.datasets(tmp_path)}[name] is None

@@ -12,28 +12,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergescope import data as data_mod
-from mergescope import fl
-from mergescope.errors import ConfigError
-from mergescope.fl.aggregate import (
+from basinmerge import data as data_mod
+from basinmerge import fl
+from basinmerge.errors import ConfigError
+from basinmerge.fl.aggregate import (
     coordinate_median,
     fedavg,
     scope_spread,
     screen_updates,
     trimmed_mean,
 )
-from mergescope.fl.client import (
+from basinmerge.fl.client import (
     ClientTimeout,
     Instructions,
     LocalTraining,
     client_update,
 )
-from mergescope.fl.partition import class_histogram, partition, summarize
-from mergescope.fl.simulator import simulate
-from mergescope.fl.strategy import WSA, FedAvg, FedProx
-from mergescope.models import build
-from mergescope.penalties import ProximalPenalty
-from mergescope.scope import divergence, fuse, std_ratios, weight_scope
+from basinmerge.fl.partition import class_histogram, partition, summarize
+from basinmerge.fl.simulator import simulate
+from basinmerge.fl.strategy import WSA, FedAvg, FedProx
+from basinmerge.models import build
+from basinmerge.penalties import ProximalPenalty
+from basinmerge.scope import divergence, fuse, std_ratios, weight_scope
 
 TINY = dict(dataset="digits", model="mlp", model_options={"width": 16}, clients=5, alpha=0.5,
             min_size=5, rounds=3, local_epochs=1, batch_size=32, fraction=0.6, train_limit=500,
@@ -292,7 +292,7 @@ def test_wsa_reports_a_collapsing_target_once_and_remembers_it(caplog):
         return {k: v * factor if k == "head.weight" else v.clone() for k, v in g.items()}
 
     wsa = WSA(lam=1.0, target="global", collapse_ratio=0.25)
-    with caplog.at_level("WARNING", logger="mergescope.fl"):
+    with caplog.at_level("WARNING", logger="basinmerge.fl"):
         wsa.instructions(1, g)
         wsa.instructions(2, shrunk(0.5))  # σ ratio 0.5: no report
         assert wsa.collapse is None and wsa.round_warnings(2) == []
@@ -396,7 +396,7 @@ def test_failing_timed_out_and_nan_clients_are_dropped(digits, caplog):
             upd.state["head.weight"][0, 0] = float("nan")
         return upd
 
-    with caplog.at_level("WARNING", logger="mergescope.fl"):
+    with caplog.at_level("WARNING", logger="basinmerge.fl"):
         res = _run(cfg, train, test, update_fn=flaky)
     for r in res.history[1:]:
         assert r["clients"] == [0, 1, 2, 3, 4] and r["accepted"] == [0, 4]
@@ -443,7 +443,7 @@ def test_federated_beats_initial_model_and_timings_split(digits):
 
 
 def _cli(args):
-    from mergescope.cli import main
+    from basinmerge.cli import main
 
     try:
         main(args)
@@ -479,7 +479,7 @@ def test_cli_run_extend_and_mismatched_resume(tmp_path, capsys):
     assert _cli([*COMMON, "--rounds", "3", "--strategy", "fedprox", "--out", str(a)]) == 0
     assert _cli([*COMMON, "--rounds", "2", "--strategy", "fedprox", "--out", str(b)]) == 0
     assert _cli([*COMMON, "--rounds", "3", "--strategy", "fedprox", "--resume", str(b)]) == 0
-    from mergescope.io import load_state
+    from basinmerge.io import load_state
 
     sa, _ = load_state(a / "final.safetensors")
     sb, meta = load_state(b / "final.safetensors")
@@ -494,7 +494,7 @@ def test_cli_run_extend_and_mismatched_resume(tmp_path, capsys):
 
 
 def test_study_smoke():
-    from mergescope.experiments import federated
+    from basinmerge.experiments import federated
 
     res = federated.run(dataset="digits", scale="smoke", seeds=1, progress=False)
     rows = res.tables["accuracy"].rows
@@ -514,7 +514,7 @@ def test_cli_study_rejects_unknown_models(capsys):
 
 
 def test_study_overrides_and_their_errors(capsys):
-    from mergescope.experiments import federated
+    from basinmerge.experiments import federated
 
     s = federated.settings("quick", methods=["WSA (fused)", "FedAvg"], alphas=[0.2], rounds=4)
     assert s["methods"] == ["FedAvg", "WSA (fused)"] and s["alphas"] == [0.2] and s["rounds"] == 4
@@ -531,7 +531,7 @@ def test_study_overrides_and_their_errors(capsys):
 
 
 def test_study_smoke_subset_without_fedavg_has_no_paired_column():
-    from mergescope.experiments import federated
+    from basinmerge.experiments import federated
 
     res = federated.run(dataset="digits", scale="smoke", seeds=1, progress=False,
                         methods=["WSA (fused)"], rounds=1)
@@ -541,7 +541,7 @@ def test_study_smoke_subset_without_fedavg_has_no_paired_column():
 
 
 def test_study_model_choice():
-    from mergescope.experiments import federated
+    from basinmerge.experiments import federated
 
     assert federated.study_models("quick") == ["mlp"]
     assert federated.study_models("full") == ["mlp", "vgg"]

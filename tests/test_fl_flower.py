@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.flower
 
-from mergescope import fl  # noqa: E402
-from mergescope.errors import ConfigError  # noqa: E402
-from mergescope.fl.client import Instructions  # noqa: E402
-from mergescope.fl.flower_app import (  # noqa: E402
+from basinmerge import fl  # noqa: E402
+from basinmerge.errors import ConfigError  # noqa: E402
+from basinmerge.fl.client import Instructions  # noqa: E402
+from basinmerge.fl.flower_app import (  # noqa: E402
     _alive,
     config_from_run_config,
     descendant_pids,
@@ -22,8 +22,8 @@ from mergescope.fl.flower_app import (  # noqa: E402
     scope_from_record,
     scope_to_record,
 )
-from mergescope.models import build  # noqa: E402
-from mergescope.scope import weight_scope  # noqa: E402
+from basinmerge.models import build  # noqa: E402
+from basinmerge.scope import weight_scope  # noqa: E402
 
 CFG = dict(dataset="digits", model="mlp", model_options={"width": 16}, clients=2, alpha=0.5,
            min_size=5, rounds=2, local_epochs=2, batch_size=32, fraction=1.0, lr=0.1,

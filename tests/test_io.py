@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergescope import io, models
-from mergescope.errors import CheckpointError, ConfigError
+from basinmerge import io, models
+from basinmerge.errors import CheckpointError, ConfigError
 
 
 def _with_running_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -58,7 +58,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, name):
     assert all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
     assert {k: meta2[k] for k in meta} == meta
     assert meta2["model"] == model.config
-    assert meta2["mergescope_version"] == __import__("mergescope").__version__
+    assert meta2["basinmerge_version"] == __import__("basinmerge").__version__
     assert io.read_meta(path) == meta2
 
 
@@ -285,3 +285,32 @@ def test_read_json_errors(tmp_path):
         io.read_json(tmp_path / "b.json")
     io.write_json(tmp_path / "ok.json", {"a": torch.tensor([1, 2]), "b": Path("p")})
     assert json.loads((tmp_path / "ok.json").read_text()) == {"a": [1, 2], "b": "p"}
+
+
+LEGACY = Path(__file__).parent / "data" / "legacy_mergescope_mlp.safetensors"
+
+
+def test_checkpoint_written_under_the_old_name_still_loads():
+    """A file written by the library before its rename (metadata under the old key, made by
+    `io.save` of that release with a 16-unit MLP on digits) loads, builds its model and keeps its
+    metadata; its outputs equal those recorded in its own metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(LEGACY), framework="pt") as f:
+        header = f.metadata()
+    assert io.META_KEY not in header and "mergescope" in header  # really the old format
+    net, meta = io.load(LEGACY)
+    assert meta["dataset"] == "digits"
+    assert meta["basinmerge_version"] == "0.1.0"          # the old version key is carried over
+    x = torch.tensor(meta["probe_input"])
+    with torch.no_grad():
+        out = net.eval()(x)
+    assert torch.allclose(out, torch.tensor(meta["probe_output"]), atol=1e-6)
+    assert io.read_meta(LEGACY)["dataset"] == "digits"
+    state, _ = io.load_state(LEGACY)
+    reader = io.StateReader(LEGACY)
+    try:
+        assert reader.meta["dataset"] == "digits"
+        assert set(reader.keys()) == set(state)
+    finally:
+        reader.close()

@@ -1,4 +1,4 @@
-"""The main job end to end on tiny sizes: `mergescope demo` and `mergescope reproduce`."""
+"""The main job end to end on tiny sizes: `basinmerge demo` and `basinmerge reproduce`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from mergescope.cli import main
+from basinmerge.cli import main
 
 
 def _run(args: list[str]) -> int:
@@ -57,8 +57,8 @@ def test_reproduce_smoke_is_self_contained_and_reproducible(tmp_path) -> None:
     p.feed(html)
     assert p.refs and all(r.startswith(("#", "data:image/png;base64,")) for r in p.refs)
     md = (a / "report.md").read_text()
-    assert "mergescope experiment" in md or "mergescope reproduce" in md
-    from mergescope.experiments import SUITES
+    assert "basinmerge experiment" in md or "basinmerge reproduce" in md
+    from basinmerge.experiments import SUITES
 
     assert sorted(p.name for p in a.iterdir() if p.is_dir()) == sorted(SUITES)
     for suite in SUITES:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from mergescope import data as data_mod
-from mergescope import models
-from mergescope.errors import ConfigError, IncompatibleModelsError
-from mergescope.merge import (
+from basinmerge import data as data_mod
+from basinmerge import models
+from basinmerge.errors import ConfigError, IncompatibleModelsError
+from basinmerge.merge import (
     METHODS,
     adamerging,
     average,
@@ -27,10 +27,10 @@ from mergescope.merge import (
     trimmed_mean,
     weighted,
 )
-from mergescope.merge.adamerging import adamerging_info
-from mergescope.merge.soup import greedy_soup_info
-from mergescope.state import with_state
-from mergescope.train import evaluate, fit
+from basinmerge.merge.adamerging import adamerging_info
+from basinmerge.merge.soup import greedy_soup_info
+from basinmerge.state import with_state
+from basinmerge.train import evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

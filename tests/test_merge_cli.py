@@ -1,4 +1,4 @@
-"""`mergescope merge` and `mergescope experiment merging` end to end on tiny models."""
+"""`basinmerge merge` and `basinmerge experiment merging` end to end on tiny models."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mergescope import data as data_mod
-from mergescope import io, models
-from mergescope.cli import app, main
-from mergescope.merge import ties
-from mergescope.train import evaluate, fit
+from basinmerge import data as data_mod
+from basinmerge import io, models
+from basinmerge.cli import app, main
+from basinmerge.merge import ties
+from basinmerge.train import evaluate, fit
 
 runner = CliRunner()
 
@@ -101,7 +101,7 @@ def test_cli_incompatible_checkpoints_name_the_key(ckpts, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_experiment_merging_smoke(tmp_path):
-    from mergescope.experiments import merging
+    from basinmerge.experiments import merging
 
     res = merging.run(dataset="digits", scale="smoke", seeds=1, progress=False)
     acc = res.tables["test accuracy"]
@@ -114,7 +114,7 @@ def test_experiment_merging_smoke(tmp_path):
     # averaging in a x1000 member destroys the soup; the best single model is unaffected
     assert seed0["+x1000"]["accuracy"]["average"] < seed0["clean"]["accuracy"]["average"]
     assert seed0["+x1000"]["accuracy"]["best single"] == seed0["clean"]["accuracy"]["best single"]
-    from mergescope.experiments.common import write_result
+    from basinmerge.experiments.common import write_result
 
     out = write_result(res, tmp_path / "merging")
     assert (out / "merging_accuracy.png").stat().st_size > 0

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from mergescope import data as data_mod
-from mergescope import models
-from mergescope.errors import ConfigError
-from mergescope.merge import (
+from basinmerge import data as data_mod
+from basinmerge import models
+from basinmerge.errors import ConfigError
+from basinmerge.merge import (
     average,
     deterministic_gate,
     expected_l0,
@@ -21,9 +21,9 @@ from mergescope.merge import (
     soft,
     trimmed_mean,
 )
-from mergescope.merge.soft import BETA, GAMMA, ZETA, soft_units
-from mergescope.state import with_state
-from mergescope.train import evaluate, fit
+from basinmerge.merge.soft import BETA, GAMMA, ZETA, soft_units
+from basinmerge.state import with_state
+from basinmerge.train import evaluate, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,11 +173,11 @@ def test_soft_align_weight_recovers_a_permuted_copy() -> None:
     """A model and a hidden-unit permutation of it: without alignment their average is a
     different function; with align="weight" the permuted copy is mapped back exactly, so any
     gate combination is the model itself."""
-    from mergescope import data as data_mod
-    from mergescope.align import builtin_spec, random_permutation
-    from mergescope.align.permute import apply_permutation
-    from mergescope.models import build
-    from mergescope.train import evaluate, fit
+    from basinmerge import data as data_mod
+    from basinmerge.align import builtin_spec, random_permutation
+    from basinmerge.align.permute import apply_permutation
+    from basinmerge.models import build
+    from basinmerge.train import evaluate, fit
 
     train = data_mod.load("digits").subset(400, seed=0)
     a = build("mlp", train.input_shape, 10, seed=0, width=24)

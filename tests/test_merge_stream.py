@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from mergescope import io, models
-from mergescope.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from mergescope.merge import merge, stream_merge, streamable
-from mergescope.merge._common import row_blocks
-from mergescope.merge.stream import write_safetensors_stream
-from mergescope.merge.task import kth_smallest
+from basinmerge import io, models
+from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from basinmerge.merge import merge, stream_merge, streamable
+from basinmerge.merge._common import row_blocks
+from basinmerge.merge.stream import write_safetensors_stream
+from basinmerge.merge.task import kth_smallest
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:

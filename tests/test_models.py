@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mergescope import models
-from mergescope.errors import ConfigError
+from basinmerge import models
+from basinmerge.errors import ConfigError
 
 # (name, input shape, options) -- small widths, every norm option of every model.
 CASES = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 from html.parser import HTMLParser
 
-from mergescope import plots
-from mergescope.experiments.common import ExperimentResult, Table
-from mergescope.report import figure_png, html_report, markdown_report
+from basinmerge import plots
+from basinmerge.experiments.common import ExperimentResult, Table
+from basinmerge.report import figure_png, html_report, markdown_report
 
 
 def _result() -> ExperimentResult:
@@ -16,7 +16,7 @@ def _result() -> ExperimentResult:
     return ExperimentResult(
         name="toy <study>", config={"a": 1},
         tables={"barriers": Table(["method", "barrier"], [["plain", 0.25], ["wsa & co", 0.125]])},
-        figures={"curve": fig}, notes=["a note with <html> characters"], command="mergescope x --y 1",
+        figures={"curve": fig}, notes=["a note with <html> characters"], command="basinmerge x --y 1",
         seconds=3.0)
 
 
@@ -71,6 +71,6 @@ def test_html_is_balanced_self_contained_and_escaped() -> None:
 def test_markdown_has_tables_commands_and_figure_links() -> None:
     md = markdown_report("Report", [_result()], header={"seed": 0}, figure_dirs={"toy <study>": "toy"})
     assert "| method | barrier |" in md and "| plain | 0.25 |" in md
-    assert "`mergescope x --y 1`" in md
+    assert "`basinmerge x --y 1`" in md
     assert "![curve](toy/curve.png)" in md
     assert "- **seed**: 0" in md

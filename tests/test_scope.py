@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 
-from mergescope import io, models, plots
-from mergescope.cli import main
-from mergescope.errors import ConfigError
-from mergescope.scope import (
+from basinmerge import io, models, plots
+from basinmerge.cli import main
+from basinmerge.errors import ConfigError
+from basinmerge.scope import (
     DIVERGENCES,
     LayerScope,
     Scope,

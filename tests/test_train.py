@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mergescope import data, models
-from mergescope.errors import ConfigError
-from mergescope.train import (
+from basinmerge import data, models
+from basinmerge.errors import ConfigError
+from basinmerge.train import (
     Trainer,
     evaluate,
     fit,

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from mergescope import data, io, models, train
-from mergescope.cli import main
-from mergescope.errors import ConfigError
-from mergescope.scope import (
+from basinmerge import data, io, models, train
+from basinmerge.cli import main
+from basinmerge.errors import ConfigError
+from basinmerge.scope import (
     DIVERGENCES,
     LayerScope,
     Scope,
@@ -23,7 +23,7 @@ from mergescope.scope import (
     layer_stats,
     weight_scope,
 )
-from mergescope.wsa import LayerMoments, WSARegularizer, fused_refresh, wsa_penalty
+from basinmerge.wsa import LayerMoments, WSARegularizer, fused_refresh, wsa_penalty
 
 
 def mlp64(seed: int = 0, width: int = 6, dtype=torch.float64) -> nn.Module:
@@ -349,7 +349,7 @@ def test_defaults_study_smoke(tmp_path, capsys, one_thread):
                            capsys)
     assert code in (0, None), err
     rep = json.loads((out / "result.json").read_text())
-    assert rep["command"].startswith("mergescope experiment wsa-defaults --scale smoke")
+    assert rep["command"].startswith("basinmerge experiment wsa-defaults --scale smoke")
     recs = {(r["variant"], r["init"]): r for r in rep["data"]["records"]}
     assert set(recs) == {(v, i) for v in ("none", "kl λ=1") for i in ("shared", "independent")}
     for init in ("shared", "independent"):
@@ -364,8 +364,8 @@ def test_defaults_study_smoke(tmp_path, capsys, one_thread):
 def test_lazy_regularization_matches_the_per_step_gradient_on_average():
     """every=k: one call in k returns k x the penalty (same gradient summed over k calls), the
     others a constant 0 with no graph."""
-    from mergescope.models import build
-    from mergescope.scope import weight_scope
+    from basinmerge.models import build
+    from basinmerge.scope import weight_scope
 
     net = build("mlp", (6,), 3, seed=0, width=8)
     target = weight_scope(build("mlp", (6,), 3, seed=1, width=8))

@@ -1,0 +1,126 @@
+"""Permutation alignment (Git Re-Basin): specs, matching, MergeMany and REPAIR.
+
+Models trained from different initializations hold their hidden units in arbitrary orders;
+averaging them without putting the units in the same order first destroys both. This package
+finds the permutation of model B's units that best matches model A and applies it (B's function
+is unchanged; only the order of its units moves).
+
+>>> from basinmerge.align import align, repair
+>>> b_aligned = align(model_a, model_b, method="weight")              # data-free
+>>> b_aligned = align(model_a, model_b, method="activation", data=train)
+>>> merged = with_state(model_a, lerp(model_a.state_dict(), b_aligned.state_dict(), 0.5))
+>>> merged = repair(model_a, b_aligned, merged, train, alpha=0.5)      # REPAIR / BN reset
+
+Building blocks: `PermutationSpec` (`builtin_spec`, `spec_for`), `apply_permutation`,
+`weight_matching`, `activation_matching`, `ste_matching`, `merge_many`, `Repair` / `repair`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from basinmerge.align.matching import (
+    ACTIVATION_METHODS,
+    MatchingTrace,
+    STETrace,
+    activation_matching,
+    merge_many,
+    midpoint_loss,
+    model_inputs,
+    objective,
+    ste_matching,
+    weight_matching,
+    weight_matching_reference,
+)
+from basinmerge.align.permute import (
+    Perm,
+    apply_permutation,
+    check_permutation,
+    compose,
+    identity_permutation,
+    inverse_permutation,
+    is_identity,
+    random_permutation,
+)
+from basinmerge.align.repair import Repair, RepairPoint, repair, repair_points, reset_bn_stats
+from basinmerge.align.spec import (
+    PermutationSpec,
+    builtin_spec,
+    has_builtin_spec,
+    parameter_keys,
+    resolve_spec,
+    spec_for,
+    trace_units,
+)
+from basinmerge.errors import ConfigError
+from basinmerge.state import as_state_dict, check_compatible
+
+METHODS = ("weight", "activation", "ste")
+
+__all__ = [
+    "METHODS", "ACTIVATION_METHODS", "PermutationSpec", "Perm", "MatchingTrace", "STETrace",
+    "Repair", "RepairPoint", "align", "find_permutation", "apply_permutation",
+    "activation_matching", "builtin_spec", "check_permutation", "compose", "has_builtin_spec",
+    "identity_permutation", "inverse_permutation", "is_identity", "merge_many", "midpoint_loss",
+    "model_inputs", "objective", "parameter_keys", "random_permutation", "repair",
+    "repair_points", "reset_bn_stats", "resolve_spec", "spec_for", "ste_matching", "trace_units",
+    "weight_matching", "weight_matching_reference",
+]
+
+
+def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None, *,
+                     spec: PermutationSpec | None = None, seed: int = 0, max_iter: int = 100,
+                     activation_method: str = "corr", num_examples: int | None = 2000,
+                     steps: int = 100, lr: float = 1e-3, batch_size: int = 128
+                     ) -> tuple[Perm, PermutationSpec, dict]:
+    """The permutation of B's units that aligns B to A, its spec, and what the method reported.
+
+    method ``weight`` needs no data; ``activation`` needs inputs, ``ste`` labelled data
+    (a Dataset or (x, y)). The spec is the hand-written one for library models, else traced
+    (which needs `data` for an example input), unless given."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown alignment method '{method}'; choose one of {', '.join(METHODS)}")
+    check_compatible([as_state_dict(model_a), as_state_dict(model_b)], ["model A", "model B"])
+    if method != "weight" and data is None:
+        raise ConfigError(f"alignment method '{method}' needs data (e.g. the training split)")
+    example = model_inputs(data, 2) if data is not None else None
+    spec = resolve_spec(model_a, example, spec)
+    if method == "weight":
+        pa = {k: v.detach() for k, v in model_a.named_parameters()}
+        pb = {k: v.detach() for k, v in model_b.named_parameters()}
+        perm, trace = weight_matching(spec, pa, pb, max_iter=max_iter, seed=seed)
+        return perm, spec, {"method": "weight", **trace.to_dict()}
+    if method == "activation":
+        perm = activation_matching(model_a, model_b, data, activation_method, spec=spec,
+                                   num_examples=num_examples)
+        return perm, spec, {"method": "activation", "statistic": activation_method}
+    perm, trace = ste_matching(model_a, model_b, data, steps=steps, lr=lr, spec=spec,
+                               batch_size=batch_size, seed=seed, max_iter=max_iter)
+    return perm, spec, {"method": "ste", **trace.to_dict()}
+
+
+def permuted_copy(model: nn.Module, spec: PermutationSpec, perm: Perm) -> nn.Module:
+    """A copy of `model` (config included) with `perm` applied to its state."""
+    out = copy.deepcopy(model)
+    out.load_state_dict(apply_permutation(spec, perm, as_state_dict(model)))
+    return out
+
+
+def align(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None,
+          **options) -> nn.Module:
+    """An aligned copy of `model_b`: its hidden units permuted to match `model_a`'s (the same
+    function as `model_b`; parameters and BatchNorm statistics all follow their units).
+
+    method: ``weight`` (data-free), ``activation`` (needs `data`), ``ste`` (needs labelled
+    `data`). `options` go to `find_permutation` (spec, seed, max_iter, activation_method,
+    num_examples, steps, lr, batch_size). The result carries ``alignment`` (method, details)."""
+    perm, spec, info = find_permutation(model_a, model_b, method, data, **options)
+    out = permuted_copy(model_b, spec, perm)
+    out.alignment = {k: v for k, v in info.items() if not isinstance(v, torch.Tensor)}
+    return out
+
+
+__all__ += ["permuted_copy"]

@@ -1,0 +1,83 @@
+"""The `basinmerge` command line (typer).
+
+Errors a user can cause are printed as one line (``error: ...``) with a non-zero exit code; the
+traceback is shown only with ``--debug`` (or ``BASINMERGE_DEBUG=1``).
+
+Each command group lives in its own module below and registers itself on `app` (or on
+`experiment_app` for the study suites) when imported at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.markup import escape
+
+from basinmerge import __version__
+from basinmerge.console import err_console, set_quiet
+
+app = typer.Typer(
+    name="basinmerge",
+    help="Merge neural networks: weight scope alignment, permutation alignment, soft merging, "
+         "merge baselines, interpolation analysis and federated learning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+experiment_app = typer.Typer(help="Run a study suite; each writes JSON, markdown and PNG to --out.",
+                             no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"basinmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    # --debug is read by `main` from the arguments themselves; it is not stored in os.environ,
+    # which would make every later in-process call (tests, notebooks) show tracebacks too.
+    if quiet:
+        set_quiet(True)
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("BASINMERGE_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning any error into one line unless --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=args, prog_name="basinmerge", standalone_mode=True)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place every error is reported
+        if _debug_requested(args):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from basinmerge.errors import BasinmergeError
+
+        prefix = "error" if isinstance(e, BasinmergeError) else f"error ({type(e).__name__})"
+        # escape: the message may hold brackets ("[batch, layer]") that rich would eat as
+        # markup; soft_wrap: one line however narrow the terminal (or 80 columns off a tty).
+        err_console.print(f"[bold red]{prefix}:[/] {escape(msg)}", highlight=False, markup=True,
+                          soft_wrap=True)
+        err_console.print("[dim](run with --debug for the traceback)[/]")
+        sys.exit(1)
+
+
+# Command groups register themselves on import.
+from basinmerge.cli import align, connectivity, core, demo, fl, merge, scope  # noqa: E402,F401

@@ -1,0 +1,57 @@
+"""Helpers shared by the CLI command modules: dataset options, output folders, printing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from basinmerge import data as data_mod
+from basinmerge.console import console, table
+from basinmerge.errors import ConfigError
+
+DATASET_HELP = f"Dataset name ({', '.join(data_mod.names())})."
+DATA_ROOT_OPT = typer.Option(None, "--data-root", help="Folder holding dataset files.")
+DEVICE_OPT = typer.Option("cpu", "--device", help="Torch device (cpu, cuda, cuda:0, ...).")
+JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+def load_splits(name: str, root: str | None = None, train_limit: int | None = None,
+                seed: int = 0) -> tuple[data_mod.Dataset, data_mod.Dataset]:
+    """Train and test splits of a dataset; optionally a random training subset."""
+    train = data_mod.load(name, "train", root)
+    test = data_mod.load(name, "test", root)
+    if train_limit is not None and train_limit < len(train):
+        train = train.subset(train_limit, seed=seed)
+    return train, test
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    console.print(table(title, columns, rows))
+
+
+def print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def parse_kv(options: Sequence[str]) -> dict[str, Any]:
+    """Parse repeated ``--opt key=value`` strings; values are JSON when they parse as JSON."""
+    out: dict[str, Any] = {}
+    for item in options:
+        if "=" not in item:
+            raise ConfigError(f"option '{item}' must look like key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def out_dir(path: str | Path) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p

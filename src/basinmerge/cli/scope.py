@@ -1,0 +1,198 @@
+"""`basinmerge scope`: per-layer weight scopes of checkpoints, their pairwise mismatch and how
+Gaussian the layers are; and the parsing of `train --wsa-target` specs (files are the CLI's
+business, not `basinmerge.wsa`'s)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from torch import nn
+
+from basinmerge import data as data_mod
+from basinmerge import io, plots
+from basinmerge import scope as scope_mod
+from basinmerge.cli import app, experiment_app
+from basinmerge.cli.common import DATA_ROOT_OPT, DEVICE_OPT, JSON_OPT, print_json, print_table
+from basinmerge.console import console
+from basinmerge.errors import CheckpointError, ConfigError
+from basinmerge.scope import Scope
+from basinmerge.wsa import WSARegularizer
+
+TARGET_HELP = ("WSA target scope: REF.safetensors (a reference checkpoint's scope), SCOPE.json "
+               "(a saved Scope), init (this run's initialization) or "
+               "fused:A.safetensors,B.safetensors (moment-matched fusion of their scopes).")
+
+
+# --------------------------------------------------------------------------- WSA targets
+
+
+def _reference_scope(path: Path, model: nn.Module, include_bias: bool) -> Scope:
+    """The scope of a checkpoint (or a Scope JSON file) over the layers of `model`."""
+    if path.suffix == ".json":
+        return Scope.from_dict(io.read_json(path)).validate(str(path))
+    state, _ = io.load_state(path)
+    own = model.state_dict()
+    for k in scope_mod.scope_keys(model, include_bias):
+        if k not in state:
+            raise ConfigError(f"{path}: lacks layer '{k}' of the model (a checkpoint of another "
+                              "architecture?)")
+        if state[k].numel() != own[k].numel():
+            raise ConfigError(f"{path}: layer '{k}' has {state[k].numel()} weights, the model's "
+                              f"has {own[k].numel()} (a checkpoint of another architecture?)")
+    return scope_mod.weight_scope(state, keys=scope_mod.scope_keys(model, include_bias)
+                                  ).validate(str(path))
+
+
+def wsa_target(spec: str, model: nn.Module, include_bias: bool = False) -> Scope:
+    """Parse a ``--wsa-target`` spec against the model about to be trained (see TARGET_HELP)."""
+    spec = spec.strip()
+    if spec == "init":
+        return scope_mod.weight_scope(model, include_bias=include_bias)
+    if spec.startswith("fused:"):
+        paths = [p.strip() for p in spec[len("fused:"):].split(",") if p.strip()]
+        if not paths:
+            raise ConfigError("--wsa-target fused: needs at least one checkpoint, e.g. "
+                              "fused:A.safetensors,B.safetensors")
+        return scope_mod.fuse([_reference_scope(Path(p), model, include_bias) for p in paths])
+    if not spec:
+        raise ConfigError("--wsa-target is empty; " + TARGET_HELP)
+    return _reference_scope(Path(spec), model, include_bias)
+
+
+def build_wsa(spec: str, model: nn.Module, lam: float, divergence: str = "kl",
+              reduce: str = "mean", include_bias: bool = False, every: int = 1) -> WSARegularizer:
+    """A WSA regularizer for `model` from CLI options, checked against the model now."""
+    reg = WSARegularizer(wsa_target(spec, model, include_bias), lam, divergence=divergence,
+                         reduce=reduce, every=every)
+    return reg.check(model)
+
+
+# --------------------------------------------------------------------------- scope command
+
+
+def _load(path: Path) -> tuple[nn.Module | dict, dict]:
+    """A model when the checkpoint names its architecture, else the bare state_dict."""
+    if "model" not in io.read_meta(path):
+        return io.load_state(path)
+    return io.load(path)
+
+
+def _names(paths: list[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+@app.command("scope")
+def scope_cmd(
+    checkpoints: list[Path] = typer.Argument(..., help="One or more checkpoints."),
+    plot: Path = typer.Option(None, "--plot", help="Write per-layer histograms with the fitted "
+                              "Gaussians to this PNG."),
+    include_bias: bool = typer.Option(False, "--bias", help="Include the biases' scopes."),
+    live: bool = typer.Option(False, "--live", help="Also the scopes of live units only (inputs "
+                              "that are non-zero on some training example); needs the dataset."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset for --live (default: each "
+                                "checkpoint's)."),
+    live_examples: int = typer.Option(1000, "--live-examples", help="Training examples for --live."),
+    root: str | None = DATA_ROOT_OPT,
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Per-layer weight scopes (μ, σ), the pairwise scope mismatch (KL, reverse KL, squared W2)
+    and how Gaussian each layer is (skewness, excess kurtosis, KS distance)."""
+    names = _names(checkpoints)
+    loaded = {n: _load(p) for n, p in zip(names, checkpoints, strict=True)}
+    scopes = {n: scope_mod.weight_scope(m, include_bias=include_bias) for n, (m, _) in loaded.items()}
+    first = names[0]
+    for n in names[1:]:
+        scope_mod.check_same_layers(scopes[first], scopes[n], (first, n))
+    mismatch = scope_mod.pairwise_mismatch(scopes)
+    fits = {n: scope_mod.fit_quality(m, include_bias=include_bias) for n, (m, _) in loaded.items()}
+    live_scopes: dict[str, Scope] = {}
+    if live:
+        for n, (m, meta) in loaded.items():
+            if not isinstance(m, nn.Module):
+                raise CheckpointError(f"{n}: --live needs a checkpoint that names its architecture")
+            name = dataset or meta.get("dataset")
+            if name is None:
+                raise ConfigError(f"{n}: the checkpoint names no dataset; pass --dataset for --live")
+            x = data_mod.load(name, "train", root).x[:live_examples]
+            masks = scope_mod.live_input_masks(m, x)
+            live_scopes[n] = scope_mod.weight_scope(m, include_bias=include_bias, input_masks=masks)
+    if plot is not None:
+        values = {n: scope_mod.layer_values(m, include_bias) for n, (m, _) in loaded.items()}
+        io.save_figure(plots.weight_histograms(values, scopes, title="weight scopes"), plot)
+    if as_json:
+        print_json({
+            "checkpoints": {n: str(p) for n, p in zip(names, checkpoints, strict=True)},
+            "scopes": {n: s.to_dict() for n, s in scopes.items()},
+            "live_scopes": {n: s.to_dict() for n, s in live_scopes.items()},
+            "mismatch": mismatch,
+            "fit_quality": {n: {k: f.to_dict() for k, f in fq.items()} for n, fq in fits.items()},
+            "plot": str(plot) if plot is not None else None,
+        })
+        return
+    cols, rows = scope_mod.scope_rows(scopes)
+    if live_scopes:
+        cols = cols + ["n live", "μ live", "σ live"]
+        rows = [r + [live_scopes[r[1]][r[0]].count, live_scopes[r[1]][r[0]].mean,
+                     live_scopes[r[1]][r[0]].std] for r in rows]
+    print_table("weight scopes", cols, rows)
+    if mismatch:
+        rows = []
+        for r in mismatch:
+            worst = max(r["per_layer"], key=r["per_layer"].get)
+            rows.append([r["a"], r["b"], r["kind"], r["total"], r["mean"], worst])
+        print_table("pairwise scope mismatch (kl = KL(a‖b))", ["a", "b", "divergence", "total",
+                                                                "mean per layer", "largest at"], rows)
+    print_table("Gaussian fit quality", ["checkpoint", "layer", "skewness", "excess kurtosis", "KS"],
+                [[n, k, f.skewness, f.excess_kurtosis, f.ks] for n, fq in fits.items()
+                 for k, f in fq.items()])
+    if plot is not None:
+        console.print(f"saved {plot}")
+
+
+# --------------------------------------------------------------------------- defaults study
+
+
+@experiment_app.command("wsa-defaults")
+def wsa_defaults_cmd(
+    scale: str = typer.Option("quick", "--scale", help="smoke, quick (default) or full."),
+    seeds: str = typer.Option(None, "--seeds", help="Comma-separated seeds (default: the scale's)."),
+    variants: str = typer.Option(None, "--variants", help="Comma-separated variant names "
+                                 "(default: all of the scale's)."),
+    refresh_every: int = typer.Option(5, "--refresh-every", help="Steps between refreshes of "
+                                      "the fused target."),
+    out: Path = typer.Option(Path("runs/wsa-defaults"), "--out", "-o", help="Output folder."),
+    device: str = DEVICE_OPT,
+) -> None:
+    """SGD vs Adam MLP pairs trained in lockstep toward their fused scope: which WSA divergence
+    and reduction to use by default (scope mismatch, kurtosis, accuracy, barriers)."""
+    import shlex
+
+    from basinmerge.experiments import wsa_defaults
+    from basinmerge.experiments.common import print_result, write_result
+
+    def split(text: str | None) -> list[str] | None:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    try:
+        seed_list = None if seeds is None else [int(x) for x in split(seeds)]
+    except ValueError as e:
+        raise ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from e
+    names = split(variants)
+    known = [v.name for v in wsa_defaults.VARIANTS]
+    for n in names or []:
+        if n not in known:
+            raise ConfigError(f"unknown variant '{n}'; choose from: {', '.join(known)}")
+    result = wsa_defaults.run(scale=scale, seeds=seed_list, variants=names, device=device,
+                              refresh_every=refresh_every)
+    parts = ["basinmerge", "experiment", "wsa-defaults", "--scale", scale, "--out", str(out)]
+    for opt, val in (("--seeds", seeds), ("--variants", variants)):
+        if val is not None:
+            parts += [opt, val]
+    if refresh_every != 5:
+        parts += ["--refresh-every", str(refresh_every)]
+    result.command = " ".join(shlex.quote(p) for p in parts)
+    write_result(result, out)
+    print_result(result)
+    console.print(f"wrote {out}")

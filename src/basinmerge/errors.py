@@ -1,0 +1,22 @@
+"""The library's exceptions. Every error a user can cause is one of these, with one clear line
+that names the file, key, layer or option at fault. The CLI prints that line and exits non-zero."""
+
+
+class BasinmergeError(Exception):
+    """Base class: a user-facing error with a one-line message."""
+
+
+class DataError(BasinmergeError, FileNotFoundError):
+    """A dataset is missing, unreadable or malformed."""
+
+
+class CheckpointError(BasinmergeError):
+    """A checkpoint file is missing, truncated, corrupt or does not fit its architecture."""
+
+
+class ConfigError(BasinmergeError, ValueError):
+    """An option or argument is out of range or inconsistent."""
+
+
+class IncompatibleModelsError(BasinmergeError, ValueError):
+    """Two or more models (state_dicts) do not share keys, shapes or dtypes."""

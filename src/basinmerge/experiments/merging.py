@@ -1,0 +1,321 @@
+"""Study: every merge method on K = 4 class-skewed fine-tunes of one base, with and without a
+malicious member.
+
+Per seed: a random training subset is split into a labeled *merge set* (held out: used for
+greedy soup, soft merging, AdaMerging's unlabeled inputs and the choice of task-vector scales)
+and a pool. A base MLP is trained briefly on the whole pool; K = 4 copies are fine-tuned on
+class-skewed shards of it (each shard owns 2-3 classes: 80% of an owned class's examples go to
+its owner, the rest spread uniformly). Every method merges the fine-tunes; the baselines are
+the base, the best single member (chosen on the merge set) and the output ensemble (mean of the
+members' softmax). Conditions: the K clean members, and the K members plus one malicious copy
+of member 0 (weights x1000, replaced by N(0, 10) noise, or sign-flipped). Reported: test
+accuracy, mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from basinmerge import data as data_mod
+from basinmerge import merge as M
+from basinmerge import models, plots
+from basinmerge.console import progress_task
+from basinmerge.errors import ConfigError
+from basinmerge.experiments.common import (
+    ExperimentResult,
+    Table,
+    check_scale,
+    fmt_mean_std,
+    mean_std,
+)
+from basinmerge.state import StateDict, with_state
+from basinmerge.train import evaluate, fit, predict_logits
+
+K = 4
+MALICIOUS = ("x1000", "noise", "flip")
+CONDITIONS = ("clean",) + tuple(f"+{m}" for m in MALICIOUS)
+SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+DEFAULT_SEEDS = {"smoke": 1, "quick": 3, "full": 5}
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "smoke": dict(train_limit=1200, merge_examples=300, width=32, depth=2, base_epochs=4,
+                  ft_epochs=2, soft_steps=40, ada_steps=20, fisher_examples=16,
+                  regmean_examples=200, test_limit=500, scales=(0.5, 1.0)),
+    "quick": dict(train_limit=12000, merge_examples=2000, width=256, depth=2, base_epochs=1,
+                  ft_epochs=2, soft_steps=300, ada_steps=200, fisher_examples=256,
+                  regmean_examples=1000, test_limit=None, scales=SCALE_GRID),
+    "full": dict(train_limit=None, merge_examples=5000, width=512, depth=2, base_epochs=3,
+                 ft_epochs=5, soft_steps=1000, ada_steps=500, fisher_examples=1000,
+                 regmean_examples=2000, test_limit=None, scales=SCALE_GRID),
+}
+
+METHOD_ROWS = ("base model", "best single", "ensemble", "average", "median", "trimmed_mean",
+               "task_arithmetic", "ties", "dare", "greedy_soup", "fisher", "regmean",
+               "adamerging (task)", "adamerging (layer)", "soft (tensor units)",
+               "soft (module units)")
+
+
+def skewed_shards(y: torch.Tensor, k: int, dominant: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """A partition of the indices into k class-skewed shards: class c is owned by shard
+    c * k // num_classes; an example goes to its class's owner with probability `dominant`,
+    else to a uniformly random shard."""
+    num_classes = int(y.max()) + 1
+    owner = (y * k) // num_classes
+    to_owner = torch.rand(y.shape[0], generator=generator) < dominant
+    random_shard = torch.randint(0, k, (y.shape[0],), generator=generator)
+    shard = torch.where(to_owner, owner, random_shard)
+    return [torch.nonzero(shard == i).flatten() for i in range(k)]
+
+
+def malicious(state: StateDict, kind: str, generator: torch.Generator) -> StateDict:
+    """A corrupted copy of `state`: weights x1000, N(0, 10) noise, or sign-flipped."""
+    out = {}
+    for key, v in state.items():
+        if not v.is_floating_point():
+            out[key] = v.clone()
+        elif kind == "x1000":
+            out[key] = v * 1000
+        elif kind == "noise":
+            out[key] = torch.randn(v.shape, generator=generator) * 10
+        elif kind == "flip":
+            out[key] = -v
+        else:
+            raise ValueError(kind)
+    return out
+
+
+def _ensemble_accuracy(net: torch.nn.Module, states: list[StateDict], test) -> float:
+    probs = sum(torch.softmax(predict_logits(with_state(net, s), test.x), dim=-1) for s in states)
+    return float((probs.argmax(-1) == test.y).double().mean())
+
+
+def _tuned(build: Callable[[float], StateDict], scales, score: Callable[[StateDict], float]) -> tuple[StateDict, float]:
+    """The merge whose scale scores best on the merge set."""
+    best = None
+    for s in scales:
+        state = build(s)
+        acc = score(state)
+        if best is None or acc > best[1]:
+            best = (state, acc, s)
+    return best[0], best[2]
+
+
+def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict],
+                  shard_data: list, merge_set, test, cfg: dict, seed: int,
+                  fishers: list[StateDict | None]) -> tuple[dict, dict, dict]:
+    """Accuracy (and seconds) of every method for one set of members. `fishers` holds the
+    members' diagonal Fishers already computed (None: compute; filled in place), so the clean
+    members' Fishers are computed once per seed."""
+    acc: dict[str, float] = {}
+    secs: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    val_x = merge_set.x
+
+    def test_acc(state: StateDict) -> float:
+        return evaluate(with_state(net, state), test)["accuracy"]
+
+    def val_acc(state: StateDict) -> float:
+        return evaluate(with_state(net, state), merge_set)["accuracy"]
+
+    def timed(name: str, fn: Callable[[], StateDict]) -> None:
+        t0 = time.perf_counter()
+        state = fn()
+        secs[name] = time.perf_counter() - t0
+        acc[name] = test_acc(state)
+
+    acc["base model"] = test_acc(base)
+    vals = [val_acc(s) for s in members]
+    acc["best single"] = test_acc(members[max(range(len(members)), key=lambda i: vals[i])])
+    acc["ensemble"] = _ensemble_accuracy(net, members, test)
+    timed("average", lambda: M.average(members))
+    timed("median", lambda: M.median(members))
+    timed("trimmed_mean", lambda: M.trimmed_mean(members, trim=0.25))
+    scales = cfg["scales"]
+    chosen: dict[str, float] = {}
+
+    def tuned(name: str, build: Callable[[float], StateDict]) -> Callable[[], StateDict]:
+        def fn() -> StateDict:
+            state, s = _tuned(build, scales, val_acc)
+            chosen[name] = s
+            return state
+        return fn
+
+    timed("task_arithmetic", tuned("task_arithmetic", lambda s: M.task_arithmetic(base, members, s)))
+    timed("ties", tuned("ties", lambda s: M.ties(base, members, density=0.2, scale=s)))
+    timed("dare", tuned("dare", lambda s: M.dare(base, members, drop=0.5, scale=s, seed=seed)))
+    extra["scales"] = chosen
+    timed("greedy_soup", lambda: M.greedy_soup(members, merge_set, model=net))
+    def fisher_fn() -> StateDict:
+        for i, f in enumerate(fishers):
+            if f is None:
+                fishers[i] = M.diagonal_fisher(net, members[i], shard_data[i],
+                                               num_examples=cfg["fisher_examples"])
+        return M.fisher(members, None, fishers=fishers)
+
+    timed("fisher", fisher_fn)
+    timed("regmean", lambda: M.regmean(members, shard_data, alpha=0.9, model=net,
+                                       num_examples=cfg["regmean_examples"]))
+    ada: dict[str, dict] = {}
+    for gran in ("task", "layer"):
+        def ada_fn(g=gran) -> StateDict:
+            state, info = M.adamerging_info(base, members, val_x, g, model=net,
+                                            steps=cfg["ada_steps"], seed=seed, progress=False)
+            lams = info["lambdas"]
+            ada[g] = {"entropy_first": info["entropy_first"], "entropy_last": info["entropy_last"],
+                      "mean_lambda": [float(sum(v.values()) / len(v)) if isinstance(v, dict)
+                                      else float(v) for v in lams.values()]}
+            return state
+        timed(f"adamerging ({gran})", ada_fn)
+    extra["adamerging"] = ada
+    gates = {}
+    for units in ("tensor", "module"):
+        def soft_fn(u=units) -> StateDict:
+            model, table = M.soft(members, merge_set, units=u, model=net, steps=cfg["soft_steps"],
+                                  seed=seed, progress=False)
+            gates[u] = table.model_summary()
+            return {k: v.detach() for k, v in model.state_dict().items()}
+        timed(f"soft ({units} units)", soft_fn)
+    extra["soft_gates"] = gates
+    return acc, secs, extra
+
+
+def run(*, dataset: str | None = None, scale: str = "quick", seeds: int | None = None,
+        seed: int = 0, out: str | Path | None = None, device: str = "cpu",
+        root: str | None = None, progress: bool = True) -> ExperimentResult:
+    """Run the merging study over seeds ``seed .. seed + seeds - 1`` (default count per scale:
+    `DEFAULT_SEEDS`); `dataset` defaults to Fashion-MNIST, else MNIST-1D. `out` is only
+    recorded (the CLI writes the result there)."""
+    check_scale(scale)
+    cfg = dict(CONFIGS[scale])
+    seeds = DEFAULT_SEEDS[scale] if seeds is None else int(seeds)
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    if dataset is None:
+        dataset = data_mod.first_available(("fashion-mnist", "mnist1d"))
+    t_start = time.perf_counter()
+    train_full = data_mod.load(dataset, "train", root)
+    test = data_mod.load(dataset, "test", root)
+    if cfg["test_limit"] is not None and cfg["test_limit"] < len(test):
+        test = test.subset(cfg["test_limit"], seed=0)
+    limit = cfg["train_limit"]
+    if limit is not None and limit >= len(train_full):
+        limit = None
+    per_seed: list[dict] = []
+    with progress_task("merging study", seeds * len(CONDITIONS), enabled=progress) as advance:
+        first = seed
+        for seed in range(first, first + seeds):
+            g = torch.Generator().manual_seed(1000 + seed)
+            pool_all = train_full.subset(limit, seed=seed) if limit is not None else train_full
+            perm = torch.randperm(len(pool_all), generator=g)
+            n_merge = min(cfg["merge_examples"], len(pool_all) // 5)
+            merge_set = pool_all.subset(perm[:n_merge])
+            pool = pool_all.subset(perm[n_merge:])
+            net = models.build("mlp", train_full.input_shape, train_full.num_classes, seed=seed,
+                               width=cfg["width"], depth=cfg["depth"]).to(device)
+            fit(net, pool, optimizer="sgd", lr=0.05, epochs=cfg["base_epochs"], seed=seed,
+                progress=False, device=device)
+            base = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            shards = skewed_shards(pool.y, K, 0.8, g)
+            members, shard_data = [], []
+            for i, idx in enumerate(shards):
+                m = copy.deepcopy(net)
+                fit(m, pool.subset(idx), optimizer="sgd", lr=0.05, epochs=cfg["ft_epochs"],
+                    seed=seed * 100 + i, progress=False, device=device)
+                members.append({k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
+                shard_data.append(pool.subset(idx))
+            net = net.cpu()
+            record: dict[str, Any] = {"seed": seed, "shard_sizes": [int(s.numel()) for s in shards],
+                                      "member_test_accuracy": [evaluate(with_state(net, s), test)["accuracy"]
+                                                               for s in members]}
+            clean_fishers: list[StateDict | None] = [None] * K
+            for cond in CONDITIONS:
+                ms, sd, fs = list(members), list(shard_data), clean_fishers
+                if cond != "clean":
+                    ms.append(malicious(members[0], cond[1:], g))
+                    sd.append(shard_data[0])
+                    fs = clean_fishers + [None]
+                acc, secs, extra = run_condition(net, base, ms, sd, merge_set, test, cfg, seed, fs)
+                record[cond] = {"accuracy": acc, "seconds": secs, **extra}
+                advance(1, seed=seed, condition=cond)
+            per_seed.append(record)
+    return _result(dataset, scale, seeds, cfg, per_seed, out, len(train_full), limit,
+                   time.perf_counter() - t_start)
+
+
+def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict], out,
+            n_train: int, limit: int | None, seconds: float) -> ExperimentResult:
+    rows = []
+    series: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in CONDITIONS}
+    for name in METHOD_ROWS:
+        row = [name]
+        for cond in CONDITIONS:
+            vals = [r[cond]["accuracy"][name] for r in per_seed]
+            row.append(fmt_mean_std(vals))
+            m, s = mean_std(vals)
+            series[cond][0].append(m)
+            series[cond][1].append(s)
+        row.append(f"{mean_std([r['clean']['seconds'].get(name, 0.0) for r in per_seed])[0]:.2f}"
+                   if name in per_seed[0]["clean"]["seconds"] else "-")
+        rows.append(row)
+    gate_rows = []
+    for cond in CONDITIONS[1:]:
+        for units in ("tensor", "module"):
+            bad = [r[cond]["soft_gates"][units][-1] for r in per_seed]
+            good = [g for r in per_seed for g in r[cond]["soft_gates"][units][:-1]]
+            gate_rows.append([cond, units, fmt_mean_std([b["closed"] for b in bad], 2),
+                              fmt_mean_std([b["mean_gate"] for b in bad], 3),
+                              fmt_mean_std([g["mean_gate"] for g in good], 3)])
+    ada_rows = []
+    for cond in CONDITIONS:
+        for gran in ("task", "layer"):
+            recs = [r[cond]["adamerging"][gran] for r in per_seed]
+            good = [x for rec in recs for x in rec["mean_lambda"][:K]]
+            bad = [rec["mean_lambda"][K] for rec in recs if len(rec["mean_lambda"]) > K]
+            ada_rows.append([cond, gran, fmt_mean_std(good, 3),
+                             fmt_mean_std(bad, 3) if bad else "-",
+                             fmt_mean_std([rec["entropy_first"] for rec in recs], 3),
+                             fmt_mean_std([rec["entropy_last"] for rec in recs], 3)])
+    sub = (f"a random {limit:,}-example subset of the {n_train:,} training examples"
+           if limit is not None else f"all {n_train:,} training examples")
+    notes = [f"Trained on {sub}; {cfg['merge_examples']:,} of them are held out as the merge set "
+             f"(greedy soup, soft merging, AdaMerging inputs, scale choice).",
+             f"MLP {cfg['depth']}x{cfg['width']}, base {cfg['base_epochs']} epoch(s) SGD 0.05; "
+             f"K = {K} fine-tunes, {cfg['ft_epochs']} epoch(s) each on a class-skewed shard.",
+             "task_arithmetic / ties (density 0.2) / dare (drop 0.5, then task arithmetic): scale "
+             f"chosen on the merge set from {list(cfg['scales'])}.",
+             f"fisher / regmean: each member on {cfg['fisher_examples']} / "
+             f"{cfg['regmean_examples']} examples of its own shard (the malicious copy on member "
+             f"0's shard); adamerging: {cfg['ada_steps']} steps on unlabeled merge-set inputs; "
+             f"soft: {cfg['soft_steps']} SGD steps on the labeled merge set (library defaults "
+             "otherwise)."]
+    result = ExperimentResult(
+        name="merging",
+        config={"dataset": dataset, "scale": scale, "seeds": seeds,
+                "first_seed": per_seed[0]["seed"], "K": K, **cfg,
+                "scales": list(cfg["scales"]), "out": str(out) if out is not None else None},
+        tables={
+            "test accuracy": Table(["method"] + [c for c in CONDITIONS] + ["seconds (clean)"], rows,
+                                   f"Test accuracy (mean ± std over {seeds} seed(s)); '+x1000' etc. "
+                                   "add one malicious copy of member 0 to the K members."),
+            "soft merging gates of the malicious member": Table(
+                ["condition", "units", "fraction of its gates = 0", "its mean gate",
+                 "mean gate of good members"], gate_rows),
+            "adamerging coefficients": Table(
+                ["condition", "granularity", "mean lambda of good members",
+                 "lambda of the malicious member", "entropy first step", "entropy last step"],
+                ada_rows, "Learned task-arithmetic coefficients (start 0.3, clamped to [0, 1]; "
+                "'layer': mean over the member's tensors) and the batch prediction entropy."),
+        },
+        data={"per_seed": per_seed},
+        notes=notes,
+        seconds=seconds,
+    )
+    result.figures["merging_accuracy"] = plots.grouped_bars(
+        list(METHOD_ROWS), series, title=f"merging on {dataset} ({scale}, {seeds} seed(s))")
+    return result

@@ -1,0 +1,50 @@
+"""Federated learning with weight scope alignment.
+
+- `partition`: IID, Dirichlet label-skew and shard splits of a dataset among clients.
+- `client_update`: local training with nothing (FedAvg), a proximal term (FedProx), weight
+  decay, or WSA toward the round's target scope; reports the client's weight scope.
+- `aggregate` functions (FedAvg, coordinate median, trimmed mean) and the strategies over them
+  (`FedAvg`, `FedProx`, `WSA`).
+- `simulate`: the embedded in-process simulator (checkpoints, resume, dropped clients).
+- `basinmerge.fl.flower_app`: the same client update and strategies as a Flower app (needs the
+  ``flower`` extra; imported on demand).
+"""
+
+from basinmerge.fl.aggregate import (
+    AGGREGATORS,
+    aggregate,
+    coordinate_median,
+    fedavg,
+    scope_spread,
+    screen_updates,
+    trimmed_mean,
+)
+from basinmerge.fl.client import (
+    ClientTimeout,
+    ClientUpdate,
+    Instructions,
+    LocalTraining,
+    client_update,
+    derive_seed,
+)
+from basinmerge.fl.config import FLConfig, build_model, build_partitions, load_data
+from basinmerge.fl.partition import SCHEMES, class_histogram, partition, summarize
+from basinmerge.fl.simulator import SimulationResult, simulate
+from basinmerge.fl.strategy import (
+    STRATEGIES,
+    WSA,
+    FedAvg,
+    FedProx,
+    RoundOutcome,
+    Strategy,
+    make_strategy,
+)
+
+__all__ = [
+    "AGGREGATORS", "SCHEMES", "STRATEGIES", "ClientTimeout", "ClientUpdate", "FLConfig", "FedAvg",
+    "FedProx", "Instructions", "LocalTraining", "RoundOutcome",
+    "SimulationResult", "Strategy", "WSA", "aggregate", "build_model", "build_partitions",
+    "class_histogram", "client_update", "coordinate_median", "derive_seed", "fedavg",
+    "load_data", "make_strategy", "partition", "scope_spread", "screen_updates", "simulate",
+    "summarize", "trimmed_mean",
+]

@@ -1,0 +1,143 @@
+"""One federated run as a plain, JSON-able configuration, and everything built from it.
+
+`FLConfig` names a run completely (dataset, model, partition, local training, strategy, seed):
+the embedded simulator stores it in its checkpoints and refuses to resume under another one,
+and the Flower apps rebuild the same data, partitions, model and strategy from it on every
+node. `build(config)` returns those pieces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torch import nn
+
+from basinmerge import data as data_mod
+from basinmerge import models
+from basinmerge.data import Dataset
+from basinmerge.errors import ConfigError
+from basinmerge.fl.client import LocalTraining
+from basinmerge.fl.partition import SCHEMES, partition
+from basinmerge.fl.strategy import (
+    DEFAULT_WSA_LAMBDA,
+    STRATEGIES,
+    Strategy,
+    check_fraction,
+    make_strategy,
+)
+
+
+@dataclass(frozen=True)
+class FLConfig:
+    dataset: str = "fashion-mnist"
+    model: str = "mlp"
+    model_options: dict = field(default_factory=dict)
+    clients: int = 20
+    scheme: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    min_size: int = 10
+    rounds: int = 50
+    local_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    fraction: float = 0.5
+    strategy: str = "fedavg"
+    aggregate: str = "mean"
+    trim: float = 0.1
+    mu: float = 0.01
+    wsa_lambda: float = DEFAULT_WSA_LAMBDA
+    wsa_target: str = "fused"
+    divergence: str = "kl"
+    fusion: str = "moment"
+    seed: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ConfigError(f"--clients must be >= 1, got {self.clients}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown --scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown --strategy '{self.strategy}'; choose one of "
+                              f"{', '.join(STRATEGIES)}")
+        try:
+            check_fraction(self.fraction)
+        except ConfigError as e:
+            raise ConfigError(f"--fraction: {e}") from None
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        self.local_training()  # validates epochs, batch size, weight decay
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown federated option '{unknown[0]}'")
+        return cls(**d)
+
+    def identity(self) -> dict:
+        """The fields that define the computation (all but where the data files live)."""
+        d = self.to_dict()
+        d.pop("data_root")
+        return d
+
+    def local_training(self) -> LocalTraining:
+        return LocalTraining(epochs=self.local_epochs, batch_size=self.batch_size, lr=self.lr,
+                             optimizer=self.optimizer, momentum=self.momentum,
+                             weight_decay=self.weight_decay)
+
+    def make_strategy(self) -> Strategy:
+        return make_strategy(self.strategy, fraction=self.fraction, seed=self.seed,
+                             aggregator=self.aggregate, trim=self.trim, mu=self.mu,
+                             wsa_lambda=self.wsa_lambda, wsa_target=self.wsa_target,
+                             divergence=self.divergence, fusion=self.fusion)
+
+
+def first_difference(stored: dict, current: dict) -> str | None:
+    """The first option whose value differs between two config dicts, as a readable phrase."""
+    for k in sorted(set(stored) | set(current)):
+        if stored.get(k, "<unset>") != current.get(k, "<unset>"):
+            return f"{k} = {stored.get(k, '<unset>')!r} there, {current.get(k, '<unset>')!r} here"
+    return None
+
+
+def load_data(cfg: FLConfig) -> tuple[Dataset, Dataset]:
+    """Train and test splits; the optional subsets are fixed (seed 0), the same for every run
+    seed, so seeds differ only in initialization, partition and sampling."""
+    train = data_mod.load(cfg.dataset, "train", cfg.data_root)
+    test = data_mod.load(cfg.dataset, "test", cfg.data_root)
+    if cfg.train_limit is not None and cfg.train_limit < len(train):
+        train = train.subset(cfg.train_limit, seed=0)
+    if cfg.test_limit is not None and cfg.test_limit < len(test):
+        test = test.subset(cfg.test_limit, seed=0)
+    return train, test
+
+
+def build_model(cfg: FLConfig, train: Dataset) -> nn.Module:
+    return models.build(cfg.model, train.input_shape, train.num_classes, seed=cfg.seed,
+                        **cfg.model_options)
+
+
+def build_partitions(cfg: FLConfig, train: Dataset) -> list:
+    return partition(train.y, cfg.clients, cfg.scheme, alpha=cfg.alpha,
+                     classes_per_client=cfg.classes_per_client, min_size=cfg.min_size,
+                     seed=cfg.seed)

@@ -1,0 +1,117 @@
+"""Fisher merging (Matena & Raffel 2021).
+
+theta* = sum_k lambda_k F_k theta_k / sum_k lambda_k F_k per coordinate, with the diagonal Fisher
+
+    F = E_x sum_y p(y|x) (d log p(y|x) / d theta)^2
+
+computed exactly from per-example gradients (torch.func: functional_call + vmap + jacrev over
+the class log-probabilities), weighted by the model's own predictive distribution: no labels are
+needed. Each F is floored at 1e-6 so a coordinate no model cares about falls back to the
+(lambda-weighted) average. FusionBench's batched variant squares a gradient summed over a batch
+and is only an approximation of this.
+
+Buffers (BatchNorm statistics) get no gradient: they are averaged, then recomputed on the data
+when ``reset_bn`` is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from basinmerge.errors import ConfigError
+from basinmerge.merge._common import (
+    ModelLike,
+    finish_bn,
+    module_state,
+    param_keys,
+    per_model_data,
+    prepare,
+    template_of,
+    weights_vector,
+    xy,
+)
+from basinmerge.state import StateDict, is_float, module_mode, weighted_average
+
+JACOBIAN_BUDGET = 2 ** 24  # floats held by one chunk of per-example Jacobians (64 MB)
+
+
+def diagonal_fisher(template: nn.Module, state: StateDict, data: Any, *,
+                    num_examples: int | None = None, chunk: int | None = None) -> StateDict:
+    """The diagonal Fisher of every parameter of `state` (run through `template`), averaged
+    over the inputs of `data` (labels, if any, are ignored)."""
+    x, _ = xy(data, "Fisher data")
+    if num_examples is not None:
+        x = x[:num_examples]
+    full = module_state(template, state)
+    keys = param_keys(template)
+    params = {k: full[k].detach() for k in keys}
+    rest = {k: v for k, v in full.items() if k not in params}
+    device = next(iter(params.values())).device
+    with module_mode(template, False):
+        def log_probs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+            out = functional_call(template, (p, rest), (xi.unsqueeze(0),))
+            return torch.log_softmax(out, dim=-1).squeeze(0)
+
+        per_example = vmap(jacrev(log_probs), in_dims=(None, 0))
+        n_params = sum(p.numel() for p in params.values())
+        with torch.no_grad():
+            n_classes = int(functional_call(template, (params, rest), (x[:1].to(device),)).shape[-1])
+        step = chunk or max(1, JACOBIAN_BUDGET // max(1, n_params * n_classes))
+        fisher = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
+        for i in range(0, x.shape[0], step):
+            xb = x[i:i + step].to(device)
+            with torch.no_grad():
+                probs = torch.softmax(functional_call(template, (params, rest), (xb,)), dim=-1)
+            jac = per_example(params, xb)  # key -> (B, C, *shape)
+            w = probs.reshape(1, -1)
+            for k, j in jac.items():
+                sq = j.detach().reshape(w.shape[1], -1) ** 2  # (B*C, numel)
+                fisher[k] += (w @ sq).reshape(fisher[k].shape).to(torch.float64)
+    return {k: (v / x.shape[0]).to("cpu") for k, v in fisher.items()}
+
+
+def fisher(models: Sequence[ModelLike], data: Any, *, weights: Sequence[float] | None = None,
+           model: nn.Module | None = None, num_examples: int | None = 1000,
+           floor: float = 1e-6, fishers: Sequence[StateDict] | None = None,
+           reset_bn: bool = True, names: Sequence[str] | None = None) -> StateDict:
+    """Fisher-weighted average of the models.
+
+    `data` is one dataset for every model or a list with one per model (each model's own
+    training data, as in the paper); `weights` are the lambda_k (uniform by default);
+    precomputed `fishers` (key -> diagonal Fisher, per model) skip the gradient pass."""
+    states, _, names = prepare(models, "fisher", names=names)
+    lam = weights_vector(weights, len(states), "fisher weights")
+    lam_list = [1.0 / len(states)] * len(states) if lam is None else (lam / lam.sum()).tolist()
+    if floor <= 0:
+        raise ConfigError(f"fisher floor must be positive, got {floor}")
+    template = None
+    if fishers is None:
+        template = template_of(models, model, "fisher")
+        if data is None:
+            raise ConfigError("merge method 'fisher' needs data (or precomputed fishers=...)")
+        datas = per_model_data(data, len(states), "fisher")
+        fishers = [diagonal_fisher(template, s, d, num_examples=num_examples)
+                   for s, d in zip(states, datas, strict=True)]
+    elif len(fishers) != len(states):
+        raise ConfigError(f"fisher: got {len(fishers)} Fisher estimates for {len(states)} models")
+    elif data is not None and (model is not None or any(isinstance(m, nn.Module) for m in models)):
+        template = template_of(models, model, "fisher")
+    avg = weighted_average(states, lam_list)
+    out: StateDict = {}
+    for key, v in states[0].items():
+        if not is_float(v) or key not in fishers[0]:
+            out[key] = avg[key]
+            continue
+        num = torch.zeros_like(v, dtype=torch.float64)
+        den = torch.zeros_like(v, dtype=torch.float64)
+        for lk, s, f in zip(lam_list, states, fishers, strict=True):
+            fk = lk * f[key].to(torch.float64).clamp(min=floor)
+            num += fk * s[key].to(torch.float64)
+            den += fk
+        out[key] = (num / den).to(v.dtype)
+    return out if template is None else finish_bn(template, out, data, reset_bn)

@@ -1,0 +1,143 @@
+"""RegMean (Jin et al., ICLR 2023): merge each linear layer by regression on its inputs.
+
+For a Linear layer with weights W_k (out x in) and the Gram matrix G_k = X_k^T X_k / n_k of the
+inputs it sees in model k (collected with forward hooks on each model's own data):
+
+    W*^T = (sum_k G~_k)^-1 sum_k G~_k W_k^T,   G~ = G with its off-diagonal entries times alpha
+
+(a linear solve, never an explicit inverse). alpha = 1 is the least-squares fit of the stacked
+inputs to the stacked outputs of all models; alpha = 0 is a per-input-unit weighted average.
+The paper merges the weight only and averages the bias (``bias="average"``, the default);
+``bias="regress"`` appends a constant 1 to the inputs and fits weight and bias jointly.
+Input units that no model ever activates (zero Gram rows) take the plain average.
+Everything that is not a Linear weight is averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from basinmerge.errors import ConfigError
+from basinmerge.merge._common import (
+    ModelLike,
+    child_key,
+    finish_bn,
+    module_state,
+    per_model_data,
+    prepare,
+    template_of,
+    xy,
+)
+from basinmerge.state import StateDict, module_mode, weighted_average
+
+BIAS_MODES = ("average", "regress")
+
+
+def linear_layers(template: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in template.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
+                 num_examples: int | None = None, with_bias: bool = False,
+                 batch_size: int = 500) -> dict[str, torch.Tensor]:
+    """Per Linear module name: the mean Gram matrix X^T X / n (float64) of its inputs when
+    `state` runs through `template` on the inputs of `data` (eval mode); with `with_bias`, the
+    inputs get a constant 1 column appended."""
+    x, _ = xy(data, "RegMean data")
+    if num_examples is not None:
+        x = x[:num_examples]
+    layers = linear_layers(template)
+    grams: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            a = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            if with_bias:
+                a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
+            g = a.T @ a
+            grams[name] = grams[name] + g if name in grams else g
+            counts[name] = counts.get(name, 0) + a.shape[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    full = module_state(template, state)
+    device = next(iter(full.values())).device
+    try:
+        with module_mode(template, False):
+            for i in range(0, x.shape[0], batch_size):
+                functional_call(template, full, (x[i:i + batch_size].to(device),))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (g / counts[n]).cpu() for n, g in grams.items()}
+
+
+def scale_off_diagonal(g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * G off the diagonal, G on it."""
+    diag = torch.diagonal(g).clone()
+    out = g * alpha
+    out.diagonal().copy_(diag)
+    return out
+
+
+def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                  alpha: float = 1.0) -> torch.Tensor:
+    """W* = ((sum G~_k)^-1 sum G~_k W_k^T)^T for weights W_k of shape (out, in) and Grams
+    (in, in). Zero input rows take the average of the W_k; a singular system (alpha = 1 with
+    fewer examples than inputs) falls back to the minimum-norm least-squares solution."""
+    gs = [scale_off_diagonal(g.to(torch.float64), alpha) for g in grams]
+    ws = [w.to(torch.float64) for w in weights]
+    a = sum(gs)
+    b = sum(g @ w.T for g, w in zip(gs, ws, strict=True))
+    dead = torch.diagonal(a) == 0
+    if dead.any():
+        a = a.clone()
+        a[dead, dead] = float(len(gs))
+        b = b.clone()
+        b[dead] = sum(w.T[dead] for w in ws)
+    try:
+        sol = torch.linalg.solve(a, b)
+    except RuntimeError:  # singular: torch raises torch.linalg.LinAlgError (a RuntimeError)
+        sol = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    return sol.T
+
+
+def regmean(models: Sequence[ModelLike], data: Any, alpha: float = 0.9, *,
+            model: nn.Module | None = None, bias: str = "average",
+            num_examples: int | None = 1000, reset_bn: bool = True,
+            names: Sequence[str] | None = None) -> StateDict:
+    """RegMean merge. `data`: one dataset for every model, or a list with one per model (its
+    own training data, as in the paper); labels are not used."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"regmean alpha must be in [0, 1], got {alpha}")
+    if bias not in BIAS_MODES:
+        raise ConfigError(f"regmean bias must be one of {', '.join(BIAS_MODES)}, got '{bias}'")
+    states, _, names = prepare(models, "regmean", names=names)
+    template = template_of(models, model, "regmean")
+    datas = per_model_data(data, len(states), "regmean")
+    regress = bias == "regress"
+    grams = [linear_grams(template, s, d, num_examples=num_examples, with_bias=regress)
+             for s, d in zip(states, datas, strict=True)]
+    out = weighted_average(states)
+    for name, layer in linear_layers(template).items():
+        wkey, bkey = child_key(name, "weight"), child_key(name, "bias")
+        if name not in grams[0]:
+            continue  # the layer never ran on this data
+        has_bias = regress and layer.bias is not None
+        ws = [torch.cat([s[wkey], s[bkey].unsqueeze(1)], 1) if has_bias else s[wkey] for s in states]
+        gs = [g[name] if (has_bias or not regress) else g[name][:-1, :-1] for g in grams]
+        merged = regmean_solve(gs, ws, alpha)
+        dtype = states[0][wkey].dtype
+        if has_bias:
+            out[wkey] = merged[:, :-1].to(dtype).contiguous()
+            out[bkey] = merged[:, -1].to(dtype).contiguous()
+        else:
+            out[wkey] = merged.to(dtype).contiguous()
+    return finish_bn(template, out, data, reset_bn)
