@@ -5,10 +5,34 @@
   input and returns ``(model, meta)``.
 - `save_state` / `load_state`: the same for a bare state_dict.
 - `StateReader`: a memory-mapped, tensor-by-tensor reader for streaming merges.
+- Checkpoints from anywhere (see "Formats" below): `checkpoint_format`, `load_state`,
+  `read_meta`, `tensor_index`, `load_model(path, like=...)` and `save_like(state, out, like)`.
 - `atomic_path`, `write_json`, `write_text`, `save_figure`: every write goes to a temporary file
   in the target folder and is renamed into place, so no half-written output is ever left.
 
-A ``.pt``/``.pth`` file is read with ``torch.load(weights_only=True)``: no pickled code runs.
+A ``.pt``/``.pth``/``.bin`` file is read with ``torch.load(weights_only=True)``: no pickled code
+runs.
+
+Formats (`checkpoint_format`):
+
+- ``"basinmerge"``: a safetensors file whose metadata (JSON under the ``basinmerge`` header key)
+  names its architecture (``model``); `load_model` rebuilds it with no other input.
+- ``"hf"``: a Hugging Face model folder (``save_pretrained``): ``config.json`` and
+  ``model.safetensors``, or shards listed in ``model.safetensors.index.json``, or
+  ``pytorch_model.bin`` (single or sharded; read with ``weights_only=True``). `load_model` builds
+  the class named in ``config.architectures`` through `transformers` (imported only then).
+- ``"safetensors"``: any other safetensors file (a bare state_dict; our metadata, if present,
+  is still read).
+- ``"pt"``: a ``.pt``/``.pth``/``.bin`` file holding a state_dict, or ``{"state_dict", "meta"}``.
+
+The ``meta`` returned with the tensors is the file's own metadata (the project's JSON, ``{}``
+when there is none); for an HF folder it is that plus ``format: "hf"`` and ``hf_config`` (the
+parsed ``config.json``). Keys in `FORMAT_KEYS` describe the input and are never written back.
+
+Tied weights: HF files store a tied tensor once (GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``). `load_state` returns the stored tensors only; `load_model`
+rebuilds the model (whose constructor ties them) and fills a missing tied key from its partner;
+`save_like` writes each shared tensor once again.
 """
 
 from __future__ import annotations
@@ -16,7 +40,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+import shutil
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +59,17 @@ META_KEY = "basinmerge"
 # Checkpoints written before the rename keep their metadata under the old name; read them too.
 LEGACY_META_KEYS = ("mergescope",)
 PT_SUFFIXES = (".pt", ".pth", ".bin")
+FORMATS = ("basinmerge", "hf", "safetensors", "pt")
+# Keys of `meta` that describe the input's format: read, never written into an output.
+FORMAT_KEYS = ("format", "hf_config")
+HF_CONFIG = "config.json"
+HF_SAFETENSORS = "model.safetensors"
+HF_SAFETENSORS_INDEX = "model.safetensors.index.json"
+HF_BIN = "pytorch_model.bin"
+HF_BIN_INDEX = "pytorch_model.bin.index.json"
+# Files of an HF folder that hold weights (not copied into an output folder).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+DEFAULT_MAX_SHARD_MIB = 4096.0
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -136,37 +173,147 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                meta: Mapping[str, Any] | None = None) -> Path:
     """Write a state_dict and JSON metadata as safetensors, atomically."""
     path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    meta = dict(meta or {})
-    meta.setdefault("basinmerge_version", _library_version())
-    header = {META_KEY: json.dumps(meta, default=_json_default)}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _unshared(state).items()}
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        save_file(tensors, str(tmp), metadata=header_metadata(meta))
     return path
+
+
+def header_metadata(meta: Mapping[str, Any] | None) -> dict[str, str]:
+    """The safetensors header metadata that records `meta` (less `FORMAT_KEYS`, plus the library
+    version); ``format: pt`` is what `transformers` expects of a PyTorch safetensors file."""
+    meta = {k: v for k, v in dict(meta or {}).items() if k not in FORMAT_KEYS}
+    meta.setdefault("basinmerge_version", _library_version())
+    return {"format": "pt", META_KEY: json.dumps(meta, default=_json_default)}
 
 
 def save(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> Path:
     """Save a model built by `basinmerge.models.build` with its architecture config and `meta`
     (dataset, training config, metrics, ...)."""
     config = getattr(model, "config", None)
-    if config is None:
+    if config is None or not isinstance(config, Mapping):
         raise CheckpointError(f"{path}: the model has no 'config' attribute; build it with "
-                              "basinmerge.models.build (or use save_state for a bare state_dict)")
+                              "basinmerge.models.build (or use save_state for a bare state_dict, "
+                              "save_like for another format)")
     full = {**dict(meta or {}), "model": config}
     return save_state(model.state_dict(), path, full)
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a checkpoint, without reading its tensors."""
-    path = _existing(path)
-    if path.suffix in PT_SUFFIXES:
-        return _load_pt(path)[1]
+# --------------------------------------------------------------------------- formats
+
+
+def _raw_header(path: Path) -> dict:
+    """The whole JSON header of a safetensors file (with ``__metadata__``), no tensor read."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = _header_meta(f.metadata())
-    except (SafetensorError, OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: checkpoint file not found") from e
+    except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    return _parse_meta(path, raw)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: malformed safetensors header")
+    return header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Key -> (dtype name, shape) from a safetensors header, in the file's data order, without
+    reading any tensor."""
+    path = Path(path)
+    header = _raw_header(path)
+    header.pop("__metadata__", None)
+    try:
+        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        return {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in items}
+    except (KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
+
+
+def _hf_weights(folder: Path) -> Path:
+    """The weights file (or index) of an HF model folder."""
+    for name in (HF_SAFETENSORS_INDEX, HF_SAFETENSORS, HF_BIN_INDEX, HF_BIN):
+        if (folder / name).is_file():
+            return folder / name
+    loose = sorted(folder.glob("*.safetensors"))
+    if len(loose) == 1:  # a folder holding one bare safetensors file under another name
+        return loose[0]
+    raise CheckpointError(f"{folder}: a folder with no model weights (looked for {HF_SAFETENSORS}, "
+                          f"{HF_SAFETENSORS_INDEX}, {HF_BIN}, {HF_BIN_INDEX})")
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    """`path` as given, after checking it exists."""
+    path = Path(path)
+    if path.is_dir():
+        _hf_weights(path)
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return path
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """What `path` is: ``"basinmerge"``, ``"hf"``, ``"safetensors"`` or ``"pt"`` (module
+    docstring). Reads only a header."""
+    path = _resolve(path)
+    if path.is_dir():
+        return "hf"
+    if path.suffix in PT_SUFFIXES:
+        return "pt"
+    raw = _header_meta(_raw_header(path).get("__metadata__"))
+    return "basinmerge" if "model" in _parse_meta(path, raw) else "safetensors"
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    """key -> shard file from an HF ``*.index.json``, every shard checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+    out: dict[str, Path] = {}
+    for key, shard in weight_map.items():
+        file = index.parent / str(shard)
+        if not file.is_file():
+            raise CheckpointError(f"{index}: names shard '{shard}' (for key '{key}'), which is "
+                                  "missing")
+        out[key] = file
+    return out
+
+
+def _weight_files(path: Path) -> tuple[str, dict[str, Path] | Path]:
+    """("safetensors" | "pt", the file or the key -> shard map) of a checkpoint."""
+    file = _hf_weights(path) if path.is_dir() else path
+    kind = "pt" if file.name.endswith((".bin", ".bin.index.json", ".pt", ".pth")) else "safetensors"
+    if file.name.endswith(".index.json"):
+        return kind, _read_index(file)
+    return kind, file
+
+
+def tensor_index(path: str | os.PathLike) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """key -> (file, safetensors dtype name, shape) over one safetensors file or an HF folder
+    (single file or sharded), from the headers alone; for streaming."""
+    path = _resolve(path)
+    kind, files = _weight_files(path)
+    if kind != "safetensors":
+        raise CheckpointError(f"{path}: reading tensor by tensor needs safetensors files, this "
+                              "checkpoint holds pickled (.bin/.pt) weights")
+    if isinstance(files, Path):
+        return {k: (files, dt, shape) for k, (dt, shape) in read_header(files).items()}
+    headers = {f: read_header(f) for f in dict.fromkeys(files.values())}
+    out: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for file, header in headers.items():  # shard by shard, each in data order
+        for k, (dt, shape) in header.items():
+            if files.get(k) == file:
+                out[k] = (file, dt, shape)
+    missing = [k for k in files if k not in out]
+    if missing:
+        raise CheckpointError(f"{path}: the index maps key '{missing[0]}' to "
+                              f"{files[missing[0]].name}, which does not hold it")
+    return out
 
 
 def _header_meta(header: Mapping[str, str] | None) -> str:
@@ -191,6 +338,38 @@ def _parse_meta(path: Path, raw: str) -> dict:
     return meta
 
 
+def _hf_meta(folder: Path, file_meta: dict) -> dict:
+    config = None
+    if (folder / HF_CONFIG).is_file():
+        try:
+            config = json.loads((folder / HF_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder / HF_CONFIG}: not valid JSON ({e})") from e
+    return {**file_meta, "format": "hf", "hf_config": config}
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The metadata of a checkpoint (see the module docstring), without reading its tensors
+    (a pickled file is read whole)."""
+    path = _resolve(path)
+    kind, files = _weight_files(path)
+    if kind == "pt":
+        meta = _load_pt(files if isinstance(files, Path) else next(iter(files.values())))[1]
+    else:
+        first = files if isinstance(files, Path) else next(iter(files.values()), None)
+        meta = {} if first is None else _safetensors_meta(first)
+    return _hf_meta(path, meta) if path.is_dir() else meta
+
+
+def _safetensors_meta(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = _header_meta(f.metadata())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return _parse_meta(path, raw)
+
+
 def _existing(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
@@ -213,16 +392,12 @@ def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return dict(obj), meta
 
 
-def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a checkpoint's tensors and metadata (no model is built)."""
-    path = _existing(path)
-    if path.suffix in PT_SUFFIXES:
-        return _load_pt(path)
+def _load_safetensors(path: Path, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = _parse_meta(path, _header_meta(f.metadata()))
             state = {}
-            for k in f.keys():
+            for k in (f.keys() if keys is None else keys):
                 try:
                     state[k] = f.get_tensor(k)
                 except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -233,12 +408,50 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
+def load_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint's tensors and metadata, any format (no model is built)."""
+    path = _resolve(path)
+    kind, files = _weight_files(path)
+    read = _load_pt if kind == "pt" else _load_safetensors
+    if isinstance(files, Path):
+        state, meta = read(files)
+    else:  # sharded: each shard once, its keys in the index
+        state, meta = {}, {}
+        for i, shard in enumerate(dict.fromkeys(files.values())):
+            part, shard_meta = read(shard)
+            wanted = [k for k, f in files.items() if f == shard]
+            absent = [k for k in wanted if k not in part]
+            if absent:
+                raise CheckpointError(f"{path}: the index maps key '{absent[0]}' to {shard.name}, "
+                                      "which does not hold it")
+            state.update({k: part[k] for k in wanted})
+            meta = shard_meta if i == 0 else meta
+    return state, (_hf_meta(path, meta) if path.is_dir() else meta)
+
+
+def _tie_groups(model: nn.Module) -> dict[str, list[str]]:
+    """key -> the other state_dict keys that share its storage (tied weights)."""
+    by_ptr: dict[tuple, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if v.numel():
+            by_ptr.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(),
+                               tuple(v.shape), v.stride()), []).append(k)
+    return {k: [o for o in ks if o != k] for ks in by_ptr.values() if len(ks) > 1 for k in ks}
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
-    """Load `state` into `model`, raising one clear error naming the first bad key."""
+    """Load `state` into `model`, raising one clear error naming the first bad key. A key the
+    model ties to another (one tensor under two names) may be absent: it is filled from its
+    partner, so the tie is kept."""
     expected = model.state_dict()
+    ties = _tie_groups(model)
+    state = dict(state)
     for k, v in expected.items():
         if k not in state:
-            raise CheckpointError(f"{source}: key '{k}' is missing (the architecture needs it)")
+            partner = next((o for o in ties.get(k, ()) if o in state), None)
+            if partner is None:
+                raise CheckpointError(f"{source}: key '{k}' is missing (the architecture needs it)")
+            state[k] = state[partner]
         if tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: key '{k}' has shape {tuple(state[k].shape)}, the "
                                   f"architecture expects {tuple(v.shape)}")
@@ -250,26 +463,248 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str =
     return model
 
 
-def load(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the model stored in `path` and return ``(model, meta)``.
+def _no_architecture(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: no architecture to build a model from (no 'model' in its metadata, no HF "
+        "config.json); give an HF model folder with config.json, a checkpoint written by "
+        "basinmerge, or like= another checkpoint of the same architecture")
 
-    The architecture comes from the file's metadata; `config` overrides it (needed for a bare
-    ``.pt`` state_dict)."""
-    path = Path(path)
-    state, meta = load_state(path)
+
+def _build_hf(path: Path, config: Mapping[str, Any]) -> nn.Module:
+    """The `transformers` model named by an HF config (``architectures[0]``, else AutoModel)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise CheckpointError(f"{path}: building a Hugging Face model needs the 'transformers' "
+                              "package (pip install 'basinmerge[hf]')") from e
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if model_type is None:
+        raise CheckpointError(f"{path / HF_CONFIG}: has no 'model_type'")
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / HF_CONFIG}: transformers cannot read it ({e})") from e
+    archs = list(getattr(cfg, "architectures", None) or [])
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if archs and cls is None:
+        raise CheckpointError(f"{path / HF_CONFIG}: architecture '{archs[0]}' is not in "
+                              f"transformers {transformers.__version__}")
+    try:
+        return cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
+        raise CheckpointError(f"{path / HF_CONFIG}: cannot build the model ({e})") from e
+
+
+def _build(path: Path, meta: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> nn.Module:
+    if config is None and meta.get("hf_config") is not None:
+        return _build_hf(path, meta["hf_config"])
     arch = dict(config) if config is not None else meta.get("model")
     if arch is None:
-        raise CheckpointError(f"{path}: no architecture config in the metadata; pass config=...")
+        raise _no_architecture(path)
     if not isinstance(arch, Mapping):
         raise CheckpointError(f"{path}: the architecture config ('model' in the metadata) must "
                               f"be a JSON object, found {type(arch).__name__}")
     try:
-        model = build_from_config(arch)
+        return build_from_config(arch)
     except ConfigError as e:
         raise CheckpointError(f"{path}: bad architecture config ({e})") from e
+
+
+def load_model(path: str | os.PathLike, like: str | os.PathLike | None = None,
+               ) -> tuple[nn.Module, dict]:
+    """Build the model stored at `path` (any format) in eval mode and return ``(model, meta)``.
+
+    The architecture comes from the project's metadata, from an HF folder's ``config.json``
+    (through `transformers`), or, when `like` is given, from that other checkpoint (of the
+    same architecture; only its architecture is used). Anything else raises one error that
+    says which of these to give."""
+    path = _resolve(path)
+    state, meta = load_state(path)
+    if like is not None:
+        like = _resolve(like)
+        model = _build(like, read_meta(like))
+    else:
+        model = _build(path, meta)
     load_into(model, state, source=str(path))
     model.eval()
     return model, meta
+
+
+def load(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in `path` and return ``(model, meta)``: `load_model`, or with
+    `config` (a project architecture config, e.g. for a bare ``.pt`` state_dict) that one."""
+    if config is None:
+        return load_model(path)
+    path = _resolve(path)
+    state, meta = load_state(path)
+    model = _build(path, meta, config)
+    load_into(model, state, source=str(path))
+    model.eval()
+    return model, meta
+
+
+# --------------------------------------------------------------------------- writing like the input
+
+
+def _unshared(state: Mapping[str, torch.Tensor], drop: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """`state` with each tensor stored once: a key whose tensor shares storage with an earlier
+    key (a tied weight), or a key in `drop`, is left out (safetensors refuses shared tensors)."""
+    drop = set(drop)
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in state.items():
+        if k in drop:
+            continue
+        if v.numel():
+            ident = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
+                     v.stride())
+            if ident in seen:
+                continue
+            seen.add(ident)
+        out[k] = v
+    return out
+
+
+def _tied_duplicates(state: Mapping[str, torch.Tensor], stored: set[str]) -> list[str]:
+    """Keys of `state` absent from an HF file's `stored` keys whose tensor equals a stored one:
+    tied weights (the file keeps one name per tensor)."""
+    extra = [k for k in state if k not in stored]
+    out = []
+    for k in extra:
+        v = state[k]
+        if any(o in stored and state[o].shape == v.shape and torch.equal(state[o], v)
+               for o in state if o != k):
+            out.append(k)
+    return out
+
+
+def _check_out_folder(out: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a folder (an HF model is a folder)")
+    for p in inputs:
+        if out.resolve() == Path(p).resolve():
+            raise CheckpointError(f"{out}: the output folder is an input; choose another")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: output folder exists and is not empty (force it to "
+                              "replace it)")
+
+
+@contextmanager
+def atomic_folder(out: str | os.PathLike, force: bool = False,
+                  inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on error it is
+    removed. Refuses an existing non-empty `out` unless `force`, and an `out` among `inputs`."""
+    out = Path(out)
+    _check_out_folder(out, force, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.{secrets.token_hex(6)}.old"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def hf_output(out: str | os.PathLike, like: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """An HF model folder being written: a temporary folder holding copies of `like`'s
+    non-weight files (config.json, tokenizer, generation config, ...); write the weights into
+    it and it is renamed onto `out` on success (see `atomic_folder`)."""
+    like = Path(like)
+    with atomic_folder(out, force, [like]) as tmp:
+        if like.is_dir():
+            for f in sorted(like.iterdir()):
+                if f.is_file() and not f.name.endswith((*_WEIGHT_SUFFIXES, ".index.json")):
+                    shutil.copy2(f, tmp / f.name)
+        yield tmp
+
+
+def _shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return shards
+
+
+def write_hf_weights(folder: Path, state: Mapping[str, torch.Tensor],
+                     meta: Mapping[str, Any] | None = None,
+                     max_shard_mib: float = DEFAULT_MAX_SHARD_MIB) -> list[Path]:
+    """Write `state` into `folder` as HF does: ``model.safetensors``, or shards of at most
+    `max_shard_mib` MiB with ``model.safetensors.index.json``. Returns the files written."""
+    if not max_shard_mib > 0:
+        raise ConfigError(f"max_shard_mib must be positive, got {max_shard_mib}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    header = header_metadata(meta)
+    shards = _shards(tensors, max(1, int(max_shard_mib * 2**20)))
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / HF_SAFETENSORS), metadata=header)
+        return [folder / HF_SAFETENSORS]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata=header)
+        files.append(folder / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / HF_SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return [*files, folder / HF_SAFETENSORS_INDEX]
+
+
+def save_like(state: Mapping[str, torch.Tensor], out: str | os.PathLike,
+              like: str | os.PathLike, meta: Mapping[str, Any] | None = None, *,
+              fmt: str | None = None, max_shard_mib: float = DEFAULT_MAX_SHARD_MIB,
+              force: bool = False) -> Path:
+    """Write `state` to `out` in the form of the checkpoint `like` (or in `fmt`), atomically.
+
+    - ``"hf"``: a model folder: `like`'s config and tokenizer files copied, the weights as
+      ``model.safetensors`` or shards of at most `max_shard_mib` MiB with their index; tied
+      weights stored once. An existing non-empty `out` is refused unless `force`.
+    - ``"basinmerge"``: a safetensors file with `meta` and `like`'s architecture (``model``).
+    - ``"safetensors"``: a safetensors file with `meta` (no architecture).
+    - ``"pt"``: ``torch.save({"state_dict": ..., "meta": ...})`` (read back by `load_state`).
+    `meta` is recorded in every form (safetensors header / the dict's ``meta``)."""
+    fmt = fmt or checkpoint_format(like)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown checkpoint format '{fmt}'; choose one of: {', '.join(FORMATS)}")
+    out = Path(out)
+    meta = {k: v for k, v in dict(meta or {}).items() if k not in FORMAT_KEYS}
+    if fmt == "hf":
+        stored: set[str] = set()
+        if Path(like).is_dir() and _weight_files(Path(like))[0] == "safetensors":
+            stored = set(tensor_index(like))
+        tensors = _unshared(state, _tied_duplicates(state, stored) if stored else ())
+        with hf_output(out, like, force) as tmp:
+            write_hf_weights(tmp, tensors, meta, max_shard_mib)
+        return out
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a folder; a {fmt} checkpoint is one file")
+    if fmt == "basinmerge" and "model" not in meta:
+        arch = read_meta(like).get("model")
+        if arch is not None:
+            meta["model"] = arch
+    if fmt == "pt":
+        meta.setdefault("basinmerge_version", _library_version())
+        tensors = {k: v.detach().cpu() for k, v in state.items()}
+        with atomic_path(out, suffix=out.suffix or ".pt") as tmp:
+            torch.save({"state_dict": tensors, "meta": meta}, tmp)
+        return out
+    return save_state(state, out, meta)
 
 
 class StateReader:

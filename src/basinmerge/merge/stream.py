@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from basinmerge import io
 from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from basinmerge.io import META_KEY, StateReader, atomic_path
+from basinmerge.io import META_KEY, StateReader, atomic_path, read_header  # noqa: F401 - read_header: its old home
 from basinmerge.merge._common import Kernel, check_count, merged_items
 
 # safetensors dtype names
@@ -45,30 +46,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Key -> (dtype name, shape) from a safetensors header, in the file's data order, without
-    reading any tensor."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: checkpoint file not found") from e
-    except (OSError, struct.error, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    try:
-        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        return {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in items}
-    except (KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
-
-
 class FileSource:
-    """K safetensors files (and an optional base) as a `TensorSource`, read one key at a time.
+    """K safetensors checkpoints (and an optional base) as a `TensorSource`, read one key at a
+    time. A checkpoint is a safetensors file or an HF model folder, single file or sharded
+    (`basinmerge.io.tensor_index` says which file holds each key).
 
     Every tensor is checked for NaN/Inf the first time it is read."""
 
@@ -76,12 +57,15 @@ class FileSource:
         self.paths = [Path(p) for p in paths]
         self.base_path = Path(base) if base is not None else None
         self.names = [str(p) for p in self.paths]
-        self.headers = [read_header(p) for p in self.paths]
-        base_header = read_header(self.base_path) if self.base_path is not None else None
+        self.indexes = [io.tensor_index(p) for p in self.paths]
+        self.base_index = io.tensor_index(self.base_path) if self.base_path is not None else None
+        self.headers = [{k: (dt, shape) for k, (_, dt, shape) in ix.items()} for ix in self.indexes]
+        base_header = (None if self.base_index is None else
+                       {k: (dt, shape) for k, (_, dt, shape) in self.base_index.items()})
         self._check(base_header)
         self._checked: set[tuple[int, str]] = set()
-        with StateReader(self.paths[0]) as r:
-            self.meta = r.meta
+        self.meta = {k: v for k, v in io.read_meta(self.paths[0]).items()
+                     if k not in io.FORMAT_KEYS}
 
     def _check(self, base_header) -> None:
         ref, ref_name = self.headers[0], self.names[0]
@@ -128,8 +112,8 @@ class FileSource:
     def has_base(self) -> bool:
         return self.base_path is not None
 
-    def _read(self, idx: int, path: Path, name: str, key: str, rows: slice | None) -> torch.Tensor:
-        with StateReader(path) as r:
+    def _read(self, idx: int, index: dict, name: str, key: str, rows: slice | None) -> torch.Tensor:
+        with StateReader(index[key][0]) as r:
             t = r.get(key, rows)
         part = (idx, key, None if rows is None else rows.start)
         if part not in self._checked:
@@ -140,12 +124,12 @@ class FileSource:
         return t
 
     def model_tensor(self, k: int, key: str, rows: slice | None = None) -> torch.Tensor:
-        return self._read(k, self.paths[k], self.names[k], key, rows)
+        return self._read(k, self.indexes[k], self.names[k], key, rows)
 
     def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
         if self.base_path is None:
             return None
-        return self._read(-1, self.base_path, f"base {self.base_path}", key, rows)
+        return self._read(-1, self.base_index, f"base {self.base_path}", key, rows)
 
 
 def write_safetensors_stream(path: str | os.PathLike,
@@ -240,4 +224,4 @@ def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.
     full_meta = {**source.meta, **(meta or {}), "merge": record}
     specs = [(k, DTYPES[dt], shape) for k, (dt, shape) in source.headers[0].items()]
     return write_safetensors_stream(out, specs, merged_items(source, kernel, block_bytes),
-                                    {META_KEY: json.dumps(full_meta, default=str)})
+                                    {"format": "pt", META_KEY: json.dumps(full_meta, default=str)})
