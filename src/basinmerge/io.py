@@ -266,6 +266,12 @@ def checkpoint_format(path: str | os.PathLike) -> str:
     return "basinmerge" if "model" in _parse_meta(path, raw) else "safetensors"
 
 
+def is_streamable(path: str | os.PathLike) -> bool:
+    """Whether `path` can be read tensor by tensor (safetensors: a file or an HF folder)."""
+    path = _resolve(path)
+    return _weight_files(path)[0] == "safetensors"
+
+
 def _read_index(index: Path) -> dict[str, Path]:
     """key -> shard file from an HF ``*.index.json``, every shard checked to exist."""
     try:

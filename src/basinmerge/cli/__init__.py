@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Command groups register themselves on import.
-from basinmerge.cli import align, connectivity, core, demo, fl, merge, scope  # noqa: E402,F401
+from basinmerge.cli import align, connectivity, core, demo, fl, merge, recipe, scope  # noqa: E402,F401,I001

@@ -12,10 +12,22 @@ import torch
 import typer
 
 from basinmerge import io
+from basinmerge import recipe as recipe_mod
 from basinmerge import train as train_mod
 from basinmerge.align import METHODS, find_permutation, objective, permuted_copy
 from basinmerge.cli import app, experiment_app
-from basinmerge.cli.common import DATA_ROOT_OPT, DATASET_HELP, DEVICE_OPT, load_splits, print_table
+from basinmerge.cli.common import (
+    DATA_ROOT_OPT,
+    DATASET_HELP,
+    DEVICE_OPT,
+    FORCE_OPT,
+    FORMAT_OPT,
+    LIKE_OPT,
+    MAX_SHARD_OPT,
+    PRINT_RECIPE_OPT,
+    load_splits,
+    print_table,
+)
 from basinmerge.console import console
 from basinmerge.errors import ConfigError
 from basinmerge.state import check_compatible, lerp
@@ -45,16 +57,36 @@ def align_cmd(
     train_limit: int = typer.Option(5000, "--train-limit", help="Training examples used for "
                                     "statistics, STE and BN reset."),
     eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on this many test examples."),
+    like: Path = LIKE_OPT,
+    out_format: str = FORMAT_OPT,
+    max_shard_mib: float = MAX_SHARD_OPT,
+    force: bool = FORCE_OPT,
+    print_recipe: bool = PRINT_RECIPE_OPT,
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
-    """Permute B's hidden units to match A's (Git Re-Basin); B's function is unchanged."""
+    """Permute B's hidden units to match A's (Git Re-Basin); B's function is unchanged.
+    Checkpoints may be basinmerge files, HF model folders or bare files with --like; the
+    output takes B's form."""
     if method not in METHODS:
         raise ConfigError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if method != "weight" and data is None:
         raise ConfigError(f"--method {method} needs --data (a dataset name)")
-    net_a, meta_a = io.load(model_a)
-    net_b, meta_b = io.load(model_b)
+    options = {"seed": seed, "max_iter": max_iter, "activation_method": statistic,
+               "num_examples": train_limit, "steps": steps, "lr": lr}
+    rec = recipe_mod.validate({
+        "models": [str(model_a), str(model_b)], "method": None,
+        "align": {"method": method, "options": options},
+        "data": None if data is None else {"dataset": data, "examples": train_limit,
+                                           "root": root, "seed": seed},
+        "like": None if like is None else str(like), "device": device,
+        "output": {"path": str(out), "format": out_format, "force": force,
+                   "max_shard_mib": max_shard_mib}}, "align")
+    if print_recipe:
+        typer.echo(rec.to_yaml(), nl=False)
+        return
+    net_a, meta_a = io.load_model(model_a, like=like)
+    net_b, meta_b = io.load_model(model_b, like=like)
     check_compatible([net_a.state_dict(), net_b.state_dict()], [str(model_a), str(model_b)])
     net_a, net_b = net_a.to(device), net_b.to(device)
     train = test = None
@@ -63,18 +95,18 @@ def align_cmd(
         if eval_limit is not None and eval_limit < len(test):
             test = test.subset(eval_limit)
     t0 = time.perf_counter()
-    perm, spec, info = find_permutation(net_a, net_b, method, train, seed=seed, max_iter=max_iter,
-                                        activation_method=statistic, num_examples=train_limit,
-                                        steps=steps, lr=lr)
+    perm, spec, info = find_permutation(net_a, net_b, method, train, **options)
     seconds = time.perf_counter() - t0
     aligned = permuted_copy(net_b, spec, perm)
     pa = {k: v.detach() for k, v in net_a.named_parameters()}
     before = objective(pa, {k: v.detach() for k, v in net_b.named_parameters()})
     after = objective(pa, {k: v.detach() for k, v in aligned.named_parameters()})
-    probe = (test.x[:64] if test is not None else
-             torch.randn(8, *net_b.config["in_shape"])).to(device)
-    with torch.no_grad():
-        drift = float((net_b.eval()(probe) - aligned.eval()(probe)).abs().max())
+    drift = None
+    if test is not None or isinstance(getattr(net_b, "config", None), dict):
+        probe = (test.x[:64] if test is not None else
+                 torch.randn(8, *net_b.config["in_shape"])).to(device)
+        with torch.no_grad():
+            drift = float((net_b.eval()(probe) - aligned.eval()(probe)).abs().max())
     rows = [["method", method], ["permutations", len(spec.perms)], ["seconds", seconds],
             ["⟨θ_A, θ_B⟩ before", before], ["⟨θ_A, π(θ_B)⟩ after", after],
             ["max |Δ logits| B vs aligned B", drift]]
@@ -88,12 +120,13 @@ def align_cmd(
                  ["midpoint test acc naive / aligned",
                   f"{naive['accuracy']:.4f} / {al['accuracy']:.4f}"]]
     print_table(f"align {model_b.name} to {model_a.name}", ["", "value"], rows)
-    meta = {**meta_b, "aligned_to": str(model_a),
+    meta = {**meta_b, "aligned_to": str(model_a), "recipe": rec.to_dict(),
             "alignment": {"method": method, "seconds": seconds, "objective_before": before,
                           "objective_after": after,
                           **({"sweeps": info["sweeps"]} if method == "weight" else {})}}
-    meta.pop("model", None)
-    io.save(aligned.cpu(), out, meta)
+    io.save_like(aligned.cpu().state_dict(), out, model_b, meta,
+                 fmt=None if out_format == "auto" else out_format, max_shard_mib=max_shard_mib,
+                 force=force)
     console.print(f"saved {out}")
 
 

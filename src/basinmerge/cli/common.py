@@ -17,6 +17,15 @@ DATASET_HELP = f"Dataset name ({', '.join(data_mod.names())})."
 DATA_ROOT_OPT = typer.Option(None, "--data-root", help="Folder holding dataset files.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="Torch device (cpu, cuda, cuda:0, ...).")
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
+LIKE_OPT = typer.Option(None, "--like", help="A checkpoint of the same architecture, for "
+                        "inputs that do not name theirs (bare safetensors / .pt).")
+FORCE_OPT = typer.Option(False, "--force", help="Replace an existing non-empty output folder.")
+FORMAT_OPT = typer.Option("auto", "--format", help="Output form: auto (the inputs'), basinmerge, "
+                          "hf, safetensors or pt.")
+MAX_SHARD_OPT = typer.Option(4096.0, "--max-shard-mib", help="HF output: shard the weights "
+                             "past this many MiB per file.")
+PRINT_RECIPE_OPT = typer.Option(False, "--print-recipe", help="Print the equivalent recipe "
+                                "(YAML, for `basinmerge run`) and exit without running.")
 
 
 def load_splits(name: str, root: str | None = None, train_limit: int | None = None,

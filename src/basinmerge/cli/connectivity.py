@@ -16,6 +16,7 @@ from basinmerge.cli.common import (
     DATASET_HELP,
     DEVICE_OPT,
     JSON_OPT,
+    LIKE_OPT,
     load_splits,
     print_json,
     print_table,
@@ -63,12 +64,13 @@ def interpolate_cmd(
                               "weight, activation or ste (Git Re-Basin)."),
     repair: bool = typer.Option(False, "--repair", help="With --align, also the REPAIRed aligned "
                                 "curve (each merged unit gets the endpoints' interpolated statistics)."),
+    like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
     """Loss and accuracy along the straight line between two checkpoints, and its barriers."""
-    net_a, meta_a = io.load(model_a)
-    net_b, meta_b = io.load(model_b)
+    net_a, meta_a = io.load_model(model_a, like=like)
+    net_b, meta_b = io.load_model(model_b, like=like)
     check_compatible([as_state_dict(net_a), as_state_dict(net_b)], [str(model_a), str(model_b)])
     name = dataset or meta_a.get("dataset") or meta_b.get("dataset")
     if name is None:

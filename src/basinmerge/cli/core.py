@@ -15,6 +15,7 @@ from basinmerge.cli.common import (
     DATASET_HELP,
     DEVICE_OPT,
     JSON_OPT,
+    LIKE_OPT,
     load_splits,
     parse_kv,
     print_json,
@@ -114,11 +115,12 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to evaluate."),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP + " Default: the checkpoint's."),
     split: str = typer.Option("test", "--split", help="train or test."),
+    like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Evaluate a checkpoint on a dataset split."""
-    net, meta = io.load(checkpoint)
+    net, meta = io.load_model(checkpoint, like=like)
     name = dataset or meta.get("dataset")
     if name is None:
         raise typer.BadParameter("the checkpoint names no dataset; pass --dataset")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shlex
 from pathlib import Path
 from typing import Any
@@ -10,20 +11,25 @@ import typer
 
 from basinmerge import io
 from basinmerge import merge as merge_mod
+from basinmerge import recipe as recipe_mod
 from basinmerge import train as train_mod
 from basinmerge.cli import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
+    FORCE_OPT,
+    FORMAT_OPT,
     JSON_OPT,
+    LIKE_OPT,
+    MAX_SHARD_OPT,
+    PRINT_RECIPE_OPT,
     load_splits,
     print_json,
     print_table,
 )
 from basinmerge.console import console
 from basinmerge.errors import ConfigError
-from basinmerge.state import with_state
 
 # CLI option name -> keyword of the merge functions; None values are "not given".
 _METHOD_OPTIONS = ("weights", "density", "scale", "trim_mode", "drop", "then", "trim", "alpha",
@@ -70,12 +76,14 @@ def _method_options(method: merge_mod.Method, given: dict[str, Any]) -> dict[str
 
 @app.command("merge")
 def merge_cmd(
-    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to merge (.safetensors)."),
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to merge: .safetensors, HF "
+                                             "model folders, .pt/.bin."),
     method: str = typer.Option("average", "--method", "-m",
                                help=f"Merge method: {', '.join(merge_mod.methods())}."),
     base: Path = typer.Option(None, "--base", help="Shared base checkpoint (task_arithmetic, ties, "
                               "dare, adamerging)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Merged checkpoint to write (.safetensors)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged checkpoint to write (a file, or a "
+                             "folder for HF models)."),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP + " Data for data-using "
                                 "methods and BN reset; the merged model's test accuracy is printed."),
     data_examples: int = typer.Option(2000, "--data-examples", help="Training examples (a random "
@@ -118,11 +126,19 @@ def merge_cmd(
                                   "statistics on the data after merging (needs --dataset)."),
     gates_out: Path = typer.Option(None, "--gates-out", help="soft: write the gate table (JSON) "
                                    "here (default: next to --out)."),
+    like: Path = LIKE_OPT,
+    out_format: str = FORMAT_OPT,
+    max_shard_mib: float = MAX_SHARD_OPT,
+    force: bool = FORCE_OPT,
+    print_recipe: bool = PRINT_RECIPE_OPT,
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Merge checkpoints with one method and save the result; with --dataset, print accuracies."""
+    """Merge checkpoints with one method and save the result; with --dataset, print accuracies.
+
+    Checkpoints may be basinmerge files, HF model folders (written as an HF folder, config and
+    tokenizer from --base or the first model) or bare safetensors / .pt files."""
     m = merge_mod.get_method(method)
     given = dict(weights=_parse_weights(weights), density=density, scale=scale,
                  trim_mode=trim_mode, drop=drop, then=then, trim=trim, alpha=alpha, bias=bias,
@@ -130,32 +146,58 @@ def merge_cmd(
                  optimizer=optimizer, init=init, clip=clip, reference=_parse_reference(reference),
                  seed=seed, num_examples=num_examples, batch_size=batch_size, align=align)
     opts = _method_options(m, given)
+    fmt = None if out_format == "auto" else out_format
+    like_path = base if base is not None else checkpoints[0]
     if m.needs_base and base is None:
         raise ConfigError(f"method '{method}' needs --base")
     if not m.needs_base and base is not None:
         raise ConfigError(f"method '{method}' does not use --base")
     if m.needs_data and dataset is None:
         raise ConfigError(f"method '{method}' needs data: pass --dataset")
+    rec = recipe_mod.validate({
+        "models": [str(p) for p in checkpoints], "base": None if base is None else str(base),
+        "method": method, "options": opts, "reset_bn": reset_bn,
+        "data": None if dataset is None else {"dataset": dataset, "examples": data_examples,
+                                               "root": root, "seed": seed or 0},
+        "like": None if like is None else str(like), "stream": stream, "block_mib": block_mib,
+        "device": device, "output": {"path": str(out), "format": out_format, "force": force,
+                                     "max_shard_mib": max_shard_mib}}, "merge")
+    if print_recipe:
+        typer.echo(rec.to_yaml(), nl=False)
+        return
     train = test = None
     if dataset is not None:
         train, test = load_splits(dataset, root, data_examples, seed or 0)
     names = [str(p) for p in checkpoints]
     inputs = list(checkpoints) + ([base] if base is not None else [])
-    can_stream = m.streams and all(p.suffix == ".safetensors" for p in inputs)
+    can_stream = (m.streams and all(io.is_streamable(p) for p in inputs)
+                  and fmt in (None, io.checkpoint_format(like_path)))
     if stream and not can_stream:
         raise ConfigError(f"method '{method}' cannot stream here (data-free methods over "
-                          ".safetensors files only)")
+                          "safetensors files or HF folders only)")
     record = {"method": method, "options": opts, "inputs": names,
               "base": str(base) if base is not None else None}
     info: dict = {}
-    if can_stream and stream is not False:
-        merge_mod.stream_merge(checkpoints, method, out, base=base, block_mib=block_mib, **opts)
-        merged, meta = io.load(out)
+    merged = None
+    streamed = can_stream and stream is not False
+    if streamed:
+        if io.checkpoint_format(like_path) == "hf":
+            with io.hf_output(out, like_path, force) as tmp:
+                merge_mod.stream_merge(checkpoints, method, tmp / io.HF_SAFETENSORS, base=base,
+                                       block_mib=block_mib, meta={"recipe": rec.to_dict()},
+                                       **opts)
+        else:
+            merge_mod.stream_merge(checkpoints, method, out, base=base, block_mib=block_mib,
+                                   meta={"recipe": rec.to_dict()}, **opts)
+        meta = io.read_meta(out)
+        if train is not None:  # BN reset / accuracies need the model
+            merged = io.load_model(out, like=like or like_path)[0]
     else:
-        first, meta = io.load(checkpoints[0])
+        first, meta = io.load_model(checkpoints[0], like=like) if (m.needs_data or train is not None) \
+            else (None, io.read_meta(checkpoints[0]))
         if m.needs_data:
-            models = [first] + [io.load(p)[0] for p in checkpoints[1:]]
-            base_model = io.load(base)[0] if base is not None else None
+            models = [first] + [io.load_model(p, like=like)[0] for p in checkpoints[1:]]
+            base_model = io.load_model(base, like=like)[0] if base is not None else None
             for mod in models + ([base_model] if base_model is not None else []):
                 mod.to(device)
             if "reset_bn" in m.options():
@@ -166,19 +208,26 @@ def merge_cmd(
             states = [io.load_state(p)[0] for p in checkpoints]
             base_state = io.load_state(base)[0] if base is not None else None
             state = merge_mod.merge(states, method, base=base_state, names=names, **opts)
-        merged = with_state(first, {k: v.cpu() for k, v in state.items()})
-        meta = {**meta, "merge": {**record, "streamed": False}}
-    if train is not None and reset_bn and train_mod.has_batchnorm(merged) and not m.needs_data:
+        state = {k: v.cpu() for k, v in state.items()}
+        merged = None
+        if first is not None:
+            merged = io.load_into(copy.deepcopy(first), state, source=f"merged ({method})")
+        meta = {**meta, "merge": {**record, "streamed": False}, "recipe": rec.to_dict()}
+    if (merged is not None and train is not None and reset_bn
+            and train_mod.has_batchnorm(merged) and not m.needs_data):
         train_mod.reset_bn_stats(merged, train)
         meta["merge"]["bn_reset"] = True
-    merged.cpu()
-    if not (can_stream and stream is not False) or meta["merge"].get("bn_reset"):
-        io.save(merged, out, {k: v for k, v in meta.items() if k != "model"})
+    if merged is not None:
+        merged.cpu()
+        state = merged.state_dict()
+    if not streamed or meta["merge"].get("bn_reset"):
+        io.save_like(state, out, like_path, meta, fmt=fmt, max_shard_mib=max_shard_mib,
+                     force=force or streamed)
     _report_gates(info, out, gates_out, as_json)
     rows = []
-    if test is not None:
+    if test is not None and merged is not None:
         for p in checkpoints:
-            rows.append([str(p), train_mod.evaluate(io.load(p)[0], test)["accuracy"]])
+            rows.append([str(p), train_mod.evaluate(io.load_model(p, like=like)[0], test)["accuracy"]])
         rows.append([f"merged ({method})", train_mod.evaluate(merged, test)["accuracy"]])
     if as_json:
         print_json({"out": str(out), "method": method, "options": {k: v for k, v in opts.items()

@@ -72,10 +72,11 @@ def build_wsa(spec: str, model: nn.Module, lam: float, divergence: str = "kl",
 
 
 def _load(path: Path) -> tuple[nn.Module | dict, dict]:
-    """A model when the checkpoint names its architecture, else the bare state_dict."""
-    if "model" not in io.read_meta(path):
+    """A model when the checkpoint is the project's (it names its architecture), else the bare
+    state_dict (HF folders and bare files: scopes need tensors only)."""
+    if io.checkpoint_format(path) != "basinmerge":
         return io.load_state(path)
-    return io.load(path)
+    return io.load_model(path)
 
 
 def _names(paths: list[Path]) -> list[str]:

@@ -35,6 +35,7 @@ from basinmerge import io
 from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from basinmerge.io import META_KEY, StateReader, atomic_path, read_header  # noqa: F401 - read_header: its old home
 from basinmerge.merge._common import Kernel, check_count, merged_items
+from basinmerge.state import check_compatible
 
 # safetensors dtype names
 DTYPES: dict[str, torch.dtype] = {
@@ -44,6 +45,13 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+class _Spec:
+    """A tensor's dtype and shape from a header, for `basinmerge.state.check_compatible`."""
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]):
+        self.dtype, self.shape = dtype, shape
 
 
 class FileSource:
@@ -68,23 +76,14 @@ class FileSource:
                      if k not in io.FORMAT_KEYS}
 
     def _check(self, base_header) -> None:
+        """Same keys, shapes and dtypes everywhere: one error listing the first mismatches."""
         ref, ref_name = self.headers[0], self.names[0]
-        others = list(zip(self.headers[1:], self.names[1:], strict=True))
+        headers, names = list(self.headers), list(self.names)
         if base_header is not None:
-            others.append((base_header, f"base {self.base_path}"))
-        for h, name in others:
-            for k in ref:
-                if k not in h:
-                    raise IncompatibleModelsError(f"models do not match: {name} lacks key '{k}'")
-                if h[k][1] != ref[k][1]:
-                    raise IncompatibleModelsError(f"models do not match: key '{k}': {ref_name} has "
-                                                  f"shape {ref[k][1]}, {name} has {h[k][1]}")
-                if h[k][0] != ref[k][0]:
-                    raise IncompatibleModelsError(f"models do not match: key '{k}': {ref_name} has "
-                                                  f"dtype {ref[k][0]}, {name} has {h[k][0]}")
-            extra = [k for k in h if k not in ref]
-            if extra:
-                raise IncompatibleModelsError(f"models do not match: {name} has extra key '{extra[0]}'")
+            headers.append(base_header)
+            names.append(f"base {self.base_path}")
+        check_compatible([{k: _Spec(dt, shape) for k, (dt, shape) in h.items()} for h in headers],
+                         names)
         for k, (dt, _) in ref.items():
             if dt not in DTYPES:
                 raise CheckpointError(f"{ref_name}: key '{k}' has dtype {dt}, which merging does not support")

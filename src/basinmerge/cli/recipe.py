@@ -1,0 +1,28 @@
+"""`basinmerge run RECIPE.yaml`: a merge (or an alignment) written down as a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from basinmerge import recipe as recipe_mod
+from basinmerge.cli import app
+from basinmerge.console import console
+
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe file (YAML; see `basinmerge.recipe`)."),
+    check: bool = typer.Option(False, "--check", help="Validate the recipe, print it with its "
+                               "defaults resolved, and exit without running."),
+) -> None:
+    """Run a merge recipe: models, base, method and options (per-tensor overrides by name
+    pattern), optional alignment and data, output path and format. The output records the
+    recipe in its metadata."""
+    rec = recipe_mod.load(recipe)
+    if check:
+        typer.echo(rec.to_yaml(), nl=False)
+        return
+    out = rec.run()
+    console.print(f"saved {out}")
