@@ -1,0 +1,277 @@
+"""Recipes and the CLI on checkpoints from anywhere: merges of HF folders that open with
+`from_pretrained` and equal a merge by hand; bare safetensors merges that exit 0; a printed
+recipe that runs to the same output; one error per invalid field; outputs that refuse to
+overwrite a folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from basinmerge import io, models, recipe
+from basinmerge.cli import main
+from basinmerge.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _mlps(d: Path, n: int = 3) -> list[Path]:
+    base = models.build("mlp", (1, 4, 4), 3, depth=1, width=8, seed=0)
+    paths = [io.save(base, d / "base.safetensors", {"dataset": "digits"})]
+    for i in range(n - 1):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+        paths.append(io.save(m, d / f"m{i}.safetensors", {"dataset": "digits"}))
+    return paths
+
+
+def _same(a: Path, b: Path) -> bool:
+    sa, sb = io.load_state(a)[0], io.load_state(b)[0]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_printed_recipe_runs_to_the_same_merge(tmp_path, capsys):
+    base, a, b = _mlps(tmp_path)
+    cli_out = tmp_path / "cli.safetensors"
+    args = ["merge", str(a), str(b), "--method", "ties", "--base", str(base), "--density", "0.5",
+            "--scale", "0.8"]
+    code, _, err = _run([*args, "--out", str(cli_out)], capsys)
+    assert code == 0, err
+    rec_out = tmp_path / "rec.safetensors"
+    code, text, err = _run([*args, "--out", str(rec_out), "--print-recipe"], capsys)
+    assert code == 0, err
+    assert not rec_out.exists()  # printing merges nothing
+    obj = yaml.safe_load(text)
+    assert obj["method"] == "ties" and obj["options"] == {"density": 0.5, "scale": 0.8}
+    (tmp_path / "r.yaml").write_text(text)
+    code, _, err = _run(["run", str(tmp_path / "r.yaml")], capsys)
+    assert code == 0, err
+    assert _same(cli_out, rec_out)
+    # both outputs record the recipe they came from
+    assert io.read_meta(rec_out)["recipe"] == obj
+    assert io.read_meta(cli_out)["recipe"]["options"] == obj["options"]
+    # and the Python API is the same schema
+    assert recipe.load(tmp_path / "r.yaml").to_dict() == obj
+
+
+def test_recipe_overrides_by_pattern_equal_a_merge_by_hand(tmp_path):
+    base, a, b = _mlps(tmp_path)
+    r = recipe.validate({
+        "models": [str(a), str(b)], "base": str(base), "method": "task_arithmetic",
+        "options": {"scale": 1.0}, "overrides": [{"pattern": "head.*", "options": {"scale": 0.25}}],
+        "output": {"path": str(tmp_path / "o.safetensors")}})
+    out = r.run()
+    got = io.load_state(out)[0]
+    sb, sa, s2 = (io.load_state(p)[0] for p in (base, a, b))
+    for k in sb:
+        scale = 0.25 if k.startswith("head.") else 1.0
+        want = sb[k] + scale * ((sa[k] - sb[k]) + (s2[k] - sb[k]))
+        assert torch.allclose(got[k], want, atol=1e-6), k
+    assert any(k.startswith("head.") for k in sb) and any(not k.startswith("head.") for k in sb)
+    assert io.checkpoint_format(out) == "basinmerge"  # project format in, project format out
+    assert io.load_model(out)[0] is not None
+
+
+GOOD = {"models": ["a.safetensors", "b.safetensors"], "base": "base.safetensors",
+        "method": "ties", "options": {"density": 0.2}, "output": {"path": "o.safetensors"}}
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda r: r.update(method="nope"), "method"),
+    (lambda r: r["options"].update(bogus=1), "options.bogus"),
+    (lambda r: r.update(overrides=[{"pattern": "*.attn.*", "options": {"alpha": 1}}]),
+     "overrides.0.options.alpha"),
+    (lambda r: r.update(overrides=[{"options": {}}]), "overrides.0.pattern"),
+    (lambda r: r.update(models=[]), "models"),
+    (lambda r: r.pop("base"), "base"),
+    (lambda r: r.update(colour="red"), "colour"),
+    (lambda r: r["output"].update(format="onnx"), "output.format"),
+    (lambda r: r["output"].update(max_shard_mib=0), "output.max_shard_mib"),
+    (lambda r: r.pop("output"), "output"),
+    (lambda r: r.update(dtype="float8"), "dtype"),
+    (lambda r: r.update(block_mib=-1), "block_mib"),
+    (lambda r: r.update(align={"method": "magic"}), "align.method"),
+    (lambda r: r.update(data={"dataset": "digits", "examples": 0}), "data.examples"),
+    (lambda r: r.update(method="fisher", base=None, options={}), "data"),
+    (lambda r: r.update(stream=True, overrides=[{"pattern": "x", "options": {}}]), "stream"),
+])
+def test_each_invalid_field_names_itself(edit, field):
+    r = copy.deepcopy(GOOD)
+    edit(r)
+    with pytest.raises(ConfigError) as e:
+        recipe.validate(r, "my.yaml")
+    assert f"my.yaml: field '{field}'" in str(e.value)
+
+
+def test_recipe_file_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="not found"):
+        recipe.load(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("models: [a\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        recipe.load(tmp_path / "bad.yaml")
+    (tmp_path / "u.yaml").write_text(yaml.safe_dump({**GOOD, "method": "nope"}))
+    code, _, err = _run(["run", str(tmp_path / "u.yaml")], capsys)
+    assert code == 1 and "field 'method'" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- bare safetensors
+
+
+def test_merge_of_bare_safetensors_exits_0(tmp_path, capsys):
+    states = [models.build("mlp", (1, 4, 4), 3, depth=1, width=8, seed=s).state_dict()
+              for s in (1, 2)]
+    paths = []
+    for i, s in enumerate(states):
+        paths.append(tmp_path / f"b{i}.safetensors")
+        save_file({k: v.contiguous() for k, v in s.items()}, str(paths[-1]))
+    for extra in ([], ["--no-stream"]):
+        out = tmp_path / f"avg{len(extra)}.safetensors"
+        code, _, err = _run(["merge", *map(str, paths), "--out", str(out), *extra], capsys)
+        assert code == 0, err
+        got = io.load_state(out)[0]
+        assert all(torch.equal(got[k], (states[0][k] + states[1][k]) / 2) for k in got)
+        assert io.checkpoint_format(out) == "safetensors"
+    # a command that runs the model takes its architecture from --like
+    net = models.build("mlp", (1, 8, 8), 10, depth=1, width=8, seed=3)
+    bare = tmp_path / "digits_bare.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(bare))
+    like = io.save(models.build("mlp", (1, 8, 8), 10, depth=1, width=8), tmp_path / "l.safetensors")
+    code, _, err = _run(["eval", str(bare), "--dataset", "digits"], capsys)
+    assert code == 1 and "no architecture" in err
+    code, out, err = _run(["eval", str(bare), "--dataset", "digits", "--like", str(like),
+                           "--json"], capsys)
+    assert code == 0, err
+    from basinmerge import data as data_mod
+    from basinmerge.train import evaluate
+
+    want = evaluate(net.eval(), data_mod.load("digits", "test"))["accuracy"]
+    assert json.loads(out)["accuracy"] == pytest.approx(want)
+
+
+def test_mismatched_models_list_the_first_few(tmp_path, capsys):
+    a = io.save(models.build("mlp", (1, 4, 4), 3, depth=1, width=8), tmp_path / "a.safetensors")
+    b = io.save(models.build("mlp", (1, 4, 4), 3, depth=1, width=6), tmp_path / "b.safetensors")
+    for extra in ([], ["--no-stream"]):
+        code, _, err = _run(["merge", str(a), str(b), "--out", str(tmp_path / "o.safetensors"),
+                             *extra], capsys)
+        err = err.replace("\n", "")
+        assert code == 1 and err.count("has shape") >= 2, err
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- HF folders
+
+def _bert(seed: int, labels: int = 3):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=100, max_position_embeddings=32,
+                                  num_labels=labels)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def berts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("berts")
+    nets = [_bert(s) for s in (0, 1, 2)]
+    for name, net in zip(("base", "ft_a", "ft_b"), nets, strict=True):
+        net.save_pretrained(d / name)
+    (d / "base" / "tokenizer_config.json").write_text("{}")
+    return d, nets
+
+
+def test_cli_merge_of_hf_folders_opens_with_from_pretrained(berts, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    d, (base, a, b) = berts
+    sa, sb, s0 = a.state_dict(), b.state_dict(), base.state_dict()
+    by_hand = copy.deepcopy(a)
+    by_hand.load_state_dict({k: s0[k] + 0.5 * ((sa[k] - s0[k]) + (sb[k] - s0[k])) for k in sa})
+    with torch.no_grad():
+        want = by_hand(input_ids=IDS).logits
+    outs = {}
+    for extra in ([], ["--no-stream"]):
+        out = tmp_path / f"merged{len(extra)}"
+        code, _, err = _run(["merge", str(d / "ft_a"), str(d / "ft_b"), "--method",
+                             "task_arithmetic", "--base", str(d / "base"), "--scale", "0.5",
+                             "--out", str(out), *extra], capsys)
+        assert code == 0, err
+        assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+        net = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+        with torch.no_grad():
+            assert torch.allclose(net(input_ids=IDS).logits, want, atol=1e-5)
+        assert io.read_meta(out)["recipe"]["method"] == "task_arithmetic"
+        outs[len(extra)] = out
+    assert _same(outs[0], outs[1])  # streamed and in-memory: the same bits
+    # the output folder is not overwritten without --force, and is left as it was
+    before = sorted(p.name for p in outs[0].iterdir())
+    code, _, err = _run(["merge", str(d / "ft_a"), str(d / "ft_b"), "--out", str(outs[0])], capsys)
+    assert code == 1 and "not empty" in err and "Traceback" not in err
+    assert sorted(p.name for p in outs[0].iterdir()) == before and _same(outs[0], outs[1])
+    code, _, err = _run(["merge", str(d / "ft_a"), str(d / "ft_b"), "--out", str(outs[0]),
+                         "--force"], capsys)
+    assert code == 0, err
+    assert not _same(outs[0], outs[1])  # replaced by the average
+
+
+def test_hf_recipe_sharded_output_equals_the_cli(berts, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    d, _ = berts
+    out_cli = tmp_path / "cli"
+    args = ["merge", str(d / "ft_a"), str(d / "ft_b"), "--method", "ties", "--base", str(d / "base"),
+            "--density", "0.3", "--no-stream", "--max-shard-mib", "0.05"]
+    code, _, err = _run([*args, "--out", str(out_cli)], capsys)
+    assert code == 0, err
+    assert (out_cli / io.HF_SAFETENSORS_INDEX).is_file()
+    code, text, _ = _run([*args, "--out", str(tmp_path / "rec"), "--print-recipe"], capsys)
+    out = recipe.validate(yaml.safe_load(text)).run()
+    assert _same(out, out_cli) and (out / io.HF_SAFETENSORS_INDEX).is_file()
+    transformers.AutoModelForSequenceClassification.from_pretrained(out)
+
+
+def test_hf_folders_that_do_not_match(berts, tmp_path, capsys):
+    d, _ = berts
+    _bert(5, labels=4).save_pretrained(tmp_path / "four")
+    code, _, err = _run(["merge", str(d / "ft_a"), str(tmp_path / "four"), "--out",
+                         str(tmp_path / "o")], capsys)
+    assert code == 1 and "classifier.weight" in err and "classifier.bias" in err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, _, err = _run(["merge", str(d / "ft_a"), str(tmp_path / "noweights"), "--out",
+                         str(tmp_path / "o")], capsys)
+    assert code == 1 and "no model weights" in err and not (tmp_path / "o").exists()
+
+
+def test_scope_reads_hf_folders(berts, capsys):
+    d, (base, _, _) = berts
+    code, out, err = _run(["scope", str(d / "base"), str(d / "ft_a"), "--json"], capsys)
+    assert code == 0, err
+    scopes = json.loads(out)["scopes"]["base"]
+    w = base.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
+    layer = scopes["layers"]["bert.encoder.layer.0.attention.self.query.weight"] \
+        if "layers" in scopes else scopes["bert.encoder.layer.0.attention.self.query.weight"]
+    assert layer["mean"] == pytest.approx(float(w.mean()), abs=1e-6)
