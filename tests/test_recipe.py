@@ -99,6 +99,8 @@ GOOD = {"models": ["a.safetensors", "b.safetensors"], "base": "base.safetensors"
 
 @pytest.mark.parametrize(("edit", "field"), [
     (lambda r: r.update(method="nope"), "method"),
+    (lambda r: r.pop("method"), "method"),
+    (lambda r: r.update(align={"options": {}}), "align.method"),
     (lambda r: r["options"].update(bogus=1), "options.bogus"),
     (lambda r: r.update(overrides=[{"pattern": "*.attn.*", "options": {"alpha": 1}}]),
      "overrides.0.options.alpha"),
@@ -133,6 +135,16 @@ def test_recipe_file_errors(tmp_path, capsys):
     (tmp_path / "u.yaml").write_text(yaml.safe_dump({**GOOD, "method": "nope"}))
     code, _, err = _run(["run", str(tmp_path / "u.yaml")], capsys)
     assert code == 1 and "field 'method'" in err and "Traceback" not in err
+
+
+def test_recipe_dtype_casts_the_output(tmp_path):
+    _, a, b = _mlps(tmp_path)
+    out = recipe.validate({"models": [str(a), str(b)], "method": "average", "dtype": "bfloat16",
+                           "output": {"path": str(tmp_path / "h.safetensors")}}).run()
+    got = io.load_state(out)[0]
+    sa, sb = io.load_state(a)[0], io.load_state(b)[0]
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], ((sa[k] + sb[k]) / 2)
+               .to(torch.bfloat16)) for k in got)
 
 
 # --------------------------------------------------------------------------- bare safetensors
@@ -275,3 +287,29 @@ def test_scope_reads_hf_folders(berts, capsys):
     layer = scopes["layers"]["bert.encoder.layer.0.attention.self.query.weight"] \
         if "layers" in scopes else scopes["bert.encoder.layer.0.attention.self.query.weight"]
     assert layer["mean"] == pytest.approx(float(w.mean()), abs=1e-6)
+
+
+def test_align_recipe_equals_the_align_command(tmp_path, capsys):
+    a = io.save(models.build("mlp", (1, 4, 4), 3, depth=2, width=8, seed=1), tmp_path / "a.safetensors")
+    b = io.save(models.build("mlp", (1, 4, 4), 3, depth=2, width=8, seed=2), tmp_path / "b.safetensors")
+    cli_out = tmp_path / "b_cli.safetensors"
+    code, _, err = _run(["align", str(a), str(b), "--out", str(cli_out)], capsys)
+    assert code == 0, err
+    code, text, err = _run(["align", str(a), str(b), "--out", str(tmp_path / "b_rec.safetensors"),
+                            "--print-recipe"], capsys)
+    assert code == 0, err
+    r = recipe.validate(yaml.safe_load(text))
+    assert r.method is None and r.align is not None and r.align.method == "weight"
+    out = r.run()
+    assert _same(out, cli_out)
+    # the aligned model computes what B computes, and is not B
+    x = torch.randn(5, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(io.load_model(out)[0](x), io.load_model(b)[0](x), atol=1e-5)
+    assert not _same(out, b)
+    assert io.read_meta(cli_out)["recipe"]["align"]["method"] == "weight"
+    # align, then merge: the average of A and permuted B
+    merged = recipe.validate({**r.to_dict(), "method": "average",
+                              "output": {"path": str(tmp_path / "m.safetensors")}}).run()
+    sa, sp, sm = (io.load_state(p)[0] for p in (a, out, merged))
+    assert all(torch.allclose(sm[k], (sa[k] + sp[k]) / 2) for k in sm)

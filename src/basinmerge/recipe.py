@@ -4,11 +4,11 @@
 >>> r = recipe.load("merge.yaml")          # validated; errors name the field
 >>> r.run()                                # writes r.output.path, returns it
 
-A recipe (every field but `models` and `output` is optional)::
+A recipe (every field but `models`, `method` and `output` is optional)::
 
     models: [ft/a, ft/b]            # checkpoints in any format basinmerge.io reads
     base: base_model                # task_arithmetic / ties / dare / adamerging
-    method: ties                    # a basinmerge.merge method; null: align only (two models)
+    method: ties                    # a basinmerge.merge method (required); null: align only
     options: {density: 0.2, scale: 1.0}
     overrides:                      # per-tensor options by key pattern (fnmatch), first wins
       - pattern: "*.attention.*"
@@ -61,7 +61,7 @@ class Alignment(BaseModel):
     """Permute every model's hidden units onto the first's before merging (Git Re-Basin)."""
 
     model_config = _STRICT
-    method: Literal["weight", "activation", "ste"] = "weight"
+    method: Literal["weight", "activation", "ste"]
     spec: Literal["auto"] = "auto"  # the permutation spec, found from the model's structure
     data: str | None = None  # a dataset name (activation / ste); default: the recipe's data
     options: dict[str, Any] = Field(default_factory=dict)  # find_permutation's options
@@ -91,7 +91,7 @@ class Recipe(BaseModel):
     model_config = _STRICT
     models: list[str] = Field(min_length=1)
     base: str | None = None
-    method: str | None = "average"
+    method: str | None  # required; null: align only
     options: dict[str, Any] = Field(default_factory=dict)
     overrides: list[Override] = Field(default_factory=list)
     align: Alignment | None = None
