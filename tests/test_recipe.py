@@ -117,6 +117,7 @@ GOOD = {"models": ["a.safetensors", "b.safetensors"], "base": "base.safetensors"
     (lambda r: r.update(data={"dataset": "digits", "examples": 0}), "data.examples"),
     (lambda r: r.update(method="fisher", base=None, options={}), "data"),
     (lambda r: r.update(stream=True, overrides=[{"pattern": "x", "options": {}}]), "stream"),
+    (lambda r: r.update(method="average", base=None, options={}, repair=True), "repair"),
 ])
 def test_each_invalid_field_names_itself(edit, field):
     r = copy.deepcopy(GOOD)
@@ -313,3 +314,23 @@ def test_align_recipe_equals_the_align_command(tmp_path, capsys):
                               "output": {"path": str(tmp_path / "m.safetensors")}}).run()
     sa, sp, sm = (io.load_state(p)[0] for p in (a, out, merged))
     assert all(torch.allclose(sm[k], (sa[k] + sp[k]) / 2) for k in sm)
+
+
+def test_recipe_repair_equals_repair_by_hand(tmp_path):
+    from basinmerge import data as data_mod
+    from basinmerge.align.repair import repair
+    from basinmerge.state import lerp
+
+    a = io.save(models.build("mlp", (1, 8, 8), 10, depth=2, width=8, seed=1), tmp_path / "a.safetensors")
+    b = io.save(models.build("mlp", (1, 8, 8), 10, depth=2, width=8, seed=2), tmp_path / "b.safetensors")
+    out = recipe.validate({"models": [str(a), str(b)], "method": "average", "repair": True,
+                           "data": {"dataset": "digits", "examples": 300},
+                           "output": {"path": str(tmp_path / "r.safetensors")}}).run()
+    na, nb = io.load_model(a)[0], io.load_model(b)[0]
+    train = data_mod.load("digits", "train").subset(300, seed=0)
+    merged = io.load_into(copy.deepcopy(na), lerp(na.state_dict(), nb.state_dict(), 0.5))
+    want = repair(na, nb, merged, train, 0.5).state_dict()
+    got = io.load_state(out)[0]
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    plain = lerp(na.state_dict(), nb.state_dict(), 0.5)
+    assert not all(torch.allclose(got[k], plain[k]) for k in plain)  # REPAIR changed something

@@ -16,6 +16,7 @@ A recipe (every field but `models`, `method` and `output` is optional)::
     align: {method: weight, data: null, options: {max_iter: 100}}  # permute onto models[0]
     data: {dataset: digits, examples: 2000}    # data-using methods, alignment, BN reset
     reset_bn: true                  # after a data-free merge, when `data` is given
+    repair: false                   # REPAIR the average of two (aligned) models on `data`
     like: null                      # a checkpoint giving the architecture when needed
     stream: null                    # null: stream when the method and inputs allow
     block_mib: 1.0
@@ -97,6 +98,7 @@ class Recipe(BaseModel):
     align: Alignment | None = None
     data: Data | None = None
     reset_bn: bool = True
+    repair: bool = False
     like: str | None = None
     stream: bool | None = None
     block_mib: float = Field(1.0, gt=0)
@@ -135,7 +137,11 @@ class Recipe(BaseModel):
             raise _FieldError("base", f"method '{self.method}' does not use a base model")
         if m.needs_data and self.data is None:
             raise _FieldError("data", f"method '{self.method}' needs data")
-        if self.stream and (not m.streams or self.overrides or self.align):
+        if self.repair and (len(self.models) != 2 or self.method not in ("average", "weighted")
+                            or self.data is None):
+            raise _FieldError("repair", "REPAIR needs two models, method average or weighted, "
+                              "and data")
+        if self.stream and (not m.streams or self.overrides or self.align or self.repair):
             raise _FieldError("stream", f"method '{self.method}' cannot stream here (data-free "
                               "methods, no overrides, no alignment)")
         return self
@@ -221,7 +227,7 @@ def _groups(keys: list[str], recipe: Recipe) -> list[tuple[list[str], dict[str, 
 
 
 def _can_stream(recipe: Recipe, m) -> bool:
-    if recipe.stream is False or not m.streams or recipe.overrides or recipe.align:
+    if recipe.stream is False or not m.streams or recipe.overrides or recipe.align or recipe.repair:
         return False
     inputs = recipe.models + ([recipe.base] if recipe.base else [])
     return all(io.is_streamable(p) for p in inputs)
@@ -253,7 +259,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
                          block_mib=recipe.block_mib, **recipe.options)
         return out, info
     train = _train_data(recipe)
-    needs_model = recipe.align is not None or (m is not None and m.needs_data)
+    needs_model = recipe.align is not None or recipe.repair or (m is not None and m.needs_data)
     if needs_model:
         loaded = [io.load_model(p, like=recipe.like) for p in recipe.models]
         states_or_models: list[Any] = [mod.to(recipe.device) for mod, _ in loaded]
@@ -287,7 +293,9 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
                                    {k: base_state[k] for k in keys}, names=names, **opts)
             state.update(part)
         state = {k: state[k] for k in states[0]}
-        if train is not None and recipe.reset_bn:
+        if recipe.repair:
+            state = _repair(states_or_models, state, recipe, train)
+        elif train is not None and recipe.reset_bn:
             state = _reset_bn(state, recipe, train, train_mod)
     state = {k: v.detach().cpu() for k, v in state.items()}
     if recipe.dtype is not None:
@@ -343,3 +351,16 @@ def _reset_bn(state, recipe: Recipe, train, train_mod):
     io.load_into(model, state)
     train_mod.reset_bn_stats(model, train)
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _repair(models: list, state, recipe: Recipe, train):
+    """REPAIR of the merge of two models: each unit gets the endpoints' interpolated statistics."""
+    import copy
+
+    from basinmerge.align.repair import repair
+
+    weights = recipe.options.get("weights") or [1.0, 1.0]
+    alpha = float(weights[1]) / float(sum(weights))
+    merged = io.load_into(copy.deepcopy(models[0]), state, source="merged")
+    fixed = repair(models[0], models[1], merged, train, alpha, bn_reset=recipe.reset_bn)
+    return {k: v.detach() for k, v in fixed.state_dict().items()}
