@@ -512,7 +512,7 @@ def _build(path: Path, meta: Mapping[str, Any], config: Mapping[str, Any] | None
         raise CheckpointError(f"{path}: the architecture config ('model' in the metadata) must "
                               f"be a JSON object, found {type(arch).__name__}")
     try:
-        return build_from_config(arch)
+        return build_from_config(dict(arch))
     except ConfigError as e:
         raise CheckpointError(f"{path}: bad architecture config ({e})") from e
 

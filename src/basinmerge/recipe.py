@@ -217,7 +217,7 @@ def load(path: str | os.PathLike) -> Recipe:
 def _groups(keys: list[str], recipe: Recipe) -> list[tuple[list[str], dict[str, Any]]]:
     """(keys, options) per override (first match wins), then the rest with the base options."""
     taken: dict[int, list[str]] = {}
-    rest = []
+    rest: list[str] = []
     for k in keys:
         hit = next((i for i, o in enumerate(recipe.overrides) if fnmatch.fnmatchcase(k, o.pattern)),
                    None)
@@ -245,17 +245,18 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
     fmt = None if recipe.output.format == "auto" else recipe.output.format
     record = {"recipe": recipe.to_dict()}
     info: dict = {}
-    m = merge_mod.get_method(recipe.method) if recipe.method is not None else None
+    method = recipe.method or ""
+    m = merge_mod.get_method(method) if recipe.method is not None else None
     like_fmt = io.checkpoint_format(like)
     if (m is not None and _can_stream(recipe, m) and recipe.dtype is None
             and fmt in (None, like_fmt)):
         if like_fmt == "hf":
             with io.hf_output(out, like, recipe.output.force) as tmp:
-                stream_merge(recipe.models, recipe.method, tmp / io.HF_SAFETENSORS,
+                stream_merge(recipe.models, method, tmp / io.HF_SAFETENSORS,
                              base=recipe.base, meta=record, block_mib=recipe.block_mib,
                              **recipe.options)
         else:
-            stream_merge(recipe.models, recipe.method, out, base=recipe.base, meta=record,
+            stream_merge(recipe.models, method, out, base=recipe.base, meta=record,
                          block_mib=recipe.block_mib, **recipe.options)
         return out, info
     train = _train_data(recipe)
@@ -266,7 +267,8 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
         meta = loaded[0][1]
         if recipe.align is not None:
             states_or_models = _aligned(states_or_models, recipe, train)
-        base = io.load_model(recipe.base, like=recipe.like)[0].to(recipe.device) if recipe.base else None
+        base: Any = (io.load_model(recipe.base, like=recipe.like)[0].to(recipe.device)
+                     if recipe.base else None)
     else:
         loaded_states = [io.load_state(p) for p in recipe.models]
         states_or_models = [s for s, _ in loaded_states]
@@ -280,7 +282,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
         opts = dict(recipe.options)
         if "reset_bn" in m.options():
             opts.setdefault("reset_bn", recipe.reset_bn)
-        state, info = merge_mod.merge(states_or_models, recipe.method, base=base,
+        state, info = merge_mod.merge(states_or_models, method, base=base,
                                       data=train.to(recipe.device), names=names,
                                       return_info=True, **opts)
     else:
@@ -288,7 +290,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
         base_state = io_state(base) if base is not None else None
         state = {}
         for keys, opts in _groups(list(states[0]), recipe):
-            part = merge_mod.merge([{k: s[k] for k in keys} for s in states], recipe.method,
+            part = merge_mod.merge([{k: s[k] for k in keys} for s in states], method,
                                    base=None if base_state is None else
                                    {k: base_state[k] for k in keys}, names=names, **opts)
             state.update(part)
@@ -329,7 +331,7 @@ def _aligned(models: list, recipe: Recipe, train) -> list:
     assert recipe.align is not None
     data = train
     if recipe.align.data is not None:
-        data = _train_data(recipe.model_copy(update={"data": Data(dataset=recipe.align.data)}))
+        data = _train_data(recipe.model_copy(update={"data": Data(dataset=recipe.align.data, examples=2000)}))
     if recipe.align.method != "weight" and data is None:
         raise ConfigError(f"align: method '{recipe.align.method}' needs data (align.data or data)")
     out = [models[0]]

@@ -7,6 +7,7 @@ import copy
 import shlex
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
@@ -72,7 +73,7 @@ def align_cmd(
         raise ConfigError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if method != "weight" and data is None:
         raise ConfigError(f"--method {method} needs --data (a dataset name)")
-    options = {"seed": seed, "max_iter": max_iter, "activation_method": statistic,
+    options: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "activation_method": statistic,
                "num_examples": train_limit, "steps": steps, "lr": lr}
     rec = recipe_mod.validate({
         "models": [str(model_a), str(model_b)], "method": None,
@@ -107,7 +108,7 @@ def align_cmd(
                  torch.randn(8, *net_b.config["in_shape"])).to(device)
         with torch.no_grad():
             drift = float((net_b.eval()(probe) - aligned.eval()(probe)).abs().max())
-    rows = [["method", method], ["permutations", len(spec.perms)], ["seconds", seconds],
+    rows: list[list[Any]] = [["method", method], ["permutations", len(spec.perms)], ["seconds", seconds],
             ["⟨θ_A, θ_B⟩ before", before], ["⟨θ_A, π(θ_B)⟩ after", after],
             ["max |Δ logits| B vs aligned B", drift]]
     if method == "weight":

@@ -71,7 +71,7 @@ class FileSource:
         base_header = (None if self.base_index is None else
                        {k: (dt, shape) for k, (_, dt, shape) in self.base_index.items()})
         self._check(base_header)
-        self._checked: set[tuple[int, str]] = set()
+        self._checked: set[tuple[int, str, int | None]] = set()
         self.meta = {k: v for k, v in io.read_meta(self.paths[0]).items()
                      if k not in io.FORMAT_KEYS}
 
@@ -82,8 +82,8 @@ class FileSource:
         if base_header is not None:
             headers.append(base_header)
             names.append(f"base {self.base_path}")
-        check_compatible([{k: _Spec(dt, shape) for k, (dt, shape) in h.items()} for h in headers],
-                         names)
+        specs: list[Any] = [{k: _Spec(dt, shape) for k, (dt, shape) in h.items()} for h in headers]
+        check_compatible(specs, names)
         for k, (dt, _) in ref.items():
             if dt not in DTYPES:
                 raise CheckpointError(f"{ref_name}: key '{k}' has dtype {dt}, which merging does not support")
@@ -126,7 +126,7 @@ class FileSource:
         return self._read(k, self.indexes[k], self.names[k], key, rows)
 
     def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
-        if self.base_path is None:
+        if self.base_index is None:
             return None
         return self._read(-1, self.base_index, f"base {self.base_path}", key, rows)
 
