@@ -592,8 +592,8 @@ def _check_out_folder(out: Path, force: bool, inputs: Iterable[Path] = ()) -> No
         if out.resolve() == Path(p).resolve():
             raise CheckpointError(f"{out}: the output folder is an input; choose another")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"{out}: output folder exists and is not empty (force it to "
-                              "replace it)")
+        raise CheckpointError(f"{out}: output folder exists and is not empty; choose another, "
+                              "or force the replacement")
 
 
 @contextmanager
