@@ -244,6 +244,10 @@ def test_cli_merge_of_hf_folders_opens_with_from_pretrained(berts, tmp_path, cap
     code, _, err = _run(["merge", str(d / "ft_a"), str(d / "ft_b"), "--out", str(outs[0])], capsys)
     assert code == 1 and "not empty" in err and "Traceback" not in err
     assert sorted(p.name for p in outs[0].iterdir()) == before and _same(outs[0], outs[1])
+    for extra in ([], ["--no-stream"]):  # an input is never the output, --force or not
+        code, _, err = _run(["merge", str(outs[1]), str(d / "ft_b"), "--out", str(outs[1]),
+                             "--force", *extra], capsys)
+        assert code == 1 and "is an input" in err and _same(outs[0], outs[1])
     code, _, err = _run(["merge", str(d / "ft_a"), str(d / "ft_b"), "--out", str(outs[0]),
                          "--force"], capsys)
     assert code == 0, err

@@ -621,12 +621,14 @@ def atomic_folder(out: str | os.PathLike, force: bool = False,
 
 
 @contextmanager
-def hf_output(out: str | os.PathLike, like: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def hf_output(out: str | os.PathLike, like: str | os.PathLike, force: bool = False,
+              inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """An HF model folder being written: a temporary folder holding copies of `like`'s
     non-weight files (config.json, tokenizer, generation config, ...); write the weights into
-    it and it is renamed onto `out` on success (see `atomic_folder`)."""
+    it and it is renamed onto `out` on success (see `atomic_folder`; `out` may be none of
+    `like` and `inputs`)."""
     like = Path(like)
-    with atomic_folder(out, force, [like]) as tmp:
+    with atomic_folder(out, force, [like, *map(Path, inputs)]) as tmp:
         if like.is_dir():
             for f in sorted(like.iterdir()):
                 if f.is_file() and not f.name.endswith((*_WEIGHT_SUFFIXES, ".index.json")):
@@ -675,12 +677,13 @@ def write_hf_weights(folder: Path, state: Mapping[str, torch.Tensor],
 def save_like(state: Mapping[str, torch.Tensor], out: str | os.PathLike,
               like: str | os.PathLike, meta: Mapping[str, Any] | None = None, *,
               fmt: str | None = None, max_shard_mib: float = DEFAULT_MAX_SHARD_MIB,
-              force: bool = False) -> Path:
+              force: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Write `state` to `out` in the form of the checkpoint `like` (or in `fmt`), atomically.
 
     - ``"hf"``: a model folder: `like`'s config and tokenizer files copied, the weights as
       ``model.safetensors`` or shards of at most `max_shard_mib` MiB with their index; tied
-      weights stored once. An existing non-empty `out` is refused unless `force`.
+      weights stored once. An existing non-empty `out` is refused unless `force`; `out` equal
+      to `like` or one of `inputs` always is.
     - ``"basinmerge"``: a safetensors file with `meta` and `like`'s architecture (``model``).
     - ``"safetensors"``: a safetensors file with `meta` (no architecture).
     - ``"pt"``: ``torch.save({"state_dict": ..., "meta": ...})`` (read back by `load_state`).
@@ -695,7 +698,7 @@ def save_like(state: Mapping[str, torch.Tensor], out: str | os.PathLike,
         if Path(like).is_dir() and _weight_files(Path(like))[0] == "safetensors":
             stored = set(tensor_index(like))
         tensors = _unshared(state, _tied_duplicates(state, stored) if stored else ())
-        with hf_output(out, like, force) as tmp:
+        with hf_output(out, like, force, inputs) as tmp:
             write_hf_weights(tmp, tensors, meta, max_shard_mib)
         return out
     if out.is_dir():

@@ -244,6 +244,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
     like = recipe.base or recipe.models[0]  # config, tokenizer and architecture come from here
     fmt = None if recipe.output.format == "auto" else recipe.output.format
     record = {"recipe": recipe.to_dict()}
+    inputs = [*recipe.models, *(p for p in (recipe.base, recipe.like) if p)]
     info: dict = {}
     method = recipe.method or ""
     m = merge_mod.get_method(method) if recipe.method is not None else None
@@ -251,7 +252,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
     if (m is not None and _can_stream(recipe, m) and recipe.dtype is None
             and fmt in (None, like_fmt)):
         if like_fmt == "hf":
-            with io.hf_output(out, like, recipe.output.force) as tmp:
+            with io.hf_output(out, like, recipe.output.force, inputs) as tmp:
                 stream_merge(recipe.models, method, tmp / io.HF_SAFETENSORS,
                              base=recipe.base, meta=record, block_mib=recipe.block_mib,
                              **recipe.options)
@@ -305,7 +306,8 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
         state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     meta = {k: v for k, v in meta.items() if k not in ("merge", "recipe")}
     io.save_like(state, out, like, {**meta, **record}, fmt=fmt,
-                 max_shard_mib=recipe.output.max_shard_mib, force=recipe.output.force)
+                 max_shard_mib=recipe.output.max_shard_mib, force=recipe.output.force,
+                 inputs=inputs)
     return out, info
 
 

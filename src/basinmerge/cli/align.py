@@ -127,7 +127,7 @@ def align_cmd(
                           **({"sweeps": info["sweeps"]} if method == "weight" else {})}}
     io.save_like(aligned.cpu().state_dict(), out, model_b, meta,
                  fmt=None if out_format == "auto" else out_format, max_shard_mib=max_shard_mib,
-                 force=force)
+                 force=force, inputs=[model_a])
     console.print(f"saved {out}")
 
 

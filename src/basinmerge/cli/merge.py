@@ -182,7 +182,7 @@ def merge_cmd(
     streamed = can_stream and stream is not False
     if streamed:
         if io.checkpoint_format(like_path) == "hf":
-            with io.hf_output(out, like_path, force) as tmp:
+            with io.hf_output(out, like_path, force, inputs) as tmp:
                 merge_mod.stream_merge(checkpoints, method, tmp / io.HF_SAFETENSORS, base=base,
                                        block_mib=block_mib, meta={"recipe": rec.to_dict()},
                                        **opts)
@@ -222,7 +222,7 @@ def merge_cmd(
         state = merged.state_dict()
     if not streamed or meta["merge"].get("bn_reset"):
         io.save_like(state, out, like_path, meta, fmt=fmt, max_shard_mib=max_shard_mib,
-                     force=force or streamed)
+                     force=force or streamed, inputs=inputs)
     _report_gates(info, out, gates_out, as_json)
     rows = []
     if test is not None and merged is not None:
