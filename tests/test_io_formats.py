@@ -265,3 +265,13 @@ def test_like_with_another_architecture_names_the_key(bert_dir, gpt2_sharded):
     with pytest.raises(CheckpointError, match="key '") as e:
         io.load_model(bert_dir, like=gpt2_sharded)
     assert str(bert_dir) in str(e.value)
+
+
+def test_half_precision_folder_stays_half(tmp_path):
+    original = _bert(3).to(torch.bfloat16)
+    original.save_pretrained(tmp_path / "bf16")
+    model, meta = io.load_model(tmp_path / "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(_logits(model), _logits(original))
+    out = io.save_like(model.state_dict(), tmp_path / "out", like=tmp_path / "bf16", meta=meta)
+    assert {dt for _, dt, _ in io.tensor_index(out).values()} == {"BF16"}

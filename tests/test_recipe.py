@@ -338,3 +338,51 @@ def test_recipe_repair_equals_repair_by_hand(tmp_path):
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
     plain = lerp(na.state_dict(), nb.state_dict(), 0.5)
     assert not all(torch.allclose(got[k], plain[k]) for k in plain)  # REPAIR changed something
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def _bad_inputs(d: Path, tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    import shutil
+
+    (tmp_path / "noweights").mkdir()
+    shutil.copy(d / "ft_a" / "config.json", tmp_path / "noweights")
+    shutil.copytree(d / "ft_a", tmp_path / "sharded")
+    state = io.load_state(tmp_path / "sharded")[0]
+    (tmp_path / "sharded" / "model.safetensors").unlink()
+    io.write_hf_weights(tmp_path / "sharded", state, max_shard_mib=0.05)
+    victim = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[1]
+    victim.unlink()
+    (tmp_path / "evil").mkdir()
+    shutil.copy(d / "ft_a" / "config.json", tmp_path / "evil")
+    torch.save({"w": torch.zeros(2), "x": _Evil()}, tmp_path / "evil" / io.HF_BIN)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(
+        {"models": [str(d / "ft_a"), str(d / "ft_b")], "method": "average",
+         "options": {"density": 0.2}, "output": {"path": str(tmp_path / "out")}}))
+    a, b = str(d / "ft_a"), str(d / "ft_b")
+    return {
+        "no weights": (["merge", a, str(tmp_path / "noweights")], "no model weights"),
+        "missing shard": (["merge", a, str(tmp_path / "sharded")], victim.name),
+        "pickle": (["merge", a, str(tmp_path / "evil"), "--no-stream"], "weights_only=True"),
+        "pickle, streaming": (["merge", a, str(tmp_path / "evil"), "--stream"], "cannot stream"),
+        "recipe option": (["run", str(tmp_path / "r.yaml")], "field 'options.density'"),
+        "recipe method": (["merge", a, b, "--method", "nope"], "unknown merge method 'nope'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no weights", "missing shard", "pickle", "pickle, streaming",
+                                  "recipe option", "recipe method"])
+def test_bad_input_is_one_error_and_writes_nothing(berts, tmp_path, capsys, case):
+    d, _ = berts
+    args, message = _bad_inputs(d, tmp_path)[case]
+    if args[0] == "merge":
+        args = [*args, "--out", str(tmp_path / "out")]
+    code, out, err = _run(args, capsys)
+    flat = err.replace("\n", " ")
+    assert code == 1 and message in flat and "Traceback" not in err, err
+    assert err.startswith("error") and "pickled code ran" not in out + err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

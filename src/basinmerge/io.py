@@ -519,7 +519,8 @@ def _build(path: Path, meta: Mapping[str, Any], config: Mapping[str, Any] | None
 
 def load_model(path: str | os.PathLike, like: str | os.PathLike | None = None,
                ) -> tuple[nn.Module, dict]:
-    """Build the model stored at `path` (any format) in eval mode and return ``(model, meta)``.
+    """Build the model stored at `path` (any format) in eval mode and return ``(model, meta)``;
+    when every stored float tensor has one dtype, the model gets it.
 
     The architecture comes from the project's metadata, from an HF folder's ``config.json``
     (through `transformers`), or, when `like` is given, from that other checkpoint (of the
@@ -532,6 +533,9 @@ def load_model(path: str | os.PathLike, like: str | os.PathLike | None = None,
         model = _build(like, read_meta(like))
     else:
         model = _build(path, meta)
+    float_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(float_dtypes) == 1:  # keep the stored precision (a bfloat16 model stays bfloat16)
+        model.to(float_dtypes.pop())
     load_into(model, state, source=str(path))
     model.eval()
     return model, meta
