@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from basinmerge import io, models
-from basinmerge.errors import CheckpointError
+from basinmerge.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,6 +144,9 @@ def test_bare_safetensors_in_and_out(tmp_path):
     assert io.checkpoint_format(out2) == "basinmerge"
     with torch.no_grad():
         assert torch.equal(io.load_model(out2)[0](x), net(x))
+    with pytest.raises(ConfigError, match="architecture"):
+        io.save_like(state, tmp_path / "q.safetensors", like=bare, fmt="basinmerge")
+    assert not (tmp_path / "q.safetensors").exists()
 
 
 def test_pt_in_and_out(tmp_path):

@@ -709,8 +709,10 @@ def save_like(state: Mapping[str, torch.Tensor], out: str | os.PathLike,
         raise CheckpointError(f"{out}: is a folder; a {fmt} checkpoint is one file")
     if fmt == "basinmerge" and "model" not in meta:
         arch = read_meta(like).get("model")
-        if arch is not None:
-            meta["model"] = arch
+        if arch is None:
+            raise ConfigError(f"{out}: the basinmerge format records the architecture, and "
+                              f"neither the metadata nor {like} has one; write 'safetensors'")
+        meta["model"] = arch
     if fmt == "pt":
         meta.setdefault("basinmerge_version", _library_version())
         tensors = {k: v.detach().cpu() for k, v in state.items()}
