@@ -13,7 +13,6 @@ import torch
 import typer
 
 from basinmerge import io
-from basinmerge import recipe as recipe_mod
 from basinmerge import train as train_mod
 from basinmerge.align import METHODS, find_permutation, objective, permuted_copy
 from basinmerge.cli import app, experiment_app
@@ -73,6 +72,8 @@ def align_cmd(
         raise ConfigError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if method != "weight" and data is None:
         raise ConfigError(f"--method {method} needs --data (a dataset name)")
+    from basinmerge import recipe as recipe_mod  # pydantic: only when run
+
     options: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "activation_method": statistic,
                "num_examples": train_limit, "steps": steps, "lr": lr}
     rec = recipe_mod.validate({

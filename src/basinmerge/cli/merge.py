@@ -11,7 +11,6 @@ import typer
 
 from basinmerge import io
 from basinmerge import merge as merge_mod
-from basinmerge import recipe as recipe_mod
 from basinmerge import train as train_mod
 from basinmerge.cli import app, experiment_app
 from basinmerge.cli.common import (
@@ -146,6 +145,8 @@ def merge_cmd(
                  optimizer=optimizer, init=init, clip=clip, reference=_parse_reference(reference),
                  seed=seed, num_examples=num_examples, batch_size=batch_size, align=align)
     opts = _method_options(m, given)
+    from basinmerge import recipe as recipe_mod  # pydantic: only when run
+
     fmt = None if out_format == "auto" else out_format
     like_path = base if base is not None else checkpoints[0]
     if m.needs_base and base is None:

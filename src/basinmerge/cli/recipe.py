@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from basinmerge import recipe as recipe_mod
 from basinmerge.cli import app
 from basinmerge.console import console
 
@@ -20,6 +19,8 @@ def run_cmd(
     """Run a merge recipe: models, base, method and options (per-tensor overrides by name
     pattern), optional alignment and data, output path and format. The output records the
     recipe in its metadata."""
+    from basinmerge import recipe as recipe_mod
+
     rec = recipe_mod.load(recipe)
     if check:
         typer.echo(rec.to_yaml(), nl=False)
