@@ -386,3 +386,27 @@ def test_bad_input_is_one_error_and_writes_nothing(berts, tmp_path, capsys, case
     assert err.startswith("error") and "pickled code ran" not in out + err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_recipe_resets_batchnorm_on_its_data(tmp_path):
+    from basinmerge import data as data_mod
+    from basinmerge.train import reset_bn_stats
+
+    nets = [models.build("mlp", (1, 8, 8), 10, depth=1, width=8, norm="batch", seed=s) for s in (1, 2)]
+    paths = [io.save(n, tmp_path / f"bn{i}.safetensors") for i, n in enumerate(nets)]
+    spec = {"models": list(map(str, paths)), "method": "average",
+            "data": {"dataset": "digits", "examples": 200},
+            "output": {"path": str(tmp_path / "m.safetensors")}}
+    got = io.load_state(recipe.validate(spec).run())[0]
+    sa, sb = nets[0].state_dict(), nets[1].state_dict()
+    by_hand = io.load_into(copy.deepcopy(nets[0]),
+                           {k: (sa[k] + sb[k]) / 2 if sa[k].is_floating_point() else sa[k] for k in sa})
+    reset_bn_stats(by_hand, data_mod.load("digits", "train").subset(200, seed=0))
+    want = by_hand.state_dict()
+    bn_keys = [k for k in want if "running" in k]
+    bad = [(k, got[k], want[k]) for k in want if not torch.allclose(got[k], want[k], atol=1e-6)]
+    assert bn_keys and not bad, bad
+    assert not torch.allclose(got[bn_keys[0]], (sa[bn_keys[0]] + sb[bn_keys[0]]) / 2)
+    off = recipe.validate({**spec, "reset_bn": False,
+                           "output": {"path": str(tmp_path / "n.safetensors")}}).run()
+    assert torch.equal(io.load_state(off)[0][bn_keys[0]], (sa[bn_keys[0]] + sb[bn_keys[0]]) / 2)

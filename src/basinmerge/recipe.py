@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from basinmerge import io
 from basinmerge.errors import ConfigError
+from basinmerge.state import as_state_dict
 
 _STRICT = ConfigDict(extra="forbid")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -229,6 +230,8 @@ def _groups(keys: list[str], recipe: Recipe) -> list[tuple[list[str], dict[str, 
 def _can_stream(recipe: Recipe, m) -> bool:
     if recipe.stream is False or not m.streams or recipe.overrides or recipe.align or recipe.repair:
         return False
+    if recipe.data is not None and recipe.reset_bn:  # the BN reset runs the model
+        return False
     inputs = recipe.models + ([recipe.base] if recipe.base else [])
     return all(io.is_streamable(p) for p in inputs)
 
@@ -243,7 +246,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
     out = Path(recipe.output.path)
     like = recipe.base or recipe.models[0]  # config, tokenizer and architecture come from here
     fmt = None if recipe.output.format == "auto" else recipe.output.format
-    record = {"recipe": recipe.to_dict()}
+    record: dict[str, Any] = {"recipe": recipe.to_dict()}
     inputs = [*recipe.models, *(p for p in (recipe.base, recipe.like) if p)]
     info: dict = {}
     method = recipe.method or ""
@@ -277,7 +280,7 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
         base = io.load_state(recipe.base)[0] if recipe.base else None
     names = list(recipe.models)
     if m is None:  # align only: the second model, permuted onto the first
-        state = {k: v.detach() for k, v in states_or_models[1].state_dict().items()}
+        state = as_state_dict(states_or_models[1])
         meta = io.read_meta(recipe.models[1])
     elif m.needs_data:
         opts = dict(recipe.options)
@@ -287,8 +290,8 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
                                       data=train.to(recipe.device), names=names,
                                       return_info=True, **opts)
     else:
-        states = [io_state(s) for s in states_or_models]
-        base_state = io_state(base) if base is not None else None
+        states = [as_state_dict(s) for s in states_or_models]
+        base_state = as_state_dict(base) if base is not None else None
         state = {}
         for keys, opts in _groups(list(states[0]), recipe):
             part = merge_mod.merge([{k: s[k] for k in keys} for s in states], method,
@@ -305,14 +308,13 @@ def _merge(recipe: Recipe) -> tuple[Path, dict]:
         dt = DTYPES[recipe.dtype]
         state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     meta = {k: v for k, v in meta.items() if k not in ("merge", "recipe")}
+    if m is not None:
+        record["merge"] = {"method": method, "options": recipe.options, "inputs": names,
+                           "base": recipe.base, "streamed": False}
     io.save_like(state, out, like, {**meta, **record}, fmt=fmt,
                  max_shard_mib=recipe.output.max_shard_mib, force=recipe.output.force,
                  inputs=inputs)
     return out, info
-
-
-def io_state(obj) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in obj.state_dict().items()} if hasattr(obj, "state_dict") else obj
 
 
 def _train_data(recipe: Recipe):
@@ -354,7 +356,7 @@ def _reset_bn(state, recipe: Recipe, train, train_mod):
         return state
     io.load_into(model, state)
     train_mod.reset_bn_stats(model, train)
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    return as_state_dict(model)
 
 
 def _repair(models: list, state, recipe: Recipe, train):
@@ -367,4 +369,4 @@ def _repair(models: list, state, recipe: Recipe, train):
     alpha = float(weights[1]) / float(sum(weights))
     merged = io.load_into(copy.deepcopy(models[0]), state, source="merged")
     fixed = repair(models[0], models[1], merged, train, alpha, bn_reset=recipe.reset_bn)
-    return {k: v.detach() for k, v in fixed.state_dict().items()}
+    return as_state_dict(fixed)
