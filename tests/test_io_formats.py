@@ -278,3 +278,22 @@ def test_half_precision_folder_stays_half(tmp_path):
     assert torch.equal(_logits(model), _logits(original))
     out = io.save_like(model.state_dict(), tmp_path / "out", like=tmp_path / "bf16", meta=meta)
     assert {dt for _, dt, _ in io.tensor_index(out).values()} == {"BF16"}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.update(model_type="no_such_model"), "'no_such_model'"),
+    (lambda c: c.pop("model_type"), "model_type None"),
+    (lambda c: c.update(architectures=["BertForTeleportation"]), "'BertForTeleportation'"),
+])
+def test_hf_config_that_transformers_cannot_build(bert_dir, tmp_path, edit, message):
+    import shutil
+
+    d = tmp_path / "odd"
+    shutil.copytree(bert_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message) as e:
+        io.load_model(d)
+    assert str(d / "config.json") in str(e.value)
+    assert io.load_state(d)[0]  # the tensors alone still read

@@ -483,12 +483,14 @@ def _build_hf(path: Path, config: Mapping[str, Any]) -> nn.Module:
     except ImportError as e:
         raise CheckpointError(f"{path}: building a Hugging Face model needs the 'transformers' "
                               "package (pip install 'basinmerge[hf]')") from e
-    config = dict(config)
-    model_type = config.pop("model_type", None)
-    if model_type is None:
-        raise CheckpointError(f"{path / HF_CONFIG}: has no 'model_type'")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{path / HF_CONFIG}: model_type {model_type!r} is not one "
+                              f"transformers {transformers.__version__} knows")
     try:
-        cfg = transformers.AutoConfig.for_model(model_type, **config)
+        cfg = CONFIG_MAPPING[model_type].from_dict(dict(config))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / HF_CONFIG}: transformers cannot read it ({e})") from e
     archs = list(getattr(cfg, "architectures", None) or [])
