@@ -486,7 +486,7 @@ def _build_hf(path: Path, config: Mapping[str, Any]) -> nn.Module:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"{path / HF_CONFIG}: model_type {model_type!r} is not one "
                               f"transformers {transformers.__version__} knows")
     try:
