@@ -297,3 +297,22 @@ def test_hf_config_that_transformers_cannot_build(bert_dir, tmp_path, edit, mess
         io.load_model(d)
     assert str(d / "config.json") in str(e.value)
     assert io.load_state(d)[0]  # the tensors alone still read
+
+
+@pytest.mark.parametrize(("edit", "key"), [
+    (lambda s: s.pop("classifier.bias"), "classifier.bias"),
+    (lambda s: s.__setitem__("bert.pooler.dense.weight", torch.zeros(32, 31)),
+     "bert.pooler.dense.weight"),
+    (lambda s: s.__setitem__("extra.weight", torch.zeros(2)), "extra.weight"),
+])
+def test_hf_weights_that_do_not_fit_the_config_name_the_key(bert_dir, tmp_path, edit, key):
+    import shutil
+
+    d = tmp_path / "misfit"
+    shutil.copytree(bert_dir, d)
+    state, _ = io.load_state(d)
+    edit(state)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=key) as e:
+        io.load_model(d)
+    assert str(d) in str(e.value)

@@ -476,15 +476,14 @@ def _no_architecture(path: Path) -> CheckpointError:
         "basinmerge, or like= another checkpoint of the same architecture")
 
 
-def _build_hf(path: Path, config: Mapping[str, Any]) -> nn.Module:
-    """The `transformers` model named by an HF config (``architectures[0]``, else AutoModel)."""
+def _hf_class(path: Path, config: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(model class, config object) for an HF config: ``architectures[0]``, else AutoModel."""
     try:
         import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError as e:
         raise CheckpointError(f"{path}: building a Hugging Face model needs the 'transformers' "
                               "package (pip install 'basinmerge[hf]')") from e
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"{path / HF_CONFIG}: model_type {model_type!r} is not one "
@@ -494,14 +493,56 @@ def _build_hf(path: Path, config: Mapping[str, Any]) -> nn.Module:
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / HF_CONFIG}: transformers cannot read it ({e})") from e
     archs = list(getattr(cfg, "architectures", None) or [])
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if archs and cls is None:
+    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+    if cls is None:
         raise CheckpointError(f"{path / HF_CONFIG}: architecture '{archs[0]}' is not in "
                               f"transformers {transformers.__version__}")
+    return cls, cfg
+
+
+def _build_hf(path: Path, config: Mapping[str, Any]) -> nn.Module:
+    """The `transformers` model named by an HF config, randomly initialized."""
+    cls, cfg = _hf_class(path, config)
     try:
-        return cls(cfg) if cls is not None else transformers.AutoModel.from_config(cfg)
+        return cls.from_config(cfg) if hasattr(cls, "from_config") else cls(cfg)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad config
         raise CheckpointError(f"{path / HF_CONFIG}: cannot build the model ({e})") from e
+
+
+def _from_pretrained(path: Path, config: Mapping[str, Any]) -> nn.Module:
+    """An HF folder loaded by `transformers` itself (no random initialization first, ties and
+    non-persistent buffers as it sets them), after our own checks of its files; any key that
+    does not fit is one error."""
+    cls, cfg = _hf_class(path, config)
+    from transformers.utils import logging as hf_logging
+
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report: bad keys are our one error below
+    try:
+        model, info = cls.from_pretrained(str(path), config=cfg, local_files_only=True,
+                                          output_loading_info=True, dtype="auto",
+                                          ignore_mismatched_sizes=True)  # reported below
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad folder
+        raise CheckpointError(f"{path}: transformers cannot load it "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+                              ) from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    for kind, what in (("missing_keys", "is missing (the architecture needs it)"),
+                       ("mismatched_keys", "has a shape the architecture does not expect"),
+                       ("unexpected_keys", "is not part of the architecture")):
+        keys = sorted(info.get(kind) or (), key=str)
+        if keys:
+            first = keys[0]
+            if isinstance(first, tuple) and len(first) == 3:  # (key, stored shape, expected)
+                what = f"has shape {tuple(first[1])}, the architecture expects {tuple(first[2])}"
+                first = first[0]
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise CheckpointError(f"{path}: key '{first}' {what}{more}")
+    return model
 
 
 def _build(path: Path, meta: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> nn.Module:
@@ -529,6 +570,14 @@ def load_model(path: str | os.PathLike, like: str | os.PathLike | None = None,
     same architecture; only its architecture is used). Anything else raises one error that
     says which of these to give."""
     path = _resolve(path)
+    if like is None and path.is_dir():
+        meta = read_meta(path)
+        if meta.get("hf_config") is not None:
+            if _weight_files(path)[0] == "safetensors":
+                tensor_index(path)  # every shard there, every key where the index says
+            else:
+                load_state(path)  # pickled weights: weights_only=True before transformers reads them
+            return _from_pretrained(path, meta["hf_config"]).eval(), meta
     state, meta = load_state(path)
     if like is not None:
         like = _resolve(like)
