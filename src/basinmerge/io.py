@@ -19,8 +19,9 @@ Formats (`checkpoint_format`):
   names its architecture (``model``); `load_model` rebuilds it with no other input.
 - ``"hf"``: a Hugging Face model folder (``save_pretrained``): ``config.json`` and
   ``model.safetensors``, or shards listed in ``model.safetensors.index.json``, or
-  ``pytorch_model.bin`` (single or sharded; read with ``weights_only=True``). `load_model` builds
-  the class named in ``config.architectures`` through `transformers` (imported only then).
+  ``pytorch_model.bin`` (single or sharded; read with ``weights_only=True``). `load_model` loads
+  the class named in ``config.architectures`` with its ``from_pretrained`` (after our own checks
+  of the files; `transformers` is imported only then).
 - ``"safetensors"``: any other safetensors file (a bare state_dict; our metadata, if present,
   is still read).
 - ``"pt"``: a ``.pt``/``.pth``/``.bin`` file holding a state_dict, or ``{"state_dict", "meta"}``.
