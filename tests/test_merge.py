@@ -214,6 +214,12 @@ def _copies_case(method, net, member, base, train):
         opts = dict(base=base, density=1.0)  # trimming is lossy by design
     elif method == "dare":
         opts = dict(base=base, drop=0.0, scale=1 / k)  # dropping is random by design
+    elif method == "breadcrumbs":
+        opts = dict(base=base, beta=0.0, gamma=0.0, scale=1 / k)  # trimming is lossy by design
+    elif method == "della":
+        opts = dict(base=base, drop=0.0, epsilon=0.0)  # dropping is random by design
+    elif method == "model_stock":
+        opts = dict(base=base)  # parallel task vectors: t = 1, the average
     elif method == "adamerging":
         opts = dict(base=base, data=train.x[:64], init=1 / k, steps=0, model=net)
     elif method == "weighted":
