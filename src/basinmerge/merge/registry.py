@@ -160,17 +160,14 @@ class MergeMethod:
             needs.append(f"{self.needs_data} data")
         if self.min_models > 1:
             needs.append(f">= {self.min_models} models")
-        head = f"{self.name}: {self.summary}"
-        if needs:
-            head += f" [needs {', '.join(needs)}]"
-        if self.streams:
-            head += " [streams]"
+        tags = ([f"needs {', '.join(needs)}"] if needs else []) + (["streams"] if self.streams else [])
+        head = f"{self.name}: {self.summary}" + (f" ({'; '.join(tags)})" if tags else "")
         lines = [head]
         for o in self.options.values():
             if not o.cli:
                 continue
             default = "required" if o.required else f"default {_jsonable(o.default)!r}"
-            lines.append(f"    {o.name} ({o.type_name}, {default}){': ' + o.help if o.help else ''}")
+            lines.append(f"  --opt {o.name}=... ({o.type_name}, {default}){': ' + o.help if o.help else ''}")
         return lines
 
     def to_dict(self) -> dict:

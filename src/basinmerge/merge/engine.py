@@ -1,0 +1,325 @@
+"""The merge engine: merge checkpoint files with any registered method, end to end.
+
+>>> from basinmerge.merge.engine import merge_checkpoints
+>>> res = merge_checkpoints(["a.safetensors", "b.safetensors", "c.safetensors"], "ties",
+...                         base="base.safetensors", options={"density": 0.3},
+...                         out="merged.safetensors")
+>>> res.warnings, res.members[0].scope_distance, res.to_dict()
+
+`merge_checkpoints` owns everything between the files and the merged file, in this order:
+
+1. **validation** before any work: the method's options, base and data (`MergeMethod.check`,
+   one error naming the method and the option), the output path;
+2. **loading** (`read_state`, the one place the engine reads a checkpoint) or, for a method
+   with a per-key kernel over safetensors files, **streaming** (`stream_merge`): tensor by
+   tensor, never holding K models;
+3. the **member guard** (`basinmerge.merge.guard`): members far outside the others' weight
+   scope are named in `MergeResult.warnings` (``strict=True``: an error instead);
+4. the **merge**; BatchNorm: data-free merges average the running statistics (never task
+   vectors) and the result warns that they should be reset; with `data`, they are recomputed
+   on it (``reset_bn``, default: whenever data is given) and the summary says so;
+   ``num_batches_tracked`` then counts the batches of that pass;
+5. **writing** atomically: on any failure nothing is left at `out` (an existing file there is
+   left as it was);
+6. **reporting**: a `MergeResult` with the per-member summary (scope distance, accuracy on
+   `eval_data`), warnings, gates, BN handling and timings.
+
+Nothing here prints: the CLI prints the result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from basinmerge import io
+from basinmerge.errors import ConfigError
+from basinmerge.merge._common import StateSource, bn_keys, prepare
+from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
+from basinmerge.merge.registry import MergeMethod, get_method
+from basinmerge.merge.stream import FileSource, stream_merge
+from basinmerge.state import StateDict, with_state
+
+PathLike = str | os.PathLike
+BN_NOTE_DATA_FREE = ("the merged model has BatchNorm layers whose running statistics were "
+                     "averaged, not recomputed for the merged weights; reset them on data "
+                     "(pass data) before using it")
+
+
+@dataclass
+class MemberSummary:
+    """One input model in the merge summary."""
+
+    name: str
+    scope_distance: float
+    worst_layer: str | None
+    flagged: bool
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "scope_distance": self.scope_distance,
+                "worst_layer": self.worst_layer, "flagged": self.flagged,
+                "accuracy": self.accuracy}
+
+
+@dataclass
+class MergeResult:
+    """What `merge_checkpoints` did: the output (file or state), the members, the warnings."""
+
+    method: str
+    options: dict[str, Any]
+    members: list[MemberSummary]
+    guard: GuardReport
+    out: Path | None = None
+    state: StateDict | None = None
+    streamed: bool = False
+    bn: str = "none"  # "none", "averaged" (data-free, not reset) or "reset (N examples)"
+    accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    gates_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gates(self) -> Any:
+        return self.info.get("gates")
+
+    def to_dict(self) -> dict:
+        info = {k: v for k, v in self.info.items() if k != "gates"}
+        return {"method": self.method, "options": _jsonable(self.options),
+                "out": str(self.out) if self.out is not None else None,
+                "streamed": self.streamed, "bn": self.bn, "accuracy": self.accuracy,
+                "members": [m.to_dict() for m in self.members], "warnings": list(self.warnings),
+                "guard": self.guard.to_dict(), "info": _jsonable(info),
+                "gates": self.gates.to_dict() if self.gates is not None else None,
+                "gates_path": str(self.gates_path) if self.gates_path is not None else None,
+                "timings": dict(self.timings)}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_state(path: PathLike) -> tuple[StateDict, dict]:
+    """A checkpoint's tensors and metadata: the one place the engine reads weights."""
+    return io.load_state(path)
+
+
+def read_model(path: PathLike) -> tuple[nn.Module, dict]:
+    """The model stored in a checkpoint (for methods and steps that run the network)."""
+    return io.load(path)
+
+
+def write_state(state: Mapping[str, torch.Tensor], path: PathLike, meta: Mapping[str, Any]) -> Path:
+    return io.save_state(state, path, meta)
+
+
+def check_output(out: PathLike) -> Path:
+    """The output path, checked before any work: a ``.safetensors`` file name, not a folder,
+    in a folder that exists or can be created."""
+    out = Path(out)
+    if str(out) in ("", "."):
+        raise ConfigError("the output path is empty")
+    if out.is_dir():
+        raise ConfigError(f"output {out} is a folder; give a file name ending in .safetensors")
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"output {out}: the merged checkpoint is written as safetensors; use a "
+                          "name ending in .safetensors")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output {out}: folder {parent} is not writable")
+    return out
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike | None = None,
+                      options: Mapping[str, Any] | None = None,
+                      weights: Sequence[float] | None = None, out: PathLike | None = None,
+                      data: Any = None, stream: bool | None = None, block_mib: float = 1.0,
+                      device: str = "cpu", reset_bn: bool | None = None, strict: bool = False,
+                      names: Sequence[str] | None = None, progress: bool | None = None,
+                      eval_data: Any = None, gates_out: PathLike | None = None,
+                      guard_threshold: float = THRESHOLD) -> MergeResult:
+    """Merge the checkpoints at `paths` with `method` (see the module docstring).
+
+    `options`: the method's options (``MergeMethod.options``); `weights` is a shortcut for
+    ``options["weights"]``. `data`: what a data-using method needs, and for any method the
+    data its BatchNorm statistics are recomputed on (``reset_bn``: None = whenever data is
+    given). `stream`: None = stream when the method has a kernel, every input is a
+    ``.safetensors`` file and `out` is given. `eval_data`: labeled data to report each
+    member's and the merge's accuracy on. `strict`: a member flagged by the guard is an error.
+    Without `out` the merged state_dict is returned in ``MergeResult.state``."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    m = get_method(method)
+    user_opts, opts = _options(m, options, weights, data, reset_bn, progress)
+    paths = [Path(p) for p in paths]
+    opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
+                   num_models=len(paths))
+    user_opts = {k: opts[k] for k in user_opts}
+    if reset_bn and data is None:
+        raise ConfigError("reset_bn needs data to recompute the BatchNorm statistics on (pass data)")
+    out = check_output(out) if out is not None else None
+    if gates_out is not None and out is None:
+        raise ConfigError("gates_out needs out (the merged checkpoint to write)")
+    names = [str(p) for p in paths] if names is None else [str(n) for n in names]
+    inputs = paths + ([Path(base)] if base is not None else [])
+    can_stream = m.streams and out is not None and all(p.suffix == ".safetensors" for p in inputs)
+    if stream and not can_stream:
+        why = ("it has no per-key kernel" if not m.streams else "streaming writes a file: give out"
+               if out is None else "every input must be a .safetensors file")
+        raise ConfigError(f"merge method '{method}' cannot stream here: {why}")
+    streamed = can_stream if stream is None else bool(stream)
+    template, meta = (read_model(paths[0]) if _runs_network(m, data, eval_data)
+                      else (None, None))
+    if template is not None:
+        template.to(device)
+        if "model" in m.options:  # the network a data-using method runs
+            opts.setdefault("model", template)
+    timings["load"] = time.perf_counter() - t0
+
+    # the sources: files (streaming) or state_dicts, checked for keys, shapes and NaN/Inf
+    t = time.perf_counter()
+    block_bytes = max(1, int(block_mib * 2**20)) if block_mib > 0 else None
+    if streamed:
+        source: Any = FileSource(paths, base)
+        source.names = names
+        meta = source.meta if meta is None else meta
+    else:
+        loaded = [read_state(p) for p in paths]
+        meta = loaded[0][1] if meta is None else meta
+        base_state = read_state(base)[0] if base is not None else None
+        states, base_state, names = prepare([s for s, _ in loaded], method, base=base_state,
+                                            needs_base=m.needs_base, names=names)
+        source = StateSource(states, base_state, names)
+    report = check_members(source, threshold=guard_threshold, block_bytes=block_bytes)
+    if strict:
+        report.raise_if_flagged()
+    warnings = report.warnings()
+    timings["guard"] = time.perf_counter() - t
+
+    record = {"method": method, "options": _jsonable(user_opts), "inputs": [str(p) for p in paths],
+              "base": str(base) if base is not None else None, "streamed": streamed}
+    out_meta = {k: v for k, v in (meta or {}).items() if k != "merge"}
+    info: dict[str, Any] = {}
+    gates_path = None
+    t = time.perf_counter()
+    if streamed:
+        with io.atomic_path(out, suffix=".safetensors") as tmp:
+            stream_merge(paths, method, tmp, base=base, block_mib=block_mib,
+                         meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
+            timings["merge"] = time.perf_counter() - t
+            state = None
+            has_bn = bool(bn_keys(source.keys()))
+            if (has_bn and data is not None and reset_bn is not False) or eval_data is not None:
+                state = read_state(tmp)[0]
+            bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
+            if bn.startswith("reset"):
+                write_state(state, tmp, {**out_meta, "merge": {**record, "bn": bn}})
+    else:
+        state, info = m.run(source.states, base=source.base, data=data, names=names, **opts)
+        state = {k: v.detach().cpu() for k, v in state.items()}
+        timings["merge"] = time.perf_counter() - t
+        bn, state = _batchnorm(m, template, state, data, reset_bn, bool(bn_keys(state)), opts,
+                               timings)
+        if out is not None:
+            t = time.perf_counter()
+            write_state(state, out, {**out_meta, "merge": {**record, "bn": bn}})
+            timings["write"] = time.perf_counter() - t
+    if bn == "averaged":
+        warnings.append(BN_NOTE_DATA_FREE)
+    if out is not None and info.get("gates") is not None:
+        gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
+        io.write_json(gates_path, info["gates"].to_dict())
+
+    members = [MemberSummary(n, d, w, n in report.flagged())
+               for n, d, w in zip(names, report.distance, report.worst, strict=True)]
+    accuracy = None
+    if eval_data is not None:
+        t = time.perf_counter()
+        accuracy = _evaluate(template, members, source, paths, state, eval_data, streamed)
+        timings["evaluate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return MergeResult(method, user_opts, members, report, out=out,
+                       state=None if out is not None else state, streamed=streamed, bn=bn,
+                       accuracy=accuracy, warnings=warnings, info=info, gates_path=gates_path,
+                       timings=timings)
+
+
+def _options(m: MergeMethod, options: Mapping[str, Any] | None, weights: Sequence[float] | None,
+             data: Any, reset_bn: bool | None, progress: bool | None) -> tuple[list[str], dict]:
+    """(the option names the caller gave, every option to pass: those plus what the engine
+    sets for a data-using method: its BatchNorm reset and its progress bar)."""
+    opts = dict(options or {})
+    if weights is not None:
+        if "weights" in opts:
+            raise ConfigError(f"merge method '{m.name}': option 'weights' is given twice")
+        opts["weights"] = list(weights)
+    given = list(opts)
+    if "reset_bn" in m.options and reset_bn is not None:
+        opts.setdefault("reset_bn", bool(reset_bn))
+    if "progress" in m.options and progress is not None:
+        opts.setdefault("progress", bool(progress))
+    return given, opts
+
+
+def _runs_network(m: MergeMethod, data: Any, eval_data: Any) -> bool:
+    return bool(m.needs_data) or data is not None or eval_data is not None
+
+
+def _batchnorm(m: MergeMethod, template: nn.Module | None, state: StateDict | None, data: Any,
+               reset_bn: bool | None, has_bn: bool, opts: Mapping[str, Any],
+               timings: dict[str, float]) -> tuple[str, StateDict | None]:
+    """(what happened to the BatchNorm statistics, the state after it)."""
+    from basinmerge.train import reset_bn_stats
+
+    if not has_bn:
+        return "none", state
+    if m.needs_data:  # the method recomputes them on its own data (its reset_bn option)
+        return ("reset (on the method's data)" if opts.get("reset_bn", True) else "kept"), state
+    if data is None or reset_bn is False:
+        return "averaged", state
+    t = time.perf_counter()
+    model = with_state(template, state)
+    reset_bn_stats(model, data)
+    n = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
+    if n is None:
+        x = data if isinstance(data, torch.Tensor) else data[0]
+        n = int(x.shape[0])
+    timings["bn_reset"] = time.perf_counter() - t
+    return f"reset ({n} examples)", {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _evaluate(template: nn.Module, members: list[MemberSummary], source: Any,
+              paths: Sequence[Path], state: StateDict, eval_data: Any, streamed: bool) -> float:
+    """Fill each member's accuracy on `eval_data`; return the merge's."""
+    from basinmerge.train import evaluate
+
+    for i, mem in enumerate(members):
+        s = read_state(paths[i])[0] if streamed else source.states[i]
+        mem.accuracy = evaluate(with_state(template, s), eval_data)["accuracy"]
+    return evaluate(with_state(template, state), eval_data)["accuracy"]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    return repr(v)
