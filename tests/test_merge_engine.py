@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from basinmerge import data as data_mod
 from basinmerge import io, models
 from basinmerge.cli import app, main
-from basinmerge.errors import ConfigError, IncompatibleModelsError
+from basinmerge.errors import ConfigError, DataError, IncompatibleModelsError
 from basinmerge.merge import METHODS, merge, streamable, task_arithmetic
 from basinmerge.merge._common import StateSource
 from basinmerge.merge.engine import merge_checkpoints
@@ -211,6 +211,18 @@ def test_failure_leaves_nothing_and_keeps_an_existing_output(finetunes, tmp_path
     with pytest.raises(SystemExit) as e:
         main(["merge", str(paths[1]), str(bad_path), "--out", str(tmp_path / "new.safetensors")])
     assert e.value.code == 1 and not (tmp_path / "new.safetensors").exists()
+
+
+def test_data_that_does_not_fit_is_named_before_any_work(finetunes, tmp_path):
+    _, _, paths = finetunes
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(DataError, match=r"eval_data does not fit the model in .*ft0.safetensors: "
+                                        r"inputs of shape \(5,\)"):
+        merge_checkpoints(paths, "average", out=out, eval_data=(torch.zeros(4, 5), torch.zeros(4).long()))
+    with pytest.raises(DataError, match="data has label 12, but the model .* has 10 outputs"):
+        merge_checkpoints(paths, "average", out=out,
+                          data=(torch.zeros(4, 1, 8, 8), torch.full((4,), 12)))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_summary_shows_scope_distances_and_the_warning(finetunes, tmp_path):

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,12 @@ import torch
 from torch import nn
 
 from basinmerge import io
-from basinmerge.errors import ConfigError
-from basinmerge.merge._common import StateSource, bn_keys, prepare
+from basinmerge.errors import ConfigError, DataError
+from basinmerge.merge._common import StateSource, bn_keys, prepare, xy
 from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
 from basinmerge.merge.registry import MergeMethod, get_method
 from basinmerge.merge.stream import FileSource, stream_merge
-from basinmerge.state import StateDict, with_state
+from basinmerge.state import StateDict, module_mode, with_state
 
 PathLike = str | os.PathLike
 BN_NOTE_DATA_FREE = ("the merged model has BatchNorm layers whose running statistics were "
@@ -141,6 +142,27 @@ def check_output(out: PathLike) -> Path:
     return out
 
 
+def check_data_fits(model: nn.Module, data: Any, what: str, path: PathLike) -> None:
+    """One error, before any work, when `data` (a dataset, an (x, y) pair, inputs, or a list of
+    them) does not fit the network stored in `path`: its inputs do not run through it, or a
+    label is not one of its outputs."""
+    if data is None:
+        return
+    for d in (data if isinstance(data, list) else [data]):
+        x, y = xy(d, what)
+        meta_name = getattr(getattr(d, "info", None), "name", None)
+        label = f"{what}" + (f" ({meta_name})" if meta_name else "")
+        try:
+            with torch.no_grad(), module_mode(model, False):
+                out = model(x[:2].to(next(iter(model.parameters())).device))
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"{label} does not fit the model in {path}: inputs of shape "
+                            f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]})") from e
+        if y is not None and y.numel() and out.dim() == 2 and int(y.max()) >= out.shape[1]:
+            raise DataError(f"{label} has label {int(y.max())}, but the model in {path} has "
+                            f"{out.shape[1]} outputs")
+
+
 # --------------------------------------------------------------------------- the engine
 
 
@@ -188,6 +210,8 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
         template.to(device)
         if "model" in m.options:  # the network a data-using method runs
             opts.setdefault("model", template)
+        for what, d in (("data", data), ("eval_data", eval_data)):
+            check_data_fits(template, d, what, paths[0])
     timings["load"] = time.perf_counter() - t0
 
     # the sources: files (streaming) or state_dicts, checked for keys, shapes and NaN/Inf
@@ -213,49 +237,54 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     record = {"method": method, "options": _jsonable(user_opts), "inputs": [str(p) for p in paths],
               "base": str(base) if base is not None else None, "streamed": streamed}
     out_meta = {k: v for k, v in (meta or {}).items() if k != "merge"}
-    info: dict[str, Any] = {}
-    gates_path = None
-    t = time.perf_counter()
-    if streamed:
-        with io.atomic_path(out, suffix=".safetensors") as tmp:
-            stream_merge(paths, method, tmp, base=base, block_mib=block_mib,
-                         meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
-            timings["merge"] = time.perf_counter() - t
-            state = None
-            has_bn = bool(bn_keys(source.keys()))
-            if (has_bn and data is not None and reset_bn is not False) or eval_data is not None:
-                state = read_state(tmp)[0]
-            bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
-            if bn.startswith("reset"):
-                write_state(state, tmp, {**out_meta, "merge": {**record, "bn": bn}})
-    else:
-        state, info = m.run(source.states, base=source.base, data=data, names=names, **opts)
-        state = {k: v.detach().cpu() for k, v in state.items()}
-        timings["merge"] = time.perf_counter() - t
-        bn, state = _batchnorm(m, template, state, data, reset_bn, bool(bn_keys(state)), opts,
-                               timings)
-        if out is not None:
-            t = time.perf_counter()
-            write_state(state, out, {**out_meta, "merge": {**record, "bn": bn}})
-            timings["write"] = time.perf_counter() - t
-    if bn == "averaged":
-        warnings.append(BN_NOTE_DATA_FREE)
-    if out is not None and info.get("gates") is not None:
-        gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
-        io.write_json(gates_path, info["gates"].to_dict())
-
     members = [MemberSummary(n, d, w, n in report.flagged())
                for n, d, w in zip(names, report.distance, report.worst, strict=True)]
-    accuracy = None
-    if eval_data is not None:
+    info: dict[str, Any] = {}
+    gates_path = accuracy = None
+    # everything up to the evaluation happens before the output is renamed into place: a
+    # failure anywhere leaves nothing at `out`
+    with _target(out) as tmp:
         t = time.perf_counter()
-        accuracy = _evaluate(template, members, source, paths, state, eval_data, streamed)
-        timings["evaluate"] = time.perf_counter() - t
+        if streamed:
+            stream_merge(paths, method, tmp, base=base, block_mib=block_mib,
+                         meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
+            has_bn = bool(bn_keys(source.keys()))
+            wanted = (has_bn and data is not None and reset_bn is not False) or eval_data is not None
+            state = read_state(tmp)[0] if wanted else None
+        else:
+            state, info = m.run(source.states, base=source.base, data=data, names=names, **opts)
+            state = {k: v.detach().cpu() for k, v in state.items()}
+            has_bn = bool(bn_keys(state))
+        timings["merge"] = time.perf_counter() - t
+        bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
+        if tmp is not None and (not streamed or bn.startswith("reset")):
+            t = time.perf_counter()
+            write_state(state, tmp, {**out_meta, "merge": {**record, "bn": bn}})
+            timings["write"] = time.perf_counter() - t
+        if eval_data is not None:
+            t = time.perf_counter()
+            accuracy = _evaluate(template, members, source, paths, state, eval_data, streamed)
+            timings["evaluate"] = time.perf_counter() - t
+        if out is not None and info.get("gates") is not None:
+            gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
+            io.write_json(gates_path, info["gates"].to_dict())
+    if bn == "averaged":
+        warnings.append(BN_NOTE_DATA_FREE)
     timings["total"] = time.perf_counter() - t0
     return MergeResult(method, user_opts, members, report, out=out,
                        state=None if out is not None else state, streamed=streamed, bn=bn,
                        accuracy=accuracy, warnings=warnings, info=info, gates_path=gates_path,
                        timings=timings)
+
+
+@contextmanager
+def _target(out: Path | None) -> Iterator[Path | None]:
+    """A temporary path renamed onto `out` when the block succeeds (None without `out`)."""
+    if out is None:
+        yield None
+        return
+    with io.atomic_path(out, suffix=".safetensors") as tmp:
+        yield tmp
 
 
 def _options(m: MergeMethod, options: Mapping[str, Any] | None, weights: Sequence[float] | None,
