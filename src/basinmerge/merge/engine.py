@@ -186,43 +186,43 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     m = get_method(method)
-    user_opts, opts = _options(m, options, weights, data, reset_bn, progress)
-    paths = [Path(p) for p in paths]
+    given, opts = _options(m, options, weights, data, reset_bn, progress)
+    files = [Path(p) for p in paths]
     opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
-                   num_models=len(paths))
-    user_opts = {k: opts[k] for k in user_opts}
+                   num_models=len(files))
+    user_opts = {k: opts[k] for k in given}
     if reset_bn and data is None:
         raise ConfigError("reset_bn needs data to recompute the BatchNorm statistics on (pass data)")
     out = check_output(out) if out is not None else None
     if gates_out is not None and out is None:
         raise ConfigError("gates_out needs out (the merged checkpoint to write)")
-    names = [str(p) for p in paths] if names is None else [str(n) for n in names]
-    inputs = paths + ([Path(base)] if base is not None else [])
+    names = [str(p) for p in files] if names is None else [str(n) for n in names]
+    inputs = files + ([Path(base)] if base is not None else [])
     can_stream = m.streams and out is not None and all(p.suffix == ".safetensors" for p in inputs)
     if stream and not can_stream:
         why = ("it has no per-key kernel" if not m.streams else "streaming writes a file: give out"
                if out is None else "every input must be a .safetensors file")
         raise ConfigError(f"merge method '{method}' cannot stream here: {why}")
     streamed = can_stream if stream is None else bool(stream)
-    template, meta = (read_model(paths[0]) if _runs_network(m, data, eval_data)
+    template, meta = (read_model(files[0]) if _runs_network(m, data, eval_data)
                       else (None, None))
     if template is not None:
         template.to(device)
         if "model" in m.options:  # the network a data-using method runs
             opts.setdefault("model", template)
         for what, d in (("data", data), ("eval_data", eval_data)):
-            check_data_fits(template, d, what, paths[0])
+            check_data_fits(template, d, what, files[0])
     timings["load"] = time.perf_counter() - t0
 
     # the sources: files (streaming) or state_dicts, checked for keys, shapes and NaN/Inf
     t = time.perf_counter()
     block_bytes = max(1, int(block_mib * 2**20)) if block_mib > 0 else None
     if streamed:
-        source: Any = FileSource(paths, base)
+        source: Any = FileSource(files, base)
         source.names = names
         meta = source.meta if meta is None else meta
     else:
-        loaded = [read_state(p) for p in paths]
+        loaded = [read_state(p) for p in files]
         meta = loaded[0][1] if meta is None else meta
         base_state = read_state(base)[0] if base is not None else None
         states, base_state, names = prepare([s for s, _ in loaded], method, base=base_state,
@@ -234,7 +234,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     warnings = report.warnings()
     timings["guard"] = time.perf_counter() - t
 
-    record = {"method": method, "options": _jsonable(user_opts), "inputs": [str(p) for p in paths],
+    record = {"method": method, "options": _jsonable(user_opts), "inputs": [str(p) for p in files],
               "base": str(base) if base is not None else None, "streamed": streamed}
     out_meta = {k: v for k, v in (meta or {}).items() if k != "merge"}
     members = [MemberSummary(n, d, w, n in report.flagged())
@@ -246,7 +246,8 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     with _target(out) as tmp:
         t = time.perf_counter()
         if streamed:
-            stream_merge(paths, method, tmp, base=base, block_mib=block_mib,
+            assert tmp is not None  # streaming needs `out` (checked above)
+            stream_merge(files, method, tmp, base=base, block_mib=block_mib,
                          meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
             has_bn = bool(bn_keys(source.keys()))
             wanted = (has_bn and data is not None and reset_bn is not False) or eval_data is not None
@@ -257,13 +258,13 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
             has_bn = bool(bn_keys(state))
         timings["merge"] = time.perf_counter() - t
         bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
-        if tmp is not None and (not streamed or bn.startswith("reset")):
+        if tmp is not None and state is not None and (not streamed or bn.startswith("reset")):
             t = time.perf_counter()
             write_state(state, tmp, {**out_meta, "merge": {**record, "bn": bn}})
             timings["write"] = time.perf_counter() - t
-        if eval_data is not None:
+        if eval_data is not None and template is not None and state is not None:
             t = time.perf_counter()
-            accuracy = _evaluate(template, members, source, paths, state, eval_data, streamed)
+            accuracy = _evaluate(template, members, source, files, state, eval_data, streamed)
             timings["evaluate"] = time.perf_counter() - t
         if out is not None and info.get("gates") is not None:
             gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
@@ -318,7 +319,7 @@ def _batchnorm(m: MergeMethod, template: nn.Module | None, state: StateDict | No
         return "none", state
     if m.needs_data:  # the method recomputes them on its own data (its reset_bn option)
         return ("reset (on the method's data)" if opts.get("reset_bn", True) else "kept"), state
-    if data is None or reset_bn is False:
+    if data is None or reset_bn is False or template is None or state is None:
         return "averaged", state
     t = time.perf_counter()
     model = with_state(template, state)

@@ -56,7 +56,8 @@ def stock_ratio(cos: float, k: int) -> float:
 
 def model_stock_kernel(source: TensorSource) -> Kernel:
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-        tau = delta_stack(tensors, base)
+        tau = delta_stack(tensors, base)  # raises without a base
+        assert base is not None
         t = stock_ratio(mean_pairwise_cosine(tau), tau.shape[0])
         # theta_0 + t * mean(tau) = t * mean(theta_i) + (1 - t) * theta_0
         return base.to(tau.dtype) + t * tau.mean(dim=0)
