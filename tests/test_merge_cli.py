@@ -114,6 +114,8 @@ def test_experiment_merging_smoke(tmp_path):
     acc = res.tables["test accuracy"]
     methods = [r[0] for r in acc.rows]
     assert methods == list(merging.METHOD_ROWS)
+    guard = {r[0]: r[1] for r in res.tables["member guard"].rows}
+    assert guard == {"clean": "1/1", "+x1000": "1/1", "+noise": "1/1", "+flip": "1/1"}
     assert acc.columns[1:5] == ["clean", "+x1000", "+noise", "+flip"]
     seed0 = res.data["per_seed"][0]
     # the ensemble and the best single model are measured on the same test set as the merges

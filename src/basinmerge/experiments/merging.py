@@ -34,6 +34,8 @@ from basinmerge.experiments.common import (
     fmt_mean_std,
     mean_std,
 )
+from basinmerge.merge._common import StateSource
+from basinmerge.merge.guard import check_members
 from basinmerge.state import StateDict, with_state
 from basinmerge.train import evaluate, fit, predict_logits
 
@@ -194,6 +196,8 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
     extra["scales"] = chosen
     extra["adamerging"] = ada
     extra["soft_gates"] = gates
+    report = check_members(StateSource(members))  # the member guard of `merge_checkpoints`
+    extra["guard"] = {"distance": report.distance, "flagged": report.flagged()}
     return acc, secs, extra
 
 
@@ -283,6 +287,15 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
             gate_rows.append([cond, units, fmt_mean_std([b["closed"] for b in bad], 2),
                               fmt_mean_std([b["mean_gate"] for b in bad], 3),
                               fmt_mean_std([g["mean_gate"] for g in good], 3)])
+    guard_rows = []
+    for cond in CONDITIONS:
+        recs = [r[cond]["guard"] for r in per_seed]
+        bad_name = f"model {K}"
+        right = sum(rec["flagged"] == ([bad_name] if cond != "clean" else []) for rec in recs)
+        guard_rows.append([cond, f"{right}/{len(recs)}",
+                           fmt_mean_std([max(rec["distance"][:K]) for rec in recs], 2),
+                           fmt_mean_std([rec["distance"][K] for rec in recs], 1)
+                           if cond != "clean" else "-"])
     ada_rows = []
     for cond in CONDITIONS:
         for gran in ("task", "layer"):
@@ -320,6 +333,11 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
             "soft merging gates of the malicious member": Table(
                 ["condition", "units", "fraction of its gates = 0", "its mean gate",
                  "mean gate of good members"], gate_rows),
+            "member guard": Table(
+                ["condition", "runs flagging exactly the malicious member (none when clean)",
+                 "largest scope distance of a good member", "scope distance of the malicious member"],
+                guard_rows, "basinmerge.merge.guard on the members before merging: robust z of "
+                "each layer's log sigma, mean and cosine to the members' median; flagged above 6."),
             "adamerging coefficients": Table(
                 ["condition", "granularity", "mean lambda of good members",
                  "lambda of the malicious member", "entropy first step", "entropy last step"],
