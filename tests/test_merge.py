@@ -282,6 +282,23 @@ def test_adamerging_lowers_entropy_and_keeps_lambdas_in_range(family, digits):
                           task_arithmetic(base, members, 0.3)["head.bias"], atol=1e-6)
 
 
+def test_every_data_using_method_runs_on_batchnorm_models():
+    """AdaMerging used to fail on BatchNorm models (running statistics took part in the
+    differentiable merge); every data-using method now merges them and resets the statistics."""
+    torch.manual_seed(0)
+    nets = [models.build("mlp", (8,), 3, seed=i, width=6, norm="batch") for i in range(3)]
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    for method, kw in [("adamerging", dict(base=nets[0], steps=3, progress=False)),
+                       ("fisher", dict(num_examples=8)), ("regmean", {}), ("greedy_soup", {}),
+                       ("soft", dict(steps=3, progress=False))]:
+        members = nets[1:] if method == "adamerging" else nets
+        out = merge(members, method, data=(x, y), **kw)
+        merged = with_state(nets[0], out)
+        pre = merged.layers[0](x)  # the statistics are those of the merged first layer
+        assert torch.allclose(out["norms.0.running_mean"], pre.mean(0), atol=1e-5), method
+        assert torch.isfinite(merged.eval()(x)).all(), method
+
+
 def test_greedy_soup_skips_a_model_that_hurts(family, digits):
     net, _, members = family
     train, _ = digits

@@ -23,6 +23,7 @@ from basinmerge.merge._common import (
     batches,
     bcast,
     finish_bn,
+    is_bn_statistic,
     module_state,
     prepare,
     template_of,
@@ -72,9 +73,12 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
     x, _ = xy(unlabeled_data, "adamerging data")
     base_full = module_state(template, b)
     device = next(iter(base_full.values())).device
-    keys = [k for k in base_full if is_float(base_full[k])]
+    # BatchNorm statistics are buffers, not task vectors (and must not require grad): the
+    # members' mean while learning, recomputed on the data at the end (reset_bn)
+    keys = [k for k in base_full if is_float(base_full[k]) and not is_bn_statistic(k)]
     taus = {k: torch.stack([s[k].to(device) for s in states]) - base_full[k] for k in keys}
-    fixed = {k: states[0][k].to(device) for k in base_full if k not in taus}
+    fixed = {k: (torch.stack([s[k].to(device) for s in states]).mean(0) if is_bn_statistic(k)
+                 else states[0][k].to(device)) for k in base_full if k not in taus}
     k_models = len(states)
     shape = (k_models,) if granularity == "task" else (k_models, len(keys))
     lam = torch.full(shape, float(init), device=device, requires_grad=True)
