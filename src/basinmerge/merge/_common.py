@@ -68,6 +68,10 @@ def model_names(k: int, names: Sequence[str] | None) -> list[str]:
     return names
 
 
+def needs_base_message(method: str) -> str:
+    return f"merge method '{method}' needs a base model (option 'base')"
+
+
 def check_count(method: str, k: int, min_models: int) -> None:
     """One clear error when a method gets fewer models than it needs."""
     if k < min_models:
@@ -87,7 +91,7 @@ def prepare(models: Sequence[ModelLike], method: str, *, min_models: int = 1,
     names = model_names(len(models), names)
     states = [as_state_dict(m) for m in models]
     if needs_base and base is None:
-        raise ConfigError(f"merge method '{method}' needs a base model (base=...)")
+        raise ConfigError(needs_base_message(method))
     base_state = as_state_dict(base) if base is not None else None
     all_states = states + ([base_state] if base_state is not None else [])
     all_names = names + (["base"] if base_state is not None else [])

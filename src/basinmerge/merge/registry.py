@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from basinmerge.errors import ConfigError
+from basinmerge.merge._common import check_count, needs_base_message
 
 # Parameters that are the method's inputs, not options.
 INPUTS = ("models", "base", "data", "unlabeled_data", "names")
@@ -116,15 +117,14 @@ class MergeMethod:
         if unknown:
             raise ConfigError(f"merge method '{self.name}' has no option '{unknown[0]}'; options: "
                               f"{', '.join(self.options) or 'none'}")
-        if num_models is not None and num_models < self.min_models:
-            need = "at least 1 model" if self.min_models == 1 else f"at least {self.min_models} models"
-            raise ConfigError(f"merge method '{self.name}' needs {need}, got {num_models}")
+        if num_models is not None:
+            check_count(self.name, num_models, self.min_models)
         missing = [o.name for o in self.options.values() if o.required and options.get(o.name) is None]
         if missing:
             raise ConfigError(f"merge method '{self.name}' needs option '{missing[0]}' "
                               f"({self.options[missing[0]].help or self.options[missing[0]].type_name})")
         if self.needs_base and not has_base:
-            raise ConfigError(f"merge method '{self.name}' needs a base model (option 'base')")
+            raise ConfigError(needs_base_message(self.name))
         if not self.needs_base and has_base:
             raise ConfigError(f"merge method '{self.name}' does not use a base model (option 'base')")
         if self.needs_data and not has_data:
