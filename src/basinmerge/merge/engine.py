@@ -42,7 +42,7 @@ from torch import nn
 
 from basinmerge import io
 from basinmerge.errors import ConfigError, DataError
-from basinmerge.merge._common import StateSource, bn_keys, prepare, xy
+from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare, xy
 from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
 from basinmerge.merge.registry import MergeMethod, get_method
 from basinmerge.merge.stream import FileSource, stream_merge
@@ -196,7 +196,9 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     out = check_output(out) if out is not None else None
     if gates_out is not None and out is None:
         raise ConfigError("gates_out needs out (the merged checkpoint to write)")
-    names = [str(p) for p in files] if names is None else [str(n) for n in names]
+    names = model_names(len(files), [str(p) for p in files] if names is None else names)
+    if not block_mib > 0:
+        raise ConfigError(f"block_mib must be positive, got {block_mib}")
     inputs = files + ([Path(base)] if base is not None else [])
     can_stream = m.streams and out is not None and all(p.suffix == ".safetensors" for p in inputs)
     if stream and not can_stream:
@@ -214,21 +216,11 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
             check_data_fits(template, d, what, files[0])
     timings["load"] = time.perf_counter() - t0
 
-    # the sources: files (streaming) or state_dicts, checked for keys, shapes and NaN/Inf
     t = time.perf_counter()
-    block_bytes = max(1, int(block_mib * 2**20)) if block_mib > 0 else None
-    if streamed:
-        source: Any = FileSource(files, base)
-        source.names = names
-        meta = source.meta if meta is None else meta
-    else:
-        loaded = [read_state(p) for p in files]
-        meta = loaded[0][1] if meta is None else meta
-        base_state = read_state(base)[0] if base is not None else None
-        states, base_state, names = prepare([s for s, _ in loaded], method, base=base_state,
-                                            needs_base=m.needs_base, names=names)
-        source = StateSource(states, base_state, names)
-    report = check_members(source, threshold=guard_threshold, block_bytes=block_bytes)
+    source, first_meta = _open_sources(m, files, base, names, streamed)
+    meta = first_meta if meta is None else meta
+    report = check_members(source, threshold=guard_threshold,
+                           block_bytes=max(1, int(block_mib * 2**20)))
     if strict:
         report.raise_if_flagged()
     warnings = report.warnings()
@@ -276,6 +268,21 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
                        state=None if out is not None else state, streamed=streamed, bn=bn,
                        accuracy=accuracy, warnings=warnings, info=info, gates_path=gates_path,
                        timings=timings)
+
+
+def _open_sources(m: MergeMethod, files: list[Path], base: PathLike | None, names: list[str],
+                  streamed: bool) -> tuple[Any, dict]:
+    """The members as a `TensorSource` (the files themselves when streaming, else their
+    state_dicts), checked for keys, shapes, dtypes and NaN/Inf, and the first file's metadata."""
+    if streamed:
+        source = FileSource(files, base)
+        source.names = names
+        return source, source.meta
+    loaded = [read_state(p) for p in files]
+    base_state = read_state(base)[0] if base is not None else None
+    states, base_state, names = prepare([s for s, _ in loaded], m.name, base=base_state,
+                                        needs_base=m.needs_base, names=names)
+    return StateSource(states, base_state, names), loaded[0][1]
 
 
 @contextmanager
