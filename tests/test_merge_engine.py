@@ -293,3 +293,24 @@ def test_engine_averages_bn_without_data_and_resets_it_with_data(bn_family, tmp_
         assert meta["merge"]["bn"] == "reset (256 examples)"
     with pytest.raises(ConfigError, match="reset_bn needs data"):
         merge_checkpoints(paths, "average", reset_bn=True)
+
+
+@pytest.mark.parametrize("stream", ["--stream", "--no-stream"])
+def test_cli_merges_bare_safetensors_and_exits_zero(tmp_path, stream):
+    """Files with no architecture record (bare safetensors) merge without building a model;
+    the command used to write the merge and then exit 1 trying to rebuild it."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"bare{i}.safetensors")
+        save_file({"a.weight": torch.randn(4, 3, generator=g), "a.bias": torch.randn(4, generator=g)},
+                  str(paths[-1]))
+    out = tmp_path / "out.safetensors"
+    res = runner.invoke(app, ["merge", *map(str, paths[1:]), "-m", "ties", "--base", str(paths[0]),
+                              stream, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    ref = merge([io.load_state(p)[0] for p in paths[1:]], "ties", base=io.load_state(paths[0])[0])
+    got = io.load_state(out)[0]
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
