@@ -137,6 +137,17 @@ def _tuned(build: Callable[[float], StateDict], scales, score: Callable[[StateDi
     return best[0], best[2]
 
 
+def _record_info(method: str, opts: dict, info: dict, ada: dict, gates: dict) -> None:
+    """Keep what AdaMerging and soft merging learned (their tables)."""
+    if method == "adamerging":
+        ada[opts["granularity"]] = {
+            "entropy_first": info["entropy_first"], "entropy_last": info["entropy_last"],
+            "mean_lambda": [float(sum(v.values()) / len(v)) if isinstance(v, dict) else float(v)
+                            for v in info["lambdas"].values()]}
+    elif method == "soft":
+        gates[opts["units"]] = info["gates"].model_summary()
+
+
 def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict],
                   shard_data: list, merge_set, test, cfg: dict, seed: int,
                   fishers: list[StateDict | None]) -> tuple[dict, dict, dict]:
@@ -186,13 +197,7 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
             state, info = build()
         secs[row] = time.perf_counter() - t0
         acc[row] = test_acc(state)
-        if method == "adamerging":
-            ada[opts["granularity"]] = {
-                "entropy_first": info["entropy_first"], "entropy_last": info["entropy_last"],
-                "mean_lambda": [float(sum(v.values()) / len(v)) if isinstance(v, dict) else float(v)
-                                for v in info["lambdas"].values()]}
-        elif method == "soft":
-            gates[opts["units"]] = info["gates"].model_summary()
+        _record_info(method, opts, info, ada, gates)
     extra["scales"] = chosen
     extra["adamerging"] = ada
     extra["soft_gates"] = gates

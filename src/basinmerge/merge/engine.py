@@ -191,21 +191,9 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
                    num_models=len(files))
     user_opts = {k: opts[k] for k in given}
-    if reset_bn and data is None:
-        raise ConfigError("reset_bn needs data to recompute the BatchNorm statistics on (pass data)")
-    out = check_output(out) if out is not None else None
-    if gates_out is not None and out is None:
-        raise ConfigError("gates_out needs out (the merged checkpoint to write)")
+    out = _check_request(data, reset_bn, out, gates_out, block_mib)
     names = model_names(len(files), [str(p) for p in files] if names is None else names)
-    if not block_mib > 0:
-        raise ConfigError(f"block_mib must be positive, got {block_mib}")
-    inputs = files + ([Path(base)] if base is not None else [])
-    can_stream = m.streams and out is not None and all(p.suffix == ".safetensors" for p in inputs)
-    if stream and not can_stream:
-        why = ("it has no per-key kernel" if not m.streams else "streaming writes a file: give out"
-               if out is None else "every input must be a .safetensors file")
-        raise ConfigError(f"merge method '{method}' cannot stream here: {why}")
-    streamed = can_stream if stream is None else bool(stream)
+    streamed = _streaming(m, files, base, out, stream)
     template, meta = (read_model(files[0]) if _runs_network(m, data, eval_data)
                       else (None, None))
     if template is not None:
@@ -268,6 +256,31 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
                        state=None if out is not None else state, streamed=streamed, bn=bn,
                        accuracy=accuracy, warnings=warnings, info=info, gates_path=gates_path,
                        timings=timings)
+
+
+def _check_request(data: Any, reset_bn: bool | None, out: PathLike | None,
+                   gates_out: PathLike | None, block_mib: float) -> Path | None:
+    """The engine's own arguments checked before any work; the output path."""
+    if reset_bn and data is None:
+        raise ConfigError("reset_bn needs data to recompute the BatchNorm statistics on (pass data)")
+    if gates_out is not None and out is None:
+        raise ConfigError("gates_out needs out (the merged checkpoint to write)")
+    if not block_mib > 0:
+        raise ConfigError(f"block_mib must be positive, got {block_mib}")
+    return check_output(out) if out is not None else None
+
+
+def _streaming(m: MergeMethod, files: list[Path], base: PathLike | None, out: Path | None,
+               stream: bool | None) -> bool:
+    """Whether to stream: asked for (`stream`), or by default whenever the method has a kernel,
+    every input is a safetensors file and there is an output file."""
+    inputs = files + ([Path(base)] if base is not None else [])
+    can = m.streams and out is not None and all(p.suffix == ".safetensors" for p in inputs)
+    if stream and not can:
+        why = ("it has no per-key kernel" if not m.streams else "streaming writes a file: give out"
+               if out is None else "every input must be a .safetensors file")
+        raise ConfigError(f"merge method '{m.name}' cannot stream here: {why}")
+    return can if stream is None else bool(stream)
 
 
 def _open_sources(m: MergeMethod, files: list[Path], base: PathLike | None, names: list[str],

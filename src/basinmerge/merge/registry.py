@@ -336,36 +336,52 @@ def _coerce(ann: Any, value: Any) -> Any:
     raise ValueError(str(errors[0]) if errors else "no type matches")
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError("a boolean")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a number, not a boolean")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("an integer")
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise TypeError("a number, not a boolean")
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("text")
+    return value
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float,
+                                             str: _to_str}
+
+
 def _coerce_one(a: Any, value: Any) -> Any:
     if typing.get_origin(a) is typing.Literal:
         if value not in _args(a):
             raise ValueError(f"one of {_args(a)}")
         return value
-    if a is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError("a boolean")
-    if a in (int, float):
-        if isinstance(value, bool):
-            raise TypeError("a number, not a boolean")
-        if a is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("an integer")
-            return int(value)
-        return float(value)
-    if a is str:
-        if not isinstance(value, str):
-            raise TypeError("text")
-        return value
+    if a in _SCALARS:
+        return _SCALARS[a](value)
     if _is_seq(a):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            inner = (_args(a) or (Any,))[0]
-            return [_coerce(inner, v) for v in value]
-        raise TypeError("a list")
+        if not isinstance(value, (list, tuple)):
+            raise TypeError("a list")
+        inner = (_args(a) or (Any,))[0]
+        return [_coerce(inner, v) for v in value]
     if isinstance(a, type) and not isinstance(value, a):
         raise TypeError(f"a {a.__name__}")
     return value

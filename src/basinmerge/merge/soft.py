@@ -97,12 +97,18 @@ def deterministic_gate(log_alpha: torch.Tensor, *, gamma: float = GAMMA, zeta: f
 # --------------------------------------------------------------------------- units and gates
 
 
+def _split_names(units: str | Sequence[str]) -> str | Sequence[str]:
+    """``"layers.0,head"`` (from the command line) as a list of names."""
+    if isinstance(units, str) and "," in units:
+        return [u.strip() for u in units.split(",") if u.strip()]
+    return units
+
+
 def soft_units(template: nn.Module, units: str | Sequence[str] = "module") -> list[tuple[str, list[str]]]:
     """The merge units as (name, parameter keys): one per tensor, one per module, or one per
     given name (a parameter key or a module prefix)."""
     keys = param_keys(template)
-    if isinstance(units, str) and "," in units:  # "layers.0,head" from the command line
-        units = [u.strip() for u in units.split(",") if u.strip()]
+    units = _split_names(units)
     if isinstance(units, str):
         if units == "tensor":
             return [(k, [k]) for k in keys]
