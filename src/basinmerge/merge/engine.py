@@ -44,7 +44,7 @@ from basinmerge import io
 from basinmerge.errors import ConfigError, DataError
 from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare, xy
 from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
-from basinmerge.merge.registry import MergeMethod, get_method
+from basinmerge.merge.registry import MergeMethod, get_method, jsonable
 from basinmerge.merge.stream import FileSource, stream_merge
 from basinmerge.state import StateDict, module_mode, with_state
 
@@ -94,11 +94,11 @@ class MergeResult:
 
     def to_dict(self) -> dict:
         info = {k: v for k, v in self.info.items() if k != "gates"}
-        return {"method": self.method, "options": _jsonable(self.options),
+        return {"method": self.method, "options": jsonable(self.options),
                 "out": str(self.out) if self.out is not None else None,
                 "streamed": self.streamed, "bn": self.bn, "accuracy": self.accuracy,
                 "members": [m.to_dict() for m in self.members], "warnings": list(self.warnings),
-                "guard": self.guard.to_dict(), "info": _jsonable(info),
+                "guard": self.guard.to_dict(), "info": jsonable(info),
                 "gates": self.gates.to_dict() if self.gates is not None else None,
                 "gates_path": str(self.gates_path) if self.gates_path is not None else None,
                 "timings": dict(self.timings)}
@@ -214,7 +214,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     warnings = report.warnings()
     timings["guard"] = time.perf_counter() - t
 
-    record = {"method": method, "options": _jsonable(user_opts), "inputs": [str(p) for p in files],
+    record = {"method": method, "options": jsonable(user_opts), "inputs": [str(p) for p in files],
               "base": str(base) if base is not None else None, "streamed": streamed}
     out_meta = {k: v for k, v in (meta or {}).items() if k != "merge"}
     members = [MemberSummary(n, d, w, n in report.flagged())
@@ -361,15 +361,3 @@ def _evaluate(template: nn.Module, members: list[MemberSummary], source: Any,
         s = read_state(paths[i])[0] if streamed else source.states[i]
         mem.accuracy = evaluate(with_state(template, s), eval_data)["accuracy"]
     return evaluate(with_state(template, state), eval_data)["accuracy"]
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, torch.Tensor) and v.numel() == 1:
-        return v.item()
-    return repr(v)

@@ -80,7 +80,7 @@ class Option:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "type": self.type_name, "help": self.help,
-                "default": None if self.required else _jsonable(self.default),
+                "default": None if self.required else jsonable(self.default),
                 "required": self.required, "cli": self.cli}
 
 
@@ -166,7 +166,7 @@ class MergeMethod:
         for o in self.options.values():
             if not o.cli:
                 continue
-            default = "required" if o.required else f"default {_jsonable(o.default)!r}"
+            default = "required" if o.required else f"default {jsonable(o.default)!r}"
             lines.append(f"  --opt {o.name}=... ({o.type_name}, {default}){': ' + o.help if o.help else ''}")
         return lines
 
@@ -402,9 +402,16 @@ def _type_name(ann: Any) -> str:
     return f"{name} or None" if _optional(ann) else name
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """`v` with everything JSON cannot hold turned into plain values (one-element tensors) or
+    their repr (modules, state_dicts): for option records and summaries."""
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
     if isinstance(v, (str, int, float, bool)) or v is None:
         return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+    item = getattr(v, "item", None)
+    if callable(item) and getattr(v, "numel", lambda: 0)() == 1:
+        return item()
     return repr(v)
