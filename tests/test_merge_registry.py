@@ -4,6 +4,7 @@ Model Breadcrumbs), each against its closed form or a hand computation on small 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import pytest
 import torch
@@ -120,8 +121,16 @@ def test_a_method_added_in_one_place_merges_streams_and_validates(tmp_path):
         with pytest.raises(ConfigError, match="'maxabs_test' has no option 'sgn'"):
             merge([a, b], "maxabs_test", sgn=1.0)
         assert get_method("maxabs_test").options["sign"].help == "factor on the result"
+
+        @merge_method("annotated_test", summary="help from an annotation")
+        def annotated(models, gain: Annotated[float, "a factor"] = 2.0, *, names=None):
+            return {}
+
+        opt = get_method("annotated_test").options["gain"]
+        assert (opt.annotation, opt.help, opt.default) == (float, "a factor", 2.0)
     finally:
         _REGISTRY.pop("maxabs_test", None)
+        _REGISTRY.pop("annotated_test", None)
 
 
 # --------------------------------------------------------------------------- SLERP

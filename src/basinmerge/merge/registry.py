@@ -16,7 +16,7 @@ comes from that one declaration:
 - **options**: every parameter of the function's signature except the inputs (``models``,
   ``base``, ``data``/``unlabeled_data``, ``names``), with its type (the annotation), its
   default (no default: required) and its help line (``name: text`` in an ``Options:`` section
-  of the docstring). Options whose type is a Python object (a module, state_dicts, a
+  of the docstring, or ``Annotated[float, "help"]``). Options whose type is a Python object (a module, state_dicts, a
   function) are library-only: the command line cannot give them.
 - ``needs_base`` (a shared starting point theta_0), ``needs_data`` (None, ``"labeled"`` or
   ``"unlabeled"``), ``min_models``.
@@ -200,19 +200,28 @@ def merge_method(name: str, *, summary: str, needs_base: bool = False,
             raise ValueError(f"merge method '{name}' needs a base but its function has no 'base'")
         if needs_data and not {"data", "unlabeled_data"} & set(params):
             raise ValueError(f"merge method '{name}' needs data but its function has no 'data'")
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
         helps = docstring_options(fn.__doc__ or "")
         options = {}
         for p in sig.parameters.values():
             if p.name in INPUTS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
-            ann = hints.get(p.name, Any)
-            options[p.name] = Option(p.name, ann, p.default, helps.get(p.name, ""), _cli_type(ann))
+            ann, help_text = _annotated(hints.get(p.name, Any))
+            options[p.name] = Option(p.name, ann, p.default, help_text or helps.get(p.name, ""),
+                                     _cli_type(ann))
         _REGISTRY[name] = MergeMethod(name, fn, summary, options, needs_base, needs_data,
                                       min_models, kernel, returns_info, convert, params)
         return fn
 
     return register
+
+
+def _annotated(ann: Any) -> tuple[Any, str | None]:
+    """(the type, its help) of ``Annotated[type, "help"]``; other annotations have no help."""
+    if typing.get_origin(ann) is typing.Annotated:
+        base, *extras = typing.get_args(ann)
+        return base, next((e for e in extras if isinstance(e, str)), None)
+    return ann, None
 
 
 def docstring_options(doc: str) -> dict[str, str]:
