@@ -50,6 +50,7 @@ def test_options_come_from_the_signature_and_docstring():
     assert "fraction of each task vector kept" in d.help
     assert ties_m.needs_base and ties_m.streams and ties_m.needs_data is None
     assert get_method("weighted").options["weights"].required
+    assert ties_m.options() == ["density", "scale", "trim_mode"]  # the older Method.options()
     assert get_method("soft").needs_data == "labeled" and get_method("soft").min_models == 2
     assert get_method("fisher").needs_data == "unlabeled"
     assert not get_method("fisher").options["model"].cli  # an nn.Module: library only

@@ -84,6 +84,14 @@ class Option:
                 "required": self.required, "cli": self.cli}
 
 
+class OptionTable(dict):
+    """A method's options by name (`Option` values). Calling it gives the names, as the older
+    ``Method.options()`` did, so code written against that keeps working."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: how to call it and what it needs."""
@@ -91,7 +99,7 @@ class MergeMethod:
     name: str
     fn: Callable[..., Any]
     summary: str
-    options: dict[str, Option]
+    options: OptionTable
     needs_base: bool = False
     needs_data: str | None = None
     min_models: int = 1
@@ -202,7 +210,7 @@ def merge_method(name: str, *, summary: str, needs_base: bool = False,
             raise ValueError(f"merge method '{name}' needs data but its function has no 'data'")
         hints = typing.get_type_hints(fn, include_extras=True)
         helps = docstring_options(fn.__doc__ or "")
-        options = {}
+        options = OptionTable()
         for p in sig.parameters.values():
             if p.name in INPUTS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
