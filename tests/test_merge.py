@@ -214,6 +214,12 @@ def _copies_case(method, net, member, base, train):
         opts = dict(base=base, density=1.0)  # trimming is lossy by design
     elif method == "dare":
         opts = dict(base=base, drop=0.0, scale=1 / k)  # dropping is random by design
+    elif method == "breadcrumbs":
+        opts = dict(base=base, beta=0.0, gamma=0.0, scale=1 / k)  # trimming is lossy by design
+    elif method == "della":
+        opts = dict(base=base, drop=0.0, epsilon=0.0)  # dropping is random by design
+    elif method == "model_stock":
+        opts = dict(base=base)  # parallel task vectors: t = 1, the average
     elif method == "adamerging":
         opts = dict(base=base, data=train.x[:64], init=1 / k, steps=0, model=net)
     elif method == "weighted":
@@ -274,6 +280,23 @@ def test_adamerging_lowers_entropy_and_keeps_lambdas_in_range(family, digits):
     assert set(state) == set(base)
     assert torch.allclose(adamerging(base, members, x, model=net, steps=0, progress=False)["head.bias"],
                           task_arithmetic(base, members, 0.3)["head.bias"], atol=1e-6)
+
+
+def test_every_data_using_method_runs_on_batchnorm_models():
+    """AdaMerging used to fail on BatchNorm models (running statistics took part in the
+    differentiable merge); every data-using method now merges them and resets the statistics."""
+    torch.manual_seed(0)
+    nets = [models.build("mlp", (8,), 3, seed=i, width=6, norm="batch") for i in range(3)]
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    for method, kw in [("adamerging", dict(base=nets[0], steps=3, progress=False)),
+                       ("fisher", dict(num_examples=8)), ("regmean", {}), ("greedy_soup", {}),
+                       ("soft", dict(steps=3, progress=False))]:
+        members = nets[1:] if method == "adamerging" else nets
+        out = merge(members, method, data=(x, y), **kw)
+        merged = with_state(nets[0], out)
+        pre = merged.layers[0](x)  # the statistics are those of the merged first layer
+        assert torch.allclose(out["norms.0.running_mean"], pre.mean(0), atol=1e-5), method
+        assert torch.isfinite(merged.eval()(x)).all(), method
 
 
 def test_greedy_soup_skips_a_model_that_hurts(family, digits):

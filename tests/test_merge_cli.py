@@ -41,7 +41,7 @@ def test_cli_ties_streams_and_prints_accuracy(ckpts):
     d, base, paths = ckpts
     out = d / "ties.safetensors"
     res = runner.invoke(app, ["merge", *map(str, paths), "--method", "ties", "--base", str(base),
-                              "--density", "0.5", "--scale", "1.0", "--out", str(out),
+                              "--opt", "density=0.5", "-O", "scale=1", "--out", str(out),
                               "--dataset", "digits", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
@@ -54,7 +54,7 @@ def test_cli_ties_streams_and_prints_accuracy(ckpts):
     # the in-memory path writes the same tensors
     out2 = d / "ties_mem.safetensors"
     res = runner.invoke(app, ["merge", *map(str, paths), "--method", "ties", "--base", str(base),
-                              "--density", "0.5", "--out", str(out2), "--no-stream"])
+                              "--opt", "density=0.5", "--out", str(out2), "--no-stream"])
     assert res.exit_code == 0, res.output
     mem, meta2 = io.load(out2)
     assert meta2["merge"]["streamed"] is False
@@ -65,7 +65,7 @@ def test_cli_soft_writes_gate_table(ckpts):
     d, _, paths = ckpts
     out = d / "soft.safetensors"
     res = runner.invoke(app, ["merge", *map(str, paths), "--method", "soft", "--dataset", "digits",
-                              "--steps", "10", "--units", "module", "--out", str(out)])
+                              "--opt", "steps=10", "--opt", "units=module", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "merged (soft)" in res.output
     gates = json.loads((d / "soft.gates.json").read_text())
@@ -76,18 +76,25 @@ def test_cli_soft_writes_gate_table(ckpts):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--method", "ties"], "method 'ties' needs --base"),
-    (["--method", "average", "--density", "0.2"], "--density does not apply to method 'average'"),
-    (["--method", "fisher"], "method 'fisher' needs data: pass --dataset"),
+    (["--method", "ties"], "merge method 'ties' needs a base model (option 'base')"),
+    (["--method", "average", "--opt", "density=0.2"], "merge method 'average' has no option 'density'"),
+    (["--method", "fisher"], "merge method 'fisher' needs data (inputs) (option 'data')"),
     (["--method", "nope"], "unknown merge method 'nope'"),
+    (["--method", "ties", "--base", "BASE", "--opt", "density=lots"],
+     "merge method 'ties': option 'density' expects float, got 'lots'"),
+    (["--method", "weighted"], "merge method 'weighted' needs option 'weights'"),
+    (["--method", "fisher", "--opt", "fishers=1"], "option 'fishers' takes a Python object"),
+    (["--method", "slerp", "--opt", "t=0.3"], "option 't' applies to two models"),
 ])
 def test_cli_errors_are_one_line(ckpts, capsys, args, message):
-    d, _, paths = ckpts
+    d, base, paths = ckpts
+    args = [str(base) if a == "BASE" else a for a in args]
     with pytest.raises(SystemExit) as exc:
         main(["merge", *map(str, paths), *args, "--out", str(d / "x.safetensors")])
     assert exc.value.code == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.replace("\n", "")
     assert message in err and "Traceback" not in err
+    assert not (d / "x.safetensors").exists()
 
 
 def test_cli_incompatible_checkpoints_name_the_key(ckpts, tmp_path, capsys):
@@ -107,6 +114,8 @@ def test_experiment_merging_smoke(tmp_path):
     acc = res.tables["test accuracy"]
     methods = [r[0] for r in acc.rows]
     assert methods == list(merging.METHOD_ROWS)
+    guard = {r[0]: r[1] for r in res.tables["member guard"].rows}
+    assert guard == {"clean": "1/1", "+x1000": "1/1", "+noise": "1/1", "+flip": "1/1"}
     assert acc.columns[1:5] == ["clean", "+x1000", "+noise", "+flip"]
     seed0 = res.data["per_seed"][0]
     # the ensemble and the best single model are measured on the same test set as the merges

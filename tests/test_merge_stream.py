@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from basinmerge import io, models
 from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from basinmerge.merge import merge, stream_merge, streamable
+from basinmerge.merge import METHODS, merge, stream_merge, streamable
 from basinmerge.merge._common import row_blocks
 from basinmerge.merge.stream import write_safetensors_stream
 from basinmerge.merge.task import kth_smallest
@@ -48,6 +48,10 @@ CASES = [
     ("ties", {"density": 0.4, "trim_mode": "tensor"}),
     ("dare", {"drop": 0.5, "scale": 0.5, "seed": 3}),
     ("dare", {"drop": 0.3, "then": "ties", "density": 0.3, "seed": 1}),
+    ("slerp", {}),
+    ("della", {"drop": 0.5, "epsilon": 0.2, "seed": 2}),
+    ("breadcrumbs", {"beta": 0.1, "gamma": 0.5, "scale": 0.7}),
+    ("model_stock", {}),
 ]
 
 
@@ -55,7 +59,7 @@ CASES = [
 @pytest.mark.parametrize(("method", "opts"), CASES)
 def test_streaming_equals_in_memory_bit_for_bit(files, method, opts, block_mib):
     d, paths, base = files
-    needs_base = method in ("task_arithmetic", "ties", "dare")
+    needs_base = METHODS[method].needs_base
     out = stream_merge(paths, method, d / f"out_{method}.safetensors",
                        base=base if needs_base else None, block_mib=block_mib, **opts)
     streamed, meta = io.load_state(out)
@@ -118,8 +122,9 @@ def test_mismatched_files_and_bad_requests(files, tmp_path):
         stream_merge([], "average", tmp_path / "o.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         stream_merge([tmp_path / "nope.safetensors"], "average", tmp_path / "o.safetensors")
-    assert set(streamable()) == {"average", "weighted", "median", "trimmed_mean",
-                                 "task_arithmetic", "ties", "dare"}
+    assert set(streamable()) == {"average", "weighted", "median", "trimmed_mean", "slerp",
+                                 "task_arithmetic", "ties", "dare", "della", "breadcrumbs",
+                                 "model_stock"}
 
 
 def test_stream_writer_output_is_standard_safetensors(tmp_path):

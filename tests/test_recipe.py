@@ -54,8 +54,8 @@ def _same(a: Path, b: Path) -> bool:
 def test_printed_recipe_runs_to_the_same_merge(tmp_path, capsys):
     base, a, b = _mlps(tmp_path)
     cli_out = tmp_path / "cli.safetensors"
-    args = ["merge", str(a), str(b), "--method", "ties", "--base", str(base), "--density", "0.5",
-            "--scale", "0.8"]
+    args = ["merge", str(a), str(b), "--method", "ties", "--base", str(base), "--opt", "density=0.5",
+            "--opt", "scale=0.8"]
     code, _, err = _run([*args, "--out", str(cli_out)], capsys)
     assert code == 0, err
     rec_out = tmp_path / "rec.safetensors"
@@ -229,7 +229,7 @@ def test_cli_merge_of_hf_folders_opens_with_from_pretrained(berts, tmp_path, cap
     for extra in ([], ["--no-stream"]):
         out = tmp_path / f"merged{len(extra)}"
         code, _, err = _run(["merge", str(d / "ft_a"), str(d / "ft_b"), "--method",
-                             "task_arithmetic", "--base", str(d / "base"), "--scale", "0.5",
+                             "task_arithmetic", "--base", str(d / "base"), "--opt", "scale=0.5",
                              "--out", str(out), *extra], capsys)
         assert code == 0, err
         assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
@@ -259,7 +259,7 @@ def test_hf_recipe_sharded_output_equals_the_cli(berts, tmp_path, capsys):
     d, _ = berts
     out_cli = tmp_path / "cli"
     args = ["merge", str(d / "ft_a"), str(d / "ft_b"), "--method", "ties", "--base", str(d / "base"),
-            "--density", "0.3", "--no-stream", "--max-shard-mib", "0.05"]
+            "--opt", "density=0.3", "--no-stream", "--max-shard-mib", "0.05"]
     code, _, err = _run([*args, "--out", str(out_cli)], capsys)
     assert code == 0, err
     assert (out_cli / io.HF_SAFETENSORS_INDEX).is_file()

@@ -744,34 +744,57 @@ def save_like(state: Mapping[str, torch.Tensor], out: str | os.PathLike,
     - ``"safetensors"``: a safetensors file with `meta` (no architecture).
     - ``"pt"``: ``torch.save({"state_dict": ..., "meta": ...})`` (read back by `load_state`).
     `meta` is recorded in every form (safetensors header / the dict's ``meta``)."""
+    fmt = output_format(like, fmt)
+    out = Path(out)
+    if fmt == "hf":
+        with hf_output(out, like, force, inputs) as tmp:
+            write_like(tmp, state, like, meta, fmt=fmt, max_shard_mib=max_shard_mib)
+        return out
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a folder; a {fmt} checkpoint is one file")
+    with atomic_path(out, suffix=out.suffix or ".safetensors") as tmp:
+        write_like(tmp, state, like, meta, fmt=fmt, max_shard_mib=max_shard_mib)
+    return out
+
+
+def output_format(like: str | os.PathLike, fmt: str | None = None) -> str:
+    """The form an output takes: `fmt` if given (checked), else the form of `like`."""
     fmt = fmt or checkpoint_format(like)
     if fmt not in FORMATS:
         raise ConfigError(f"unknown checkpoint format '{fmt}'; choose one of: {', '.join(FORMATS)}")
-    out = Path(out)
+    return fmt
+
+
+def write_like(target: str | os.PathLike, state: Mapping[str, torch.Tensor],
+               like: str | os.PathLike, meta: Mapping[str, Any] | None = None, *,
+               fmt: str | None = None, max_shard_mib: float = DEFAULT_MAX_SHARD_MIB) -> Path:
+    """The writing half of `save_like`, not atomic: for ``"hf"`` `target` is a folder being
+    built (from `hf_output`) that receives the weight files; otherwise the file to write (a
+    temporary path from `atomic_path`)."""
+    fmt = output_format(like, fmt)
+    target = Path(target)
     meta = {k: v for k, v in dict(meta or {}).items() if k not in FORMAT_KEYS}
     if fmt == "hf":
         stored: set[str] = set()
         if Path(like).is_dir() and _weight_files(Path(like))[0] == "safetensors":
             stored = set(tensor_index(like))
         tensors = _unshared(state, _tied_duplicates(state, stored) if stored else ())
-        with hf_output(out, like, force, inputs) as tmp:
-            write_hf_weights(tmp, tensors, meta, max_shard_mib)
-        return out
-    if out.is_dir():
-        raise CheckpointError(f"{out}: is a folder; a {fmt} checkpoint is one file")
+        write_hf_weights(target, tensors, meta, max_shard_mib)
+        return target
     if fmt == "basinmerge" and "model" not in meta:
         arch = read_meta(like).get("model")
         if arch is None:
-            raise ConfigError(f"{out}: the basinmerge format records the architecture, and "
+            raise ConfigError(f"{target}: the basinmerge format records the architecture, and "
                               f"neither the metadata nor {like} has one; write 'safetensors'")
         meta["model"] = arch
     if fmt == "pt":
         meta.setdefault("basinmerge_version", _library_version())
-        tensors = {k: v.detach().cpu() for k, v in state.items()}
-        with atomic_path(out, suffix=out.suffix or ".pt") as tmp:
-            torch.save({"state_dict": tensors, "meta": meta}, tmp)
-        return out
-    return save_state(state, out, meta)
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in state.items()}, "meta": meta},
+                   target)
+        return target
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _unshared(state).items()}
+    save_file(tensors, str(target), metadata=header_metadata(meta))
+    return target
 
 
 class StateReader:

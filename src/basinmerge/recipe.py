@@ -124,6 +124,7 @@ class Recipe(BaseModel):
                 raise ValueError("method: null (align only) needs align and exactly two models")
             return self
         from basinmerge import merge
+        from basinmerge.merge.registry import needs_base_message
 
         m = merge.get_method(self.method)
         _check_options(m, self.options, "options")
@@ -133,11 +134,12 @@ class Recipe(BaseModel):
             raise _FieldError("overrides", f"per-tensor options apply to data-free methods, not "
                               f"'{self.method}'")
         if m.needs_base and self.base is None:
-            raise _FieldError("base", f"method '{self.method}' needs a base model")
+            raise _FieldError("base", needs_base_message(self.method))
         if not m.needs_base and self.base is not None:
-            raise _FieldError("base", f"method '{self.method}' does not use a base model")
+            raise _FieldError("base", f"merge method '{self.method}' does not use a base model "
+                              "(option 'base')")
         if m.needs_data and self.data is None:
-            raise _FieldError("data", f"method '{self.method}' needs data")
+            raise _FieldError("data", f"merge method '{self.method}' needs data (option 'data')")
         if self.repair and (len(self.models) != 2 or self.method not in ("average", "weighted")
                             or self.data is None):
             raise _FieldError("repair", "REPAIR needs two models, method average or weighted, "

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import shlex
 from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
-from basinmerge import io
-from basinmerge import merge as merge_mod
-from basinmerge import train as train_mod
 from basinmerge.cli import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
@@ -24,16 +21,22 @@ from basinmerge.cli.common import (
     MAX_SHARD_OPT,
     PRINT_RECIPE_OPT,
     load_splits,
+    parse_kv,
     print_json,
     print_table,
 )
-from basinmerge.console import console
+from basinmerge.console import console, err_console
 from basinmerge.errors import ConfigError
+from basinmerge.merge.engine import MergeResult, merge_checkpoints
+from basinmerge.merge.registry import MergeMethod, all_methods, get_method, methods
 
-# CLI option name -> keyword of the merge functions; None values are "not given".
-_METHOD_OPTIONS = ("weights", "density", "scale", "trim_mode", "drop", "then", "trim", "alpha",
-                   "bias", "granularity", "steps", "lr", "lam", "units", "optimizer", "init",
-                   "clip", "reference", "seed", "num_examples", "batch_size", "align")
+
+def _methods_epilog() -> str:
+    """The methods and their options, from the registry (shown under `merge --help`)."""
+    lines = ["Methods and their options (a list as 1,2,3):"]
+    for m in all_methods():
+        lines.extend(m.help_lines())
+    return "\n\n".join(lines)  # typer's help keeps a paragraph per line
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -45,121 +48,78 @@ def _parse_weights(text: str | None) -> list[float] | None:
         raise ConfigError(f"--weights must be comma-separated numbers, got '{text}'") from e
 
 
-def _parse_units(text: str | None) -> str | list[str] | None:
-    if text is None or text in ("tensor", "module"):
-        return text
-    return [u.strip() for u in text.split(",") if u.strip()]
-
-
-def _parse_reference(text: str | None) -> Any:
-    if text is None or text == "average":
-        return text
-    try:
-        return int(text)
-    except ValueError as e:
-        raise ConfigError(f"--reference must be 'average' or a model index, got '{text}'") from e
-
-
-def _method_options(method: merge_mod.Method, given: dict[str, Any]) -> dict[str, Any]:
-    """The options the user gave, checked against what the method accepts."""
-    accepted = set(method.options())
-    opts = {}
-    for k, v in given.items():
-        if v is None:
-            continue
-        if k not in accepted:
-            raise ConfigError(f"--{k.replace('_', '-')} does not apply to method '{method.name}'")
-        opts[k] = v
+def _cli_options(method: MergeMethod, given: list[str]) -> dict[str, Any]:
+    """``--opt key=value`` strings as the method's options (only those the command line can
+    give; the registry checks names and types)."""
+    opts = parse_kv(given)
+    for k in opts:
+        if k in method.options and not method.options[k].cli:
+            raise ConfigError(f"merge method '{method.name}': option '{k}' takes a Python object "
+                              "and cannot be given on the command line")
     return opts
 
 
-@app.command("merge")
+@app.command("merge", epilog=_methods_epilog())
 def merge_cmd(
     checkpoints: list[Path] = typer.Argument(..., help="Checkpoints to merge: .safetensors, HF "
                                              "model folders, .pt/.bin."),
     method: str = typer.Option("average", "--method", "-m",
-                               help=f"Merge method: {', '.join(merge_mod.methods())}."),
-    base: Path = typer.Option(None, "--base", help="Shared base checkpoint (task_arithmetic, ties, "
-                              "dare, adamerging)."),
+                               help=f"Merge method: {', '.join(methods())} (options below)."),
+    opt: list[str] = typer.Option(None, "--opt", "-O", help="A method option as NAME=VALUE "
+                                  "(repeatable), e.g. --opt density=0.3; see the list below."),
+    base: Path = typer.Option(None, "--base", help="Shared base checkpoint (methods marked "
+                              "'needs base')."),
     out: Path = typer.Option(..., "--out", "-o", help="Merged checkpoint to write (a file, or a "
                              "folder for HF models)."),
+    weights: str = typer.Option(None, "--weights", help="Comma-separated per-model weights "
+                                "(average, weighted, fisher): the same as --opt weights=..."),
     dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP + " Data for data-using "
-                                "methods and BN reset; the merged model's test accuracy is printed."),
+                                "methods and the BatchNorm reset; the members' and the merge's "
+                                "test accuracy are printed."),
     data_examples: int = typer.Option(2000, "--data-examples", help="Training examples (a random "
                                       "subset) given to data-using methods and the BN reset."),
-    weights: str = typer.Option(None, "--weights", help="Comma-separated per-model weights "
-                                "(average, weighted, fisher)."),
-    density: float = typer.Option(None, "--density", help="TIES: fraction of each task vector kept."),
-    scale: float = typer.Option(None, "--scale", help="task_arithmetic/ties/dare: task-vector scale."),
-    trim_mode: str = typer.Option(None, "--trim-mode", help="TIES trimming: global (per model, "
-                                  "paper) or tensor."),
-    drop: float = typer.Option(None, "--drop", help="DARE drop probability."),
-    then: str = typer.Option(None, "--then", help="DARE: task_arithmetic or ties afterwards."),
-    trim: float = typer.Option(None, "--trim", help="trimmed_mean: fraction dropped at each end."),
-    alpha: float = typer.Option(None, "--alpha", help="RegMean off-diagonal scale in [0, 1]."),
-    bias: str = typer.Option(None, "--bias", help="RegMean: average or regress the biases."),
-    granularity: str = typer.Option(None, "--granularity", help="AdaMerging: task or layer."),
-    steps: int = typer.Option(None, "--steps", help="AdaMerging / soft: optimization steps."),
-    lr: float = typer.Option(None, "--lr", help="AdaMerging / soft: learning rate."),
-    lam: float = typer.Option(None, "--lam", help="soft: weight of the expected-L0 penalty."),
-    units: str = typer.Option(None, "--units", help="soft: tensor, module, or comma-separated "
-                              "parameter/module names."),
-    optimizer: str = typer.Option(None, "--optimizer", help="soft: sgd or adam."),
-    init: float = typer.Option(None, "--init", help="AdaMerging initial lambda / soft initial "
-                               "gate log-alpha."),
-    clip: float = typer.Option(None, "--clip", help="soft: gate-gradient clip value."),
-    reference: str = typer.Option(None, "--reference", help="soft: 'average' or a model index for "
-                                  "the units that are not gated."),
-    seed: int = typer.Option(None, "--seed", help="DARE / AdaMerging / soft seed."),
-    num_examples: int = typer.Option(None, "--num-examples", help="fisher / regmean: examples "
-                                     "per model."),
-    batch_size: int = typer.Option(None, "--batch-size", help="AdaMerging / soft batch size."),
-    align: str = typer.Option(None, "--align", help="soft: permute every model's units onto the "
-                              "first's first (weight or activation), for models from different "
-                              "initializations."),
+    data_seed: int = typer.Option(0, "--data-seed", help="Seed of that random subset."),
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tensor by tensor "
                                 "(default: when the method allows and all inputs are safetensors)."),
     block_mib: float = typer.Option(1.0, "--block-mib", help="Streaming: MiB of a tensor read "
                                     "from each model at a time (coordinate-wise methods)."),
-    reset_bn: bool = typer.Option(True, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm "
-                                  "statistics on the data after merging (needs --dataset)."),
+    reset_bn: bool = typer.Option(None, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm "
+                                  "statistics on the data after merging (default: whenever "
+                                  "--dataset is given)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop with an error when the member guard "
+                                "finds a member far outside the others' weight scope."),
     gates_out: Path = typer.Option(None, "--gates-out", help="soft: write the gate table (JSON) "
                                    "here (default: next to --out)."),
+    root: str | None = DATA_ROOT_OPT,
+    device: str = DEVICE_OPT,
     like: Path = LIKE_OPT,
     out_format: str = FORMAT_OPT,
     max_shard_mib: float = MAX_SHARD_OPT,
     force: bool = FORCE_OPT,
     print_recipe: bool = PRINT_RECIPE_OPT,
-    root: str | None = DATA_ROOT_OPT,
-    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Merge checkpoints with one method and save the result; with --dataset, print accuracies.
+    """Merge checkpoints with one method and save the result; the summary shows each member's
+    scope distance (the member guard) and, with --dataset, test accuracies.
 
     Checkpoints may be basinmerge files, HF model folders (written as an HF folder, config and
     tokenizer from --base or the first model) or bare safetensors / .pt files."""
-    m = merge_mod.get_method(method)
-    given = dict(weights=_parse_weights(weights), density=density, scale=scale,
-                 trim_mode=trim_mode, drop=drop, then=then, trim=trim, alpha=alpha, bias=bias,
-                 granularity=granularity, steps=steps, lr=lr, lam=lam, units=_parse_units(units),
-                 optimizer=optimizer, init=init, clip=clip, reference=_parse_reference(reference),
-                 seed=seed, num_examples=num_examples, batch_size=batch_size, align=align)
-    opts = _method_options(m, given)
     from basinmerge import recipe as recipe_mod  # pydantic: only when run
 
-    fmt = None if out_format == "auto" else out_format
-    like_path = base if base is not None else checkpoints[0]
-    if m.needs_base and base is None:
-        raise ConfigError(f"method '{method}' needs --base")
-    if not m.needs_base and base is not None:
-        raise ConfigError(f"method '{method}' does not use --base")
-    if m.needs_data and dataset is None:
-        raise ConfigError(f"method '{method}' needs data: pass --dataset")
+    m = get_method(method)
+    options = _cli_options(m, opt or [])
+    parsed_weights = _parse_weights(weights)
+    # the registry's own check first (its errors name the method and option), then the record
+    m.check({**options, **({"weights": parsed_weights} if parsed_weights else {})},
+            has_base=base is not None, has_data=dataset is not None and bool(m.needs_data),
+            num_models=len(checkpoints))
     rec = recipe_mod.validate({
         "models": [str(p) for p in checkpoints], "base": None if base is None else str(base),
-        "method": method, "options": opts, "reset_bn": reset_bn,
+        "method": method,
+        "options": {**options, **({"weights": parsed_weights} if parsed_weights else {})},
+        **({} if reset_bn is None else {"reset_bn": reset_bn}),
         "data": None if dataset is None else {"dataset": dataset, "examples": data_examples,
-                                               "root": root, "seed": seed or 0},
+                                               "root": root, "seed": data_seed},
         "like": None if like is None else str(like), "stream": stream, "block_mib": block_mib,
         "device": device, "output": {"path": str(out), "format": out_format, "force": force,
                                      "max_shard_mib": max_shard_mib}}, "merge")
@@ -168,87 +128,47 @@ def merge_cmd(
         return
     train = test = None
     if dataset is not None:
-        train, test = load_splits(dataset, root, data_examples, seed or 0)
-    names = [str(p) for p in checkpoints]
-    inputs = list(checkpoints) + ([base] if base is not None else [])
-    can_stream = (m.streams and all(io.is_streamable(p) for p in inputs)
-                  and fmt in (None, io.checkpoint_format(like_path)))
-    if stream and not can_stream:
-        raise ConfigError(f"method '{method}' cannot stream here (data-free methods over "
-                          "safetensors files or HF folders only)")
-    record = {"method": method, "options": opts, "inputs": names,
-              "base": str(base) if base is not None else None}
-    info: dict = {}
-    merged = None
-    streamed = can_stream and stream is not False
-    if streamed:
-        if io.checkpoint_format(like_path) == "hf":
-            with io.hf_output(out, like_path, force, inputs) as tmp:
-                merge_mod.stream_merge(checkpoints, method, tmp / io.HF_SAFETENSORS, base=base,
-                                       block_mib=block_mib, meta={"recipe": rec.to_dict()},
-                                       **opts)
-        else:
-            merge_mod.stream_merge(checkpoints, method, out, base=base, block_mib=block_mib,
-                                   meta={"recipe": rec.to_dict()}, **opts)
-        meta = io.read_meta(out)
-        if train is not None:  # BN reset / accuracies need the model
-            merged = io.load_model(out, like=like or like_path)[0]
-    else:
-        first, meta = io.load_model(checkpoints[0], like=like) if (m.needs_data or train is not None) \
-            else (None, io.read_meta(checkpoints[0]))
-        if m.needs_data:
-            models = [first] + [io.load_model(p, like=like)[0] for p in checkpoints[1:]]
-            base_model = io.load_model(base, like=like)[0] if base is not None else None
-            for mod in models + ([base_model] if base_model is not None else []):
-                mod.to(device)
-            if "reset_bn" in m.options():
-                opts["reset_bn"] = reset_bn
-            state, info = merge_mod.merge(models, method, base=base_model, data=train.to(device),
-                                          names=names, return_info=True, **opts)
-        else:
-            states = [io.load_state(p)[0] for p in checkpoints]
-            base_state = io.load_state(base)[0] if base is not None else None
-            state = merge_mod.merge(states, method, base=base_state, names=names, **opts)
-        state = {k: v.cpu() for k, v in state.items()}
-        merged = None
-        if first is not None:
-            merged = io.load_into(copy.deepcopy(first), state, source=f"merged ({method})")
-        meta = {**meta, "merge": {**record, "streamed": False}, "recipe": rec.to_dict()}
-    if (merged is not None and train is not None and reset_bn
-            and train_mod.has_batchnorm(merged) and not m.needs_data):
-        train_mod.reset_bn_stats(merged, train)
-        meta["merge"]["bn_reset"] = True
-    if merged is not None:
-        merged.cpu()
-        state = merged.state_dict()
-    if not streamed or meta["merge"].get("bn_reset"):
-        io.save_like(state, out, like_path, meta, fmt=fmt, max_shard_mib=max_shard_mib,
-                     force=force or streamed, inputs=inputs)
-    _report_gates(info, out, gates_out, as_json)
-    rows = []
-    if test is not None and merged is not None:
-        for p in checkpoints:
-            rows.append([str(p), train_mod.evaluate(io.load_model(p, like=like)[0], test)["accuracy"]])
-        rows.append([f"merged ({method})", train_mod.evaluate(merged, test)["accuracy"]])
+        train, test = load_splits(dataset, root, data_examples, data_seed)
+    res = merge_checkpoints(checkpoints, method, base=base, options=options,
+                            weights=parsed_weights, out=out, data=train, stream=stream,
+                            block_mib=block_mib, device=device, reset_bn=reset_bn, strict=strict,
+                            eval_data=test, gates_out=gates_out, like=like,
+                            out_format=None if out_format == "auto" else out_format,
+                            force=force, max_shard_mib=max_shard_mib,
+                            meta={"recipe": rec.to_dict()})
     if as_json:
-        print_json({"out": str(out), "method": method, "options": {k: v for k, v in opts.items()
-                    if k != "names"}, "test_accuracy": {r[0]: r[1] for r in rows}})
+        report = res.to_dict()
+        if test is not None:
+            report["test_accuracy"] = {**{mem.name: mem.accuracy for mem in res.members},
+                                       f"merged ({method})": res.accuracy}
+        print_json(report)
         return
-    if rows:
-        print_table(f"test accuracy on {dataset}", ["model", "accuracy"], rows)
-    console.print(f"saved {out}")
+    _print_result(res, dataset)
 
 
-def _report_gates(info: dict, out: Path, gates_out: Path | None, as_json: bool) -> None:
-    gates = info.get("gates")
-    if gates is None:
-        return
-    path = gates_out or out.with_suffix(".gates.json")
-    io.write_json(path, gates.to_dict())
-    if not as_json:
+def _print_result(res: MergeResult, dataset: str | None) -> None:
+    cols = ["model", "scope distance", "worst layer", "flagged"]
+    acc = res.accuracy is not None
+    if acc:
+        cols.append(f"test accuracy ({dataset})")
+    rows = []
+    for mem in res.members:
+        row = [mem.name, round(mem.scope_distance, 2), mem.worst_layer or "-",
+               "yes" if mem.flagged else "no"]
+        rows.append(row + ([mem.accuracy] if acc else []))
+    if acc:
+        rows.append([f"merged ({res.method})", "", "", "", res.accuracy])
+    print_table(f"merge: {res.method}" + (" (streamed)" if res.streamed else ""), cols, rows)
+    gates = res.gates
+    if gates is not None:
         print_table("soft merging gates (test time)", ["model", "mean gate", "closed (=0)", "open (=1)"],
                     [[r["model"], r["mean_gate"], r["closed"], r["open"]] for r in gates.model_summary()])
-        console.print(f"gate table: {path}")
+        console.print(f"gate table: {res.gates_path}")
+    if res.bn != "none":
+        console.print(f"BatchNorm statistics: {res.bn}")
+    for w in res.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    console.print(f"saved {res.out}")
 
 
 @experiment_app.command("merging")

@@ -34,6 +34,8 @@ from basinmerge.experiments.common import (
     fmt_mean_std,
     mean_std,
 )
+from basinmerge.merge._common import StateSource
+from basinmerge.merge.guard import check_members
 from basinmerge.state import StateDict, with_state
 from basinmerge.train import evaluate, fit, predict_logits
 
@@ -56,9 +58,38 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 METHOD_ROWS = ("base model", "best single", "ensemble", "average", "median", "trimmed_mean",
-               "task_arithmetic", "ties", "dare", "greedy_soup", "fisher", "regmean",
-               "adamerging (task)", "adamerging (layer)", "soft (tensor units)",
-               "soft (module units)")
+               "slerp", "task_arithmetic", "ties", "dare", "della", "breadcrumbs", "model_stock",
+               "greedy_soup", "fisher", "regmean", "adamerging (task)", "adamerging (layer)",
+               "soft (tensor units)", "soft (module units)")
+
+
+def study_plan(net: torch.nn.Module, cfg: dict, seed: int) -> list[tuple[str, str, dict, str | None, bool]]:
+    """Every merge the study runs, through the registry (`basinmerge.merge.merge`): (row,
+    method, options, data: None / "merge set" / "merge inputs" / "shards", tune the scale on
+    the merge set). Options not given are the library's defaults."""
+    quiet = {"progress": False}
+    return [
+        ("average", "average", {}, None, False),
+        ("median", "median", {}, None, False),
+        ("trimmed_mean", "trimmed_mean", {"trim": 0.25}, None, False),
+        ("slerp", "slerp", {}, None, False),
+        ("task_arithmetic", "task_arithmetic", {}, None, True),
+        ("ties", "ties", {"density": 0.2}, None, True),
+        ("dare", "dare", {"drop": 0.5, "seed": seed}, None, True),
+        ("della", "della", {"seed": seed}, None, True),
+        ("breadcrumbs", "breadcrumbs", {}, None, True),
+        ("model_stock", "model_stock", {}, None, False),
+        ("greedy_soup", "greedy_soup", {"model": net}, "merge set", False),
+        ("fisher", "fisher", {"model": net}, "shards", False),
+        ("regmean", "regmean", {"alpha": 0.9, "model": net,
+                                "num_examples": cfg["regmean_examples"]}, "shards", False),
+        *[(f"adamerging ({g})", "adamerging", {"granularity": g, "model": net,
+                                               "steps": cfg["ada_steps"], "seed": seed, **quiet},
+           "merge inputs", False) for g in ("task", "layer")],
+        *[(f"soft ({u} units)", "soft", {"units": u, "model": net, "steps": cfg["soft_steps"],
+                                         "seed": seed, **quiet}, "merge set", False)
+          for u in ("tensor", "module")],
+    ]
 
 
 def skewed_shards(y: torch.Tensor, k: int, dominant: float, generator: torch.Generator) -> list[torch.Tensor]:
@@ -106,6 +137,17 @@ def _tuned(build: Callable[[float], StateDict], scales, score: Callable[[StateDi
     return best[0], best[2]
 
 
+def _record_info(method: str, opts: dict, info: dict, ada: dict, gates: dict) -> None:
+    """Keep what AdaMerging and soft merging learned (their tables)."""
+    if method == "adamerging":
+        ada[opts["granularity"]] = {
+            "entropy_first": info["entropy_first"], "entropy_last": info["entropy_last"],
+            "mean_lambda": [float(sum(v.values()) / len(v)) if isinstance(v, dict) else float(v)
+                            for v in info["lambdas"].values()]}
+    elif method == "soft":
+        gates[opts["units"]] = info["gates"].model_summary()
+
+
 def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict],
                   shard_data: list, merge_set, test, cfg: dict, seed: int,
                   fishers: list[StateDict | None]) -> tuple[dict, dict, dict]:
@@ -123,65 +165,44 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
     def val_acc(state: StateDict) -> float:
         return evaluate(with_state(net, state), merge_set)["accuracy"]
 
-    def timed(name: str, fn: Callable[[], StateDict]) -> None:
-        t0 = time.perf_counter()
-        state = fn()
-        secs[name] = time.perf_counter() - t0
-        acc[name] = test_acc(state)
-
     acc["base model"] = test_acc(base)
     vals = [val_acc(s) for s in members]
     acc["best single"] = test_acc(members[max(range(len(members)), key=lambda i: vals[i])])
     acc["ensemble"] = _ensemble_accuracy(net, members, test)
-    timed("average", lambda: M.average(members))
-    timed("median", lambda: M.median(members))
-    timed("trimmed_mean", lambda: M.trimmed_mean(members, trim=0.25))
     scales = cfg["scales"]
     chosen: dict[str, float] = {}
-
-    def tuned(name: str, build: Callable[[float], StateDict]) -> Callable[[], StateDict]:
-        def fn() -> StateDict:
-            state, s = _tuned(build, scales, val_acc)
-            chosen[name] = s
-            return state
-        return fn
-
-    timed("task_arithmetic", tuned("task_arithmetic", lambda s: M.task_arithmetic(base, members, s)))
-    timed("ties", tuned("ties", lambda s: M.ties(base, members, density=0.2, scale=s)))
-    timed("dare", tuned("dare", lambda s: M.dare(base, members, drop=0.5, scale=s, seed=seed)))
-    extra["scales"] = chosen
-    timed("greedy_soup", lambda: M.greedy_soup(members, merge_set, model=net))
-    def fisher_fn() -> StateDict:
-        for i, f in enumerate(fishers):
-            if f is None:
-                fishers[i] = M.diagonal_fisher(net, members[i], shard_data[i],
-                                               num_examples=cfg["fisher_examples"])
-        return M.fisher(members, None, fishers=fishers)
-
-    timed("fisher", fisher_fn)
-    timed("regmean", lambda: M.regmean(members, shard_data, alpha=0.9, model=net,
-                                       num_examples=cfg["regmean_examples"]))
     ada: dict[str, dict] = {}
-    for gran in ("task", "layer"):
-        def ada_fn(g=gran) -> StateDict:
-            state, info = M.adamerging_info(base, members, val_x, g, model=net,
-                                            steps=cfg["ada_steps"], seed=seed, progress=False)
-            lams = info["lambdas"]
-            ada[g] = {"entropy_first": info["entropy_first"], "entropy_last": info["entropy_last"],
-                      "mean_lambda": [float(sum(v.values()) / len(v)) if isinstance(v, dict)
-                                      else float(v) for v in lams.values()]}
-            return state
-        timed(f"adamerging ({gran})", ada_fn)
+    gates: dict[str, list] = {}
+    datas = {None: None, "merge set": merge_set, "merge inputs": val_x, "shards": shard_data}
+    for row, method, options, data_kind, tune in study_plan(net, cfg, seed):
+        m = M.METHODS[method]
+        opts = dict(options)
+        t0 = time.perf_counter()
+        if method == "fisher":  # the members' Fishers, computed once per seed and member
+            for i, f in enumerate(fishers):
+                if f is None:
+                    fishers[i] = M.diagonal_fisher(net, members[i], shard_data[i],
+                                                   num_examples=cfg["fisher_examples"])
+            opts["fishers"] = fishers
+
+        def build(scale: float | None = None, method=method, m=m, opts=opts, data_kind=data_kind):
+            extra_opts = {} if scale is None else {"scale": scale}
+            return M.merge(members, method, base=base if m.needs_base else None,
+                           data=datas[data_kind], return_info=True, **opts, **extra_opts)
+
+        if tune:
+            state, s = _tuned(lambda sc, build=build: build(sc)[0], scales, val_acc)
+            chosen[row], info = s, {}
+        else:
+            state, info = build()
+        secs[row] = time.perf_counter() - t0
+        acc[row] = test_acc(state)
+        _record_info(method, opts, info, ada, gates)
+    extra["scales"] = chosen
     extra["adamerging"] = ada
-    gates = {}
-    for units in ("tensor", "module"):
-        def soft_fn(u=units) -> StateDict:
-            model, table = M.soft(members, merge_set, units=u, model=net, steps=cfg["soft_steps"],
-                                  seed=seed, progress=False)
-            gates[u] = table.model_summary()
-            return {k: v.detach() for k, v in model.state_dict().items()}
-        timed(f"soft ({units} units)", soft_fn)
     extra["soft_gates"] = gates
+    report = check_members(StateSource(members))  # the member guard of `merge_checkpoints`
+    extra["guard"] = {"distance": report.distance, "flagged": report.flagged()}
     return acc, secs, extra
 
 
@@ -271,6 +292,15 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
             gate_rows.append([cond, units, fmt_mean_std([b["closed"] for b in bad], 2),
                               fmt_mean_std([b["mean_gate"] for b in bad], 3),
                               fmt_mean_std([g["mean_gate"] for g in good], 3)])
+    guard_rows = []
+    for cond in CONDITIONS:
+        recs = [r[cond]["guard"] for r in per_seed]
+        bad_name = f"model {K}"
+        right = sum(rec["flagged"] == ([bad_name] if cond != "clean" else []) for rec in recs)
+        guard_rows.append([cond, f"{right}/{len(recs)}",
+                           fmt_mean_std([max(rec["distance"][:K]) for rec in recs], 2),
+                           fmt_mean_std([rec["distance"][K] for rec in recs], 1)
+                           if cond != "clean" else "-"])
     ada_rows = []
     for cond in CONDITIONS:
         for gran in ("task", "layer"):
@@ -287,8 +317,10 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
              f"(greedy soup, soft merging, AdaMerging inputs, scale choice).",
              f"MLP {cfg['depth']}x{cfg['width']}, base {cfg['base_epochs']} epoch(s) SGD 0.05; "
              f"K = {K} fine-tunes, {cfg['ft_epochs']} epoch(s) each on a class-skewed shard.",
-             "task_arithmetic / ties (density 0.2) / dare (drop 0.5, then task arithmetic): scale "
-             f"chosen on the merge set from {list(cfg['scales'])}.",
+             "task_arithmetic / ties (density 0.2) / dare (drop 0.5, then task arithmetic) / della "
+             "(drop 0.7, epsilon 0.1) / breadcrumbs (beta 0.01, gamma 0.85): scale chosen on the "
+             f"merge set from {list(cfg['scales'])}; slerp: the pairwise chain over the members; "
+             "model_stock: no parameter.",
              f"fisher / regmean: each member on {cfg['fisher_examples']} / "
              f"{cfg['regmean_examples']} examples of its own shard (the malicious copy on member "
              f"0's shard); adamerging: {cfg['ada_steps']} steps on unlabeled merge-set inputs; "
@@ -306,6 +338,11 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
             "soft merging gates of the malicious member": Table(
                 ["condition", "units", "fraction of its gates = 0", "its mean gate",
                  "mean gate of good members"], gate_rows),
+            "member guard": Table(
+                ["condition", "runs flagging exactly the malicious member (none when clean)",
+                 "largest scope distance of a good member", "scope distance of the malicious member"],
+                guard_rows, "basinmerge.merge.guard on the members before merging: robust z of "
+                "each layer's log sigma, mean and cosine to the members' median; flagged above 6."),
             "adamerging coefficients": Table(
                 ["condition", "granularity", "mean lambda of good members",
                  "lambda of the malicious member", "entropy first step", "entropy last step"],

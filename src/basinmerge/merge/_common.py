@@ -15,7 +15,7 @@ instead of whole tensors, so its memory does not grow with the largest tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -68,6 +68,10 @@ def model_names(k: int, names: Sequence[str] | None) -> list[str]:
     return names
 
 
+def needs_base_message(method: str) -> str:
+    return f"merge method '{method}' needs a base model (option 'base')"
+
+
 def check_count(method: str, k: int, min_models: int) -> None:
     """One clear error when a method gets fewer models than it needs."""
     if k < min_models:
@@ -87,7 +91,7 @@ def prepare(models: Sequence[ModelLike], method: str, *, min_models: int = 1,
     names = model_names(len(models), names)
     states = [as_state_dict(m) for m in models]
     if needs_base and base is None:
-        raise ConfigError(f"merge method '{method}' needs a base model (base=...)")
+        raise ConfigError(needs_base_message(method))
     base_state = as_state_dict(base) if base is not None else None
     all_states = states + ([base_state] if base_state is not None else [])
     all_names = names + (["base"] if base_state is not None else [])
@@ -181,21 +185,47 @@ class StateSource:
         return self.base is not None
 
 
+BN_STATISTICS = ("running_mean", "running_var")
+
+
+def is_bn_statistic(key: str) -> bool:
+    """True for a BatchNorm running statistic (``*.running_mean``, ``*.running_var``): a
+    buffer, not a learned weight."""
+    return key.rsplit(".", 1)[-1] in BN_STATISTICS
+
+
+def bn_keys(keys: Iterable[str]) -> list[str]:
+    return [k for k in keys if is_bn_statistic(k)]
+
+
+def mean_kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """The plain mean of the K tensors (in the work dtype)."""
+    return stack_work(tensors).mean(dim=0)
+
+
 def merged_items(source: TensorSource, kernel: Kernel,
                  block_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every key of `source`, in its key order: float keys
     through `kernel`, the rest copied from the first model. With `block_bytes`, an elementwise
     kernel gets row blocks of at most that many bytes per model, and a key is yielded as
-    consecutive row blocks (the same key several times, in order)."""
+    consecutive row blocks (the same key several times, in order).
+
+    BatchNorm running statistics are never task vectors: when the source has a base (the
+    task-vector methods), they are the plain mean of the members' statistics, whatever the
+    method (task arithmetic at scale 1 over four members would otherwise give running_var =
+    sum of four variances minus three base variances, which can be negative). Base-free
+    methods combine them with their own rule (mean, median, ...), which keeps a variance
+    non-negative."""
     for key in source.keys():
         if not source.is_float(key):
             yield key, source.model_tensor(0, key).clone()
             continue
-        budget = block_bytes if is_elementwise(kernel) else None
+        k_fn = mean_kernel if source.has_base and is_bn_statistic(key) else kernel
+        budget = block_bytes if k_fn is mean_kernel or is_elementwise(kernel) else None
         for rows in row_blocks(source.shape(key), source.element_size(key), budget):
             tensors = [source.model_tensor(k, key, rows) for k in range(source.num_models)]
             dtype = tensors[0].dtype
-            out = kernel(key, tensors, source.base_tensor(key, rows))
+            out = k_fn(key, tensors, source.base_tensor(key, rows))
             del tensors  # let go of the inputs (memory-mapped pages when streaming) first
             yield key, out.to(dtype)
 

@@ -23,11 +23,13 @@ from basinmerge.merge._common import (
     batches,
     bcast,
     finish_bn,
+    is_bn_statistic,
     module_state,
     prepare,
     template_of,
     xy,
 )
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import StateDict, is_float, module_mode
 
 GRANULARITIES = ("task", "layer")
@@ -39,13 +41,27 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1).mean()
 
 
+@merge_method("adamerging", summary="AdaMerging: coefficients by entropy minimization on "
+              "unlabeled data", needs_base=True, needs_data="unlabeled", returns_info=True)
 def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data: Any,
                     granularity: str = "task", *, model: nn.Module | None = None,
                     steps: int = 200, lr: float = 1e-3, init: float = 0.3, batch_size: int = 64,
                     seed: int = 0, reset_bn: bool = True, progress: bool = True,
                     names: Sequence[str] | None = None) -> tuple[StateDict, dict]:
     """AdaMerging; returns the merged state and a record with the learned lambdas and the
-    entropy before and after."""
+    entropy before and after.
+
+    Options:
+        granularity: task (one lambda per model) or layer (one per model and tensor)
+        model: the nn.Module template to run the states in (default: the first module given)
+        steps: Adam steps
+        lr: Adam learning rate
+        init: initial lambda, in [0, 1]
+        batch_size: unlabeled examples per step
+        seed: seed of the batch order
+        reset_bn: recompute BatchNorm statistics of the merge on the data
+        progress: show a progress bar
+    """
     if granularity not in GRANULARITIES:
         raise ConfigError(f"adamerging granularity must be one of {', '.join(GRANULARITIES)}, "
                           f"got '{granularity}'")
@@ -57,9 +73,12 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
     x, _ = xy(unlabeled_data, "adamerging data")
     base_full = module_state(template, b)
     device = next(iter(base_full.values())).device
-    keys = [k for k in base_full if is_float(base_full[k])]
+    # BatchNorm statistics are buffers, not task vectors (and must not require grad): the
+    # members' mean while learning, recomputed on the data at the end (reset_bn)
+    keys = [k for k in base_full if is_float(base_full[k]) and not is_bn_statistic(k)]
     taus = {k: torch.stack([s[k].to(device) for s in states]) - base_full[k] for k in keys}
-    fixed = {k: states[0][k].to(device) for k in base_full if k not in taus}
+    fixed = {k: (torch.stack([s[k].to(device) for s in states]).mean(0) if is_bn_statistic(k)
+                 else states[0][k].to(device)) for k in base_full if k not in taus}
     k_models = len(states)
     shape = (k_models,) if granularity == "task" else (k_models, len(keys))
     lam = torch.full(shape, float(init), device=device, requires_grad=True)

@@ -22,6 +22,7 @@ from basinmerge.merge._common import (
     stack_work,
     weights_vector,
 )
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import StateDict, weighted_average
 
 
@@ -67,24 +68,38 @@ def trimmed_mean_kernel(source: TensorSource, trim: float = 0.25) -> Kernel:
     return elementwise(kernel)
 
 
+@merge_method("average", summary="uniform (or weighted) average: a model soup",
+              kernel=average_kernel)
 def average(models: Sequence[ModelLike], weights: Sequence[float] | None = None, *,
             names: Sequence[str] | None = None) -> StateDict:
-    """Uniform (or weighted) average of the models: a model soup."""
+    """Uniform (or weighted) average of the models: a model soup.
+
+    Options:
+        weights: one non-negative number per model (normalized; uniform when not given)
+    """
     states, _, names = prepare(models, "average", names=names)
     src = StateSource(states, names=names)
     return run_kernel(src, average_kernel(src, weights))
 
 
-def weighted(models: Sequence[ModelLike], weights: Sequence[float] | None = None, *,
+@merge_method("weighted", summary="weighted average with weights=[...] (e.g. data sizes)",
+              kernel=average_kernel)
+def weighted(models: Sequence[ModelLike], weights: Sequence[float], *,
              names: Sequence[str] | None = None) -> StateDict:
-    """Weighted average sum_k w_k theta_k / sum_k w_k (e.g. weights = data sizes)."""
+    """Weighted average sum_k w_k theta_k / sum_k w_k (e.g. weights = data sizes).
+
+    Options:
+        weights: one non-negative number per model, e.g. its number of training examples
+    """
     states, _, names = prepare(models, "weighted", names=names)
     if weights is None:
-        raise ConfigError("merge method 'weighted' needs weights=[...] (one per model)")
+        raise ConfigError("merge method 'weighted' needs option 'weights' (one number per model)")
     src = StateSource(states, names=names)
     return run_kernel(src, average_kernel(src, weights))
 
 
+@merge_method("median", summary="coordinate-wise median (robust to a minority of bad models)",
+              kernel=median_kernel)
 def median(models: Sequence[ModelLike], *, names: Sequence[str] | None = None) -> StateDict:
     """Coordinate-wise median (robust to a minority of bad models)."""
     states, _, names = prepare(models, "median", names=names)
@@ -92,9 +107,15 @@ def median(models: Sequence[ModelLike], *, names: Sequence[str] | None = None) -
     return run_kernel(src, median_kernel(src))
 
 
+@merge_method("trimmed_mean", summary="coordinate-wise mean without the floor(trim*K) extremes "
+              "at each end", kernel=trimmed_mean_kernel)
 def trimmed_mean(models: Sequence[ModelLike], trim: float = 0.25, *,
                  names: Sequence[str] | None = None) -> StateDict:
-    """Coordinate-wise trimmed mean: drop floor(trim*K) values at each end, average the rest."""
+    """Coordinate-wise trimmed mean: drop floor(trim*K) values at each end, average the rest.
+
+    Options:
+        trim: fraction of the models dropped at each end, in [0, 0.5)
+    """
     states, _, names = prepare(models, "trimmed_mean", names=names)
     src = StateSource(states, names=names)
     return run_kernel(src, trimmed_mean_kernel(src, trim))

@@ -35,6 +35,7 @@ from basinmerge.merge._common import (
     weights_vector,
     xy,
 )
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import StateDict, is_float, module_mode, weighted_average
 
 JACOBIAN_BUDGET = 2 ** 24  # floats held by one chunk of per-example Jacobians (64 MB)
@@ -75,6 +76,8 @@ def diagonal_fisher(template: nn.Module, state: StateDict, data: Any, *,
     return {k: (v / x.shape[0]).to("cpu") for k, v in fisher.items()}
 
 
+@merge_method("fisher", summary="Fisher-weighted average (diagonal Fisher from per-example "
+              "gradients)", needs_data="unlabeled")
 def fisher(models: Sequence[ModelLike], data: Any, *, weights: Sequence[float] | None = None,
            model: nn.Module | None = None, num_examples: int | None = 1000,
            floor: float = 1e-6, fishers: Sequence[StateDict] | None = None,
@@ -83,7 +86,16 @@ def fisher(models: Sequence[ModelLike], data: Any, *, weights: Sequence[float] |
 
     `data` is one dataset for every model or a list with one per model (each model's own
     training data, as in the paper); `weights` are the lambda_k (uniform by default);
-    precomputed `fishers` (key -> diagonal Fisher, per model) skip the gradient pass."""
+    precomputed `fishers` (key -> diagonal Fisher, per model) skip the gradient pass.
+
+    Options:
+        weights: the lambda_k, one per model (uniform when not given)
+        model: the nn.Module template to run the states in (default: the first module given)
+        num_examples: examples per model for its Fisher (all when None)
+        floor: lower bound on every Fisher entry
+        fishers: precomputed diagonal Fishers, one state_dict per model
+        reset_bn: recompute BatchNorm statistics of the merge on the data
+    """
     states, _, names = prepare(models, "fisher", names=names)
     lam = weights_vector(weights, len(states), "fisher weights")
     lam_list = [1.0 / len(states)] * len(states) if lam is None else (lam / lam.sum()).tolist()

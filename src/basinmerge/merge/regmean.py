@@ -33,6 +33,7 @@ from basinmerge.merge._common import (
     template_of,
     xy,
 )
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import StateDict, module_mode, weighted_average
 
 BIAS_MODES = ("average", "regress")
@@ -109,12 +110,22 @@ def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
     return sol.T
 
 
+@merge_method("regmean", summary="RegMean: per-Linear regression on input Gram matrices",
+              needs_data="unlabeled")
 def regmean(models: Sequence[ModelLike], data: Any, alpha: float = 0.9, *,
             model: nn.Module | None = None, bias: str = "average",
             num_examples: int | None = 1000, reset_bn: bool = True,
             names: Sequence[str] | None = None) -> StateDict:
     """RegMean merge. `data`: one dataset for every model, or a list with one per model (its
-    own training data, as in the paper); labels are not used."""
+    own training data, as in the paper); labels are not used.
+
+    Options:
+        alpha: scale of the Gram matrices' off-diagonal entries, in [0, 1]
+        model: the nn.Module template to run the states in (default: the first module given)
+        bias: average (as in the paper) or regress (fit weight and bias jointly)
+        num_examples: examples per model for its Gram matrices (all when None)
+        reset_bn: recompute BatchNorm statistics of the merge on the data
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"regmean alpha must be in [0, 1], got {alpha}")
     if bias not in BIAS_MODES:

@@ -56,6 +56,7 @@ from basinmerge.merge._common import (
     template_of,
     work_dtype,
 )
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import (
     StateDict,
     as_state_dict,
@@ -66,7 +67,6 @@ from basinmerge.state import (
 )
 
 BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1
-UNIT_MODES = ("tensor", "module")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -97,10 +97,18 @@ def deterministic_gate(log_alpha: torch.Tensor, *, gamma: float = GAMMA, zeta: f
 # --------------------------------------------------------------------------- units and gates
 
 
+def _split_names(units: str | Sequence[str]) -> str | Sequence[str]:
+    """``"layers.0,head"`` (from the command line) as a list of names."""
+    if isinstance(units, str) and "," in units:
+        return [u.strip() for u in units.split(",") if u.strip()]
+    return units
+
+
 def soft_units(template: nn.Module, units: str | Sequence[str] = "module") -> list[tuple[str, list[str]]]:
     """The merge units as (name, parameter keys): one per tensor, one per module, or one per
     given name (a parameter key or a module prefix)."""
     keys = param_keys(template)
+    units = _split_names(units)
     if isinstance(units, str):
         if units == "tensor":
             return [(k, [k]) for k in keys]
@@ -210,6 +218,13 @@ def _aligned_states(template: nn.Module, states: list[dict], method: str, data, 
     return out
 
 
+def _soft_result(out: tuple[nn.Module, GateTable]) -> tuple[StateDict, dict]:
+    model, gates = out
+    return {k: v.detach() for k, v in model.state_dict().items()}, {"gates": gates}
+
+
+@merge_method("soft", summary="Soft Merging: learned hard-concrete gates per (unit, model)",
+              needs_data="labeled", min_models=2, convert=_soft_result)
 def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] = "module",
          lam: float = 0.01, steps: int = 300, lr: float = 0.1, seed: int = 0,
          optimizer: str = "sgd", momentum: float = 0.9, batch_size: int = 128, init: float = 2.0,
@@ -221,7 +236,26 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
 
     ``align="weight"`` (or ``"activation"``) first permutes every model's hidden units onto the
     first model's (`basinmerge.align.align`): needed when the models come from different
-    initializations, since their units are then in unrelated orders."""
+    initializations, since their units are then in unrelated orders.
+
+    Options:
+        units: module (default), tensor, or a list of parameter keys / module prefixes
+        lam: weight of the expected-L0 penalty
+        steps: optimization steps
+        lr: learning rate of the gate logits
+        seed: seed of the gate samples and batch order
+        optimizer: sgd (as in the paper) or adam
+        momentum: SGD momentum
+        batch_size: labeled examples per step
+        init: initial gate logit log_alpha (2.0: every gate open with probability 0.97)
+        clip: clip each gate-gradient entry to [-clip, clip] (None: no clipping)
+        reference: 'average' or a model index for everything outside the units
+        model: the nn.Module template to run the states in (default: the first module given)
+        reset_bn: recompute BatchNorm statistics of the merge on the data
+        eps: added to the gate sum in the gated combination
+        progress: show a progress bar
+        align: weight or activation: permute every model's units onto the first's first
+    """
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"soft optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
     if steps < 0 or lr <= 0 or lam < 0 or batch_size < 1:

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from basinmerge.merge._common import ModelLike, finish_bn, labeled, prepare, template_of
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import StateDict, weighted_average, with_state
 from basinmerge.train import evaluate
 
@@ -21,10 +22,17 @@ def accuracy_of(template: nn.Module, state: StateDict, data: Any) -> float:
     return evaluate(with_state(template, state), labeled(data, "greedy_soup"))["accuracy"]
 
 
+@merge_method("greedy_soup", summary="greedy soup by held-out accuracy", needs_data="labeled",
+              returns_info=True)
 def greedy_soup_info(models: Sequence[ModelLike], data: Any, *, model: nn.Module | None = None,
                      reset_bn: bool = True, names: Sequence[str] | None = None) -> tuple[StateDict, dict]:
     """The greedy soup and a record: each model's held-out accuracy, the order tried, the
-    models kept and the soup's held-out accuracy after each accepted model."""
+    models kept and the soup's held-out accuracy after each accepted model.
+
+    Options:
+        model: the nn.Module template to run the states in (default: the first module given)
+        reset_bn: recompute BatchNorm statistics of every candidate soup on the data
+    """
     states, _, names = prepare(models, "greedy_soup", names=names)
     template = template_of(models, model, "greedy_soup")
     labeled(data, "greedy_soup")

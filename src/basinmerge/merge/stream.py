@@ -1,7 +1,7 @@
 """Streaming merge of safetensors checkpoints: tensor by tensor, memory-mapped.
 
-`stream_merge(paths, method, out, base=...)` runs a data-free method (average, weighted, median,
-trimmed_mean, task_arithmetic, ties, dare) over files without loading whole models: for each key
+`stream_merge(paths, method, out, base=...)` runs a data-free method (every method registered
+with a per-key kernel: `streamable()`) over files without loading whole models: for each key
 it opens every file with `basinmerge.io.StateReader`, takes that one tensor (memory-mapped),
 merges it with the very kernel the in-memory function uses, writes the result straight into
 the output file and lets go of the inputs. Files are reopened per key on purpose: the pages a
@@ -12,20 +12,21 @@ Coordinate-wise kernels (average, weighted, median, trimmed mean, task arithmeti
 the global per-model threshold) are fed row blocks of at most `block_mib` MiB per model, read
 with safetensors' slicing, so the working set is a few times K blocks whatever the tensor
 sizes; TIES's global thresholds are found by radix selection over the same blocks (see
-`basinmerge.merge.task`), without a model-sized buffer. DARE and per-tensor TIES trimming need
-whole tensors (their masks and thresholds are per tensor), so their peak is a few times K times
-the largest tensor. The output is written incrementally in the safetensors format to a
+`basinmerge.merge.task`), without a model-sized buffer. Per-tensor kernels (DARE, per-tensor
+TIES trimming, DELLA, Breadcrumbs, Model Stock, SLERP: their masks, thresholds, norms or angles
+are per tensor) get whole tensors, so their peak is a few times K times the largest tensor. The output is written incrementally in the safetensors format to a
 temporary file and renamed into place; the result is bit for bit the in-memory merge of the
 same files.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ import torch
 from basinmerge import io
 from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from basinmerge.io import META_KEY, StateReader, atomic_path, read_header  # noqa: F401 - read_header: its old home
-from basinmerge.merge._common import Kernel, check_count, merged_items
+from basinmerge.merge._common import merged_items
+from basinmerge.merge.registry import all_methods, get_method
 from basinmerge.state import check_compatible
 
 # safetensors dtype names
@@ -174,19 +176,9 @@ def write_safetensors_stream(path: str | os.PathLike,
     return path
 
 
-def _kernels() -> dict[str, tuple[Callable[..., Kernel], bool]]:
-    from basinmerge.merge.basic import average_kernel, median_kernel, trimmed_mean_kernel
-    from basinmerge.merge.task import dare_kernel, task_arithmetic_kernel, ties_kernel
-
-    return {"average": (average_kernel, False), "weighted": (average_kernel, False),
-            "median": (median_kernel, False), "trimmed_mean": (trimmed_mean_kernel, False),
-            "task_arithmetic": (task_arithmetic_kernel, True), "ties": (ties_kernel, True),
-            "dare": (dare_kernel, True)}
-
-
 def streamable() -> list[str]:
-    """The methods `stream_merge` can run."""
-    return list(_kernels())
+    """The methods `stream_merge` can run: those registered with a per-key kernel."""
+    return [m.name for m in all_methods() if m.streams]
 
 
 def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.PathLike, *,
@@ -201,23 +193,16 @@ def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.
     if not block_mib > 0:
         raise ConfigError(f"block_mib must be positive, got {block_mib}")
     block_bytes = max(1, int(block_mib * 2**20))
-    kernels = _kernels()
-    if method not in kernels:
-        raise ConfigError(f"method '{method}' cannot stream; streaming methods: {', '.join(kernels)}")
-    if method == "weighted" and options.get("weights") is None:
-        raise ConfigError("merge method 'weighted' needs weights=[...] (one per model)")
-    factory, needs_base = kernels[method]
-    check_count(method, len(paths), 1)
-    if needs_base and base is None:
-        raise ConfigError(f"merge method '{method}' needs a base model (base=...)")
+    m = get_method(method)
+    if not m.streams:
+        raise ConfigError(f"method '{method}' cannot stream; streaming methods: {', '.join(streamable())}")
+    options = m.check(options, has_base=base is not None, num_models=len(paths))
+    needs_base = m.needs_base
     source = FileSource(paths, base if needs_base else None)
     kernel_opts = dict(options)
-    if method == "ties":
+    if "block_bytes" in inspect.signature(m.kernel).parameters:
         kernel_opts["block_bytes"] = block_bytes
-    try:
-        kernel = factory(source, **kernel_opts)
-    except TypeError as e:
-        raise ConfigError(f"merge method '{method}': bad option ({e})") from e
+    kernel = m.kernel(source, **kernel_opts)
     record = {"method": method, "options": options, "inputs": source.names,
               "base": str(base) if needs_base else None, "streamed": True}
     full_meta = {**source.meta, **(meta or {}), "merge": record}

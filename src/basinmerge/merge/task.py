@@ -32,11 +32,13 @@ from basinmerge.merge._common import (
     TensorSource,
     delta_stack,
     elementwise,
+    is_bn_statistic,
     prepare,
     row_blocks,
     run_kernel,
     work_dtype,
 )
+from basinmerge.merge.registry import merge_method
 from basinmerge.state import StateDict
 
 TRIM_MODES = ("global", "tensor")
@@ -120,9 +122,9 @@ def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], rank: int, wide: 
 def global_thresholds(source: TensorSource, density: float, delta_fn: DeltaFn = _identity,
                       block_bytes: int | None = None) -> list[float | None]:
     """Per model: the magnitude threshold that keeps its top `density` fraction of |tau_k|
-    over all float tensors (None: keep everything). Holds one tensor (or one row block of at
+    over all float tensors but BatchNorm statistics (None: keep everything). Holds one tensor (or one row block of at
     most `block_bytes`, when `delta_fn` is the identity) at a time."""
-    keys = [k for k in source.keys() if source.is_float(k)]
+    keys = [k for k in source.keys() if source.is_float(k) and not is_bn_statistic(k)]
     total = sum(source.numel(k) for k in keys)
     if total == 0 or density == 1.0:
         return [None] * source.num_models
@@ -224,27 +226,52 @@ def dare_kernel(source: TensorSource, drop: float = 0.9, scale: float = 1.0,
 # --------------------------------------------------------------------------- public functions
 
 
+@merge_method("task_arithmetic", summary="base + scale * sum of task vectors", needs_base=True,
+              kernel=task_arithmetic_kernel)
 def task_arithmetic(base: ModelLike, models: Sequence[ModelLike], scale: float = 1.0, *,
                     names: Sequence[str] | None = None) -> StateDict:
-    """theta_0 + scale * sum_k (theta_k - theta_0)."""
+    """theta_0 + scale * sum_k (theta_k - theta_0).
+
+    Options:
+        scale: factor on the summed task vectors
+    """
     states, b, names = prepare(models, "task_arithmetic", base=base, needs_base=True, names=names)
     src = StateSource(states, b, names)
     return run_kernel(src, task_arithmetic_kernel(src, scale))
 
 
+@merge_method("ties", summary="TIES: trim, elect sign, disjoint mean", needs_base=True,
+              kernel=ties_kernel)
 def ties(base: ModelLike, models: Sequence[ModelLike], density: float = 0.2, scale: float = 1.0,
          *, trim_mode: str = "global", names: Sequence[str] | None = None) -> StateDict:
     """TIES-merging: trim to the top `density` of |tau| (trim_mode="global": per model as in the
-    paper, or "tensor"), elect signs by mass, disjoint mean, theta_0 + scale * tau_m."""
+    paper, or "tensor"), elect signs by mass, disjoint mean, theta_0 + scale * tau_m.
+
+    Options:
+        density: fraction of each task vector kept (largest magnitudes), in (0, 1]
+        scale: factor on the merged task vector
+        trim_mode: global (one threshold per model, as in the paper) or tensor
+    """
     states, b, names = prepare(models, "ties", base=base, needs_base=True, names=names)
     src = StateSource(states, b, names)
     return run_kernel(src, ties_kernel(src, density, scale, trim_mode))
 
 
+@merge_method("dare", summary="DARE: random drop and rescale, then task arithmetic or TIES",
+              needs_base=True, kernel=dare_kernel)
 def dare(base: ModelLike, models: Sequence[ModelLike], drop: float = 0.9, scale: float = 1.0, *,
          then: str = "task_arithmetic", seed: int = 0, density: float = 0.2,
          trim_mode: str = "global", names: Sequence[str] | None = None) -> StateDict:
-    """DARE: random drop of delta entries with rescaling, then task arithmetic or TIES."""
+    """DARE: random drop of delta entries with rescaling, then task arithmetic or TIES.
+
+    Options:
+        drop: probability of dropping each task-vector entry, in [0, 1)
+        scale: factor on the merged task vector
+        then: task_arithmetic or ties, applied to the rescaled task vectors
+        seed: seed of the drop masks (the same masks in memory and when streaming)
+        density: with then=ties: fraction kept by TIES trimming
+        trim_mode: with then=ties: global or tensor
+    """
     states, b, names = prepare(models, "dare", base=base, needs_base=True, names=names)
     src = StateSource(states, b, names)
     return run_kernel(src, dare_kernel(src, drop, scale, then, seed, density, trim_mode))

@@ -1,0 +1,424 @@
+"""The merge engine: merge checkpoint files with any registered method, end to end.
+
+>>> from basinmerge.merge.engine import merge_checkpoints
+>>> res = merge_checkpoints(["a.safetensors", "b.safetensors", "c.safetensors"], "ties",
+...                         base="base.safetensors", options={"density": 0.3},
+...                         out="merged.safetensors")
+>>> res.warnings, res.members[0].scope_distance, res.to_dict()
+
+`merge_checkpoints` owns everything between the files and the merged file, in this order:
+
+1. **validation** before any work: the method's options, base and data (`MergeMethod.check`,
+   one error naming the method and the option), the output path;
+2. **loading** (`read_state`, the one place the engine reads a checkpoint) or, for a method
+   with a per-key kernel over safetensors files, **streaming** (`stream_merge`): tensor by
+   tensor, never holding K models;
+3. the **member guard** (`basinmerge.merge.guard`): members far outside the others' weight
+   scope are named in `MergeResult.warnings` (``strict=True``: an error instead);
+4. the **merge**; BatchNorm: data-free merges average the running statistics (never task
+   vectors) and the result warns that they should be reset; with `data`, they are recomputed
+   on it (``reset_bn``, default: whenever data is given) and the summary says so;
+   ``num_batches_tracked`` then counts the batches of that pass;
+5. **writing** atomically: on any failure nothing is left at `out` (an existing file there is
+   left as it was);
+6. **reporting**: a `MergeResult` with the per-member summary (scope distance, accuracy on
+   `eval_data`), warnings, gates, BN handling and timings.
+
+Nothing here prints: the CLI prints the result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from basinmerge import io
+from basinmerge.errors import ConfigError, DataError
+from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare, xy
+from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
+from basinmerge.merge.registry import MergeMethod, get_method, jsonable
+from basinmerge.merge.stream import FileSource, stream_merge
+from basinmerge.state import StateDict, module_mode, with_state
+
+PathLike = str | os.PathLike
+BN_NOTE_DATA_FREE = ("the merged model has BatchNorm layers whose running statistics were "
+                     "averaged, not recomputed for the merged weights; reset them on data "
+                     "(pass data) before using it")
+
+
+@dataclass
+class MemberSummary:
+    """One input model in the merge summary."""
+
+    name: str
+    scope_distance: float
+    worst_layer: str | None
+    flagged: bool
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "scope_distance": self.scope_distance,
+                "worst_layer": self.worst_layer, "flagged": self.flagged,
+                "accuracy": self.accuracy}
+
+
+@dataclass
+class MergeResult:
+    """What `merge_checkpoints` did: the output (file or state), the members, the warnings."""
+
+    method: str
+    options: dict[str, Any]
+    members: list[MemberSummary]
+    guard: GuardReport
+    out: Path | None = None
+    state: StateDict | None = None
+    streamed: bool = False
+    bn: str = "none"  # "none", "averaged" (data-free, not reset) or "reset (N examples)"
+    accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    gates_path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def gates(self) -> Any:
+        return self.info.get("gates")
+
+    def to_dict(self) -> dict:
+        info = {k: v for k, v in self.info.items() if k != "gates"}
+        return {"method": self.method, "options": jsonable(self.options),
+                "out": str(self.out) if self.out is not None else None,
+                "streamed": self.streamed, "bn": self.bn, "accuracy": self.accuracy,
+                "members": [m.to_dict() for m in self.members], "warnings": list(self.warnings),
+                "guard": self.guard.to_dict(), "info": jsonable(info),
+                "gates": self.gates.to_dict() if self.gates is not None else None,
+                "gates_path": str(self.gates_path) if self.gates_path is not None else None,
+                "timings": dict(self.timings)}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_state(path: PathLike) -> tuple[StateDict, dict]:
+    """A checkpoint's tensors and metadata: the one place the engine reads weights."""
+    return io.load_state(path)
+
+
+def read_model(path: PathLike, like: PathLike | None = None) -> tuple[nn.Module, dict]:
+    """The model stored in a checkpoint (for methods and steps that run the network): built
+    from the project's metadata, an HF config, or `like` (`io.load_model`)."""
+    return io.load_model(path, like=like)
+
+
+@dataclass
+class Output:
+    """Where and in which form the merge is written: `path`, `fmt` (`io.FORMATS`; an HF model
+    folder or one file), `like` (the checkpoint whose form, config and tokenizer it copies)."""
+
+    path: Path
+    fmt: str
+    like: Path
+    force: bool = False
+    max_shard_mib: float = io.DEFAULT_MAX_SHARD_MIB
+    inputs: tuple[Path, ...] = ()
+
+    @property
+    def streams(self) -> bool:
+        """Whether a streamed merge can write this form (one safetensors file)."""
+        return self.fmt in ("hf", "basinmerge", "safetensors")
+
+
+def check_output(out: PathLike, fmt: str = "safetensors", force: bool = False,
+                 inputs: Sequence[PathLike] = ()) -> Path:
+    """The output path, checked before any work: for a file format a file name with the
+    format's suffix, not a folder, in a folder that exists or can be created; for ``hf`` a
+    folder that is empty (or `force`) and none of the inputs."""
+    out = Path(out)
+    if str(out) in ("", "."):
+        raise ConfigError("the output path is empty")
+    if fmt == "hf":
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output {out} exists and is not a folder (an HF model is a folder)")
+        for p in inputs:
+            if out.resolve() == Path(p).resolve():
+                raise ConfigError(f"output {out} is an input; choose another")
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise ConfigError(f"output folder {out} exists and is not empty; choose another, or "
+                              "force the replacement")
+    else:
+        suffixes = io.PT_SUFFIXES if fmt == "pt" else (".safetensors",)
+        if out.is_dir():
+            raise ConfigError(f"output {out} is a folder; give a file name ending in {suffixes[0]}")
+        if out.suffix not in suffixes:
+            raise ConfigError(f"output {out}: the merged checkpoint is written as {fmt}; use a "
+                              f"name ending in {' or '.join(suffixes)}")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"output {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output {out}: folder {parent} is not writable")
+    return out
+
+
+def check_data_fits(model: nn.Module, data: Any, what: str, path: PathLike) -> None:
+    """One error, before any work, when `data` (a dataset, an (x, y) pair, inputs, or a list of
+    them) does not fit the network stored in `path`: its inputs do not run through it, or a
+    label is not one of its outputs."""
+    if data is None:
+        return
+    for d in (data if isinstance(data, list) else [data]):
+        x, y = xy(d, what)
+        meta_name = getattr(getattr(d, "info", None), "name", None)
+        label = f"{what}" + (f" ({meta_name})" if meta_name else "")
+        try:
+            with torch.no_grad(), module_mode(model, False):
+                out = model(x[:2].to(next(iter(model.parameters())).device))
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"{label} does not fit the model in {path}: inputs of shape "
+                            f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]})") from e
+        if y is not None and y.numel() and out.dim() == 2 and int(y.max()) >= out.shape[1]:
+            raise DataError(f"{label} has label {int(y.max())}, but the model in {path} has "
+                            f"{out.shape[1]} outputs")
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike | None = None,
+                      options: Mapping[str, Any] | None = None,
+                      weights: Sequence[float] | None = None, out: PathLike | None = None,
+                      data: Any = None, stream: bool | None = None, block_mib: float = 1.0,
+                      device: str = "cpu", reset_bn: bool | None = None, strict: bool = False,
+                      names: Sequence[str] | None = None, progress: bool | None = None,
+                      eval_data: Any = None, gates_out: PathLike | None = None,
+                      guard_threshold: float = THRESHOLD, like: PathLike | None = None,
+                      out_format: str | None = None, force: bool = False,
+                      max_shard_mib: float = io.DEFAULT_MAX_SHARD_MIB,
+                      meta: Mapping[str, Any] | None = None) -> MergeResult:
+    """Merge the checkpoints at `paths` with `method` (see the module docstring).
+
+    `options`: the method's options (``MergeMethod.options``); `weights` is a shortcut for
+    ``options["weights"]``. `data`: what a data-using method needs, and for any method the
+    data its BatchNorm statistics are recomputed on (``reset_bn``: None = whenever data is
+    given). `stream`: None = stream when the method has a kernel, every input is a
+    ``.safetensors`` file and `out` is given. `eval_data`: labeled data to report each
+    member's and the merge's accuracy on. `strict`: a member flagged by the guard is an error.
+    Without `out` the merged state_dict is returned in ``MergeResult.state``.
+
+    The output takes the inputs' form (`out_format` None): an HF model folder in (the base, else
+    the first model) gives an HF folder out with its config and tokenizer files, sharded past
+    `max_shard_mib`; a non-empty output folder is replaced only with `force`. `like`: a
+    checkpoint to take the architecture from when a model must be built and the inputs do not
+    record one. `meta`: extra metadata recorded in the output (e.g. the recipe)."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    m = get_method(method)
+    given, opts = _options(m, options, weights, data, reset_bn, progress)
+    files = [Path(p) for p in paths]
+    opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
+                   num_models=len(files))
+    user_opts = {k: opts[k] for k in given}
+    like_path = Path(base) if base is not None else files[0]
+    inputs = tuple(files) + ((Path(base),) if base is not None else ()) + \
+        ((Path(like),) if like is not None else ())
+    target = None
+    if out is not None:
+        target = Output(Path(out), io.output_format(like_path, out_format), like_path, force,
+                        max_shard_mib, inputs)
+    out = _check_request(data, reset_bn, target, gates_out, block_mib)
+    extra_meta = dict(meta or {})
+    names = model_names(len(files), [str(p) for p in files] if names is None else names)
+    streamed = _streaming(m, files, base, target, stream)
+    template, meta = (read_model(files[0], like) if _runs_network(m, data, eval_data)
+                      else (None, None))
+    if template is not None:
+        template.to(device)
+        if "model" in m.options:  # the network a data-using method runs
+            opts.setdefault("model", template)
+        for what, d in (("data", data), ("eval_data", eval_data)):
+            check_data_fits(template, d, what, files[0])
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    source, first_meta = _open_sources(m, files, base, names, streamed)
+    meta = first_meta if meta is None else meta
+    report = check_members(source, threshold=guard_threshold,
+                           block_bytes=max(1, int(block_mib * 2**20)))
+    if strict:
+        report.raise_if_flagged()
+    warnings = report.warnings()
+    timings["guard"] = time.perf_counter() - t
+
+    record = {"method": method, "options": jsonable(user_opts), "inputs": [str(p) for p in files],
+              "base": str(base) if base is not None else None, "streamed": streamed}
+    out_meta = {**{k: v for k, v in (meta or {}).items() if k not in ("merge", *io.FORMAT_KEYS)},
+                **extra_meta}
+    members = [MemberSummary(n, d, w, n in report.flagged())
+               for n, d, w in zip(names, report.distance, report.worst, strict=True)]
+    info: dict[str, Any] = {}
+    gates_path = accuracy = None
+    # everything up to the evaluation happens before the output is renamed into place: a
+    # failure anywhere leaves nothing at `out`
+    with _target(target) as tmp:
+        t = time.perf_counter()
+        if streamed:
+            assert tmp is not None and target is not None  # streaming needs `out` (checked above)
+            tmp = tmp / io.HF_SAFETENSORS if target.fmt == "hf" else tmp
+            stream_merge(files, method, tmp, base=base, block_mib=block_mib,
+                         meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
+            has_bn = bool(bn_keys(source.keys()))
+            wanted = (has_bn and data is not None and reset_bn is not False) or eval_data is not None
+            state = read_state(tmp)[0] if wanted else None
+        else:
+            state, info = m.run(source.states, base=source.base, data=data, names=names, **opts)
+            state = {k: v.detach().cpu() for k, v in state.items()}
+            has_bn = bool(bn_keys(state))
+        timings["merge"] = time.perf_counter() - t
+        bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
+        if tmp is not None and state is not None and (not streamed or bn.startswith("reset")):
+            assert target is not None
+            t = time.perf_counter()
+            if streamed and target.fmt == "hf":  # rewrite the streamed file (sharded as asked)
+                tmp = tmp.parent
+                (tmp / io.HF_SAFETENSORS).unlink()
+            io.write_like(tmp, state, target.like, {**out_meta, "merge": {**record, "bn": bn}},
+                          fmt=target.fmt, max_shard_mib=target.max_shard_mib)
+            timings["write"] = time.perf_counter() - t
+        if eval_data is not None and template is not None and state is not None:
+            t = time.perf_counter()
+            accuracy = _evaluate(template, members, source, files, state, eval_data, streamed)
+            timings["evaluate"] = time.perf_counter() - t
+        if out is not None and info.get("gates") is not None:
+            gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
+            io.write_json(gates_path, info["gates"].to_dict())
+    if bn == "averaged":
+        warnings.append(BN_NOTE_DATA_FREE)
+    timings["total"] = time.perf_counter() - t0
+    return MergeResult(method, user_opts, members, report, out=out,
+                       state=None if out is not None else state, streamed=streamed, bn=bn,
+                       accuracy=accuracy, warnings=warnings, info=info, gates_path=gates_path,
+                       timings=timings)
+
+
+def _check_request(data: Any, reset_bn: bool | None, out: Output | None,
+                   gates_out: PathLike | None, block_mib: float) -> Path | None:
+    """The engine's own arguments checked before any work; the output path."""
+    if reset_bn and data is None:
+        raise ConfigError("reset_bn needs data to recompute the BatchNorm statistics on (pass data)")
+    if gates_out is not None and out is None:
+        raise ConfigError("gates_out needs out (the merged checkpoint to write)")
+    if not block_mib > 0:
+        raise ConfigError(f"block_mib must be positive, got {block_mib}")
+    if out is None:
+        return None
+    return check_output(out.path, out.fmt, out.force, out.inputs)
+
+
+def _streaming(m: MergeMethod, files: list[Path], base: PathLike | None, out: Output | None,
+               stream: bool | None) -> bool:
+    """Whether to stream: asked for (`stream`), or by default whenever the method has a kernel,
+    every input is safetensors (a file or an HF folder) and the output is a safetensors form."""
+    inputs = files + ([Path(base)] if base is not None else [])
+    can = (m.streams and out is not None and out.streams
+           and all(io.is_streamable(p) for p in inputs))
+    if stream and not can:
+        why = ("it has no per-key kernel" if not m.streams else "streaming writes a file: give out"
+               if out is None else f"it writes safetensors, not {out.fmt}" if not out.streams
+               else "every input must be safetensors (a file or an HF model folder)")
+        raise ConfigError(f"merge method '{m.name}' cannot stream here: {why}")
+    return can if stream is None else bool(stream)
+
+
+def _open_sources(m: MergeMethod, files: list[Path], base: PathLike | None, names: list[str],
+                  streamed: bool) -> tuple[Any, dict]:
+    """The members as a `TensorSource` (the files themselves when streaming, else their
+    state_dicts), checked for keys, shapes, dtypes and NaN/Inf, and the first file's metadata."""
+    if streamed:
+        source = FileSource(files, base)
+        source.names = names
+        return source, source.meta
+    loaded = [read_state(p) for p in files]
+    base_state = read_state(base)[0] if base is not None else None
+    states, base_state, names = prepare([s for s, _ in loaded], m.name, base=base_state,
+                                        needs_base=m.needs_base, names=names)
+    return StateSource(states, base_state, names), loaded[0][1]
+
+
+@contextmanager
+def _target(out: Output | None) -> Iterator[Path | None]:
+    """A temporary path (a file, or for an HF folder a folder holding `like`'s config and
+    tokenizer files) renamed onto the output when the block succeeds (None without `out`)."""
+    if out is None:
+        yield None
+        return
+    if out.fmt == "hf":
+        with io.hf_output(out.path, out.like, out.force, out.inputs) as tmp:
+            yield tmp
+        return
+    with io.atomic_path(out.path, suffix=out.path.suffix) as tmp:
+        yield tmp
+
+
+def _options(m: MergeMethod, options: Mapping[str, Any] | None, weights: Sequence[float] | None,
+             data: Any, reset_bn: bool | None, progress: bool | None) -> tuple[list[str], dict]:
+    """(the option names the caller gave, every option to pass: those plus what the engine
+    sets for a data-using method: its BatchNorm reset and its progress bar)."""
+    opts = dict(options or {})
+    if weights is not None:
+        if "weights" in opts:
+            raise ConfigError(f"merge method '{m.name}': option 'weights' is given twice")
+        opts["weights"] = list(weights)
+    given = list(opts)
+    if "reset_bn" in m.options and reset_bn is not None:
+        opts.setdefault("reset_bn", bool(reset_bn))
+    if "progress" in m.options and progress is not None:
+        opts.setdefault("progress", bool(progress))
+    return given, opts
+
+
+def _runs_network(m: MergeMethod, data: Any, eval_data: Any) -> bool:
+    return bool(m.needs_data) or data is not None or eval_data is not None
+
+
+def _batchnorm(m: MergeMethod, template: nn.Module | None, state: StateDict | None, data: Any,
+               reset_bn: bool | None, has_bn: bool, opts: Mapping[str, Any],
+               timings: dict[str, float]) -> tuple[str, StateDict | None]:
+    """(what happened to the BatchNorm statistics, the state after it)."""
+    from basinmerge.train import reset_bn_stats
+
+    if not has_bn:
+        return "none", state
+    if m.needs_data:  # the method recomputes them on its own data (its reset_bn option)
+        return ("reset (on the method's data)" if opts.get("reset_bn", True) else "kept"), state
+    if data is None or reset_bn is False or template is None or state is None:
+        return "averaged", state
+    t = time.perf_counter()
+    model = with_state(template, state)
+    reset_bn_stats(model, data)
+    n = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
+    if n is None:
+        x = data if isinstance(data, torch.Tensor) else data[0]
+        n = int(x.shape[0])
+    timings["bn_reset"] = time.perf_counter() - t
+    return f"reset ({n} examples)", {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _evaluate(template: nn.Module, members: list[MemberSummary], source: Any,
+              paths: Sequence[Path], state: StateDict, eval_data: Any, streamed: bool) -> float:
+    """Fill each member's accuracy on `eval_data`; return the merge's."""
+    from basinmerge.train import evaluate
+
+    for i, mem in enumerate(members):
+        s = read_state(paths[i])[0] if streamed else source.states[i]
+        mem.accuracy = evaluate(with_state(template, s), eval_data)["accuracy"]
+    return evaluate(with_state(template, state), eval_data)["accuracy"]
