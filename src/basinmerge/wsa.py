@@ -45,6 +45,7 @@ from basinmerge.scope import (
     scope_keys,
     weight_scope,
 )
+from basinmerge.state import tied_aliases
 
 REDUCTIONS = ("mean", "sum")
 Refresh = Callable[[int, nn.Module], Scope]
@@ -177,7 +178,8 @@ class WSARegularizer:
 
     # ------------------------------------------------------------------ binding
     def _bind(self, model: nn.Module) -> list[torch.Tensor]:
-        named = dict(model.named_parameters())
+        # every name of a tied parameter (its canonical name is the scope's key)
+        named = dict(model.named_parameters(remove_duplicate=False))
         keys = set(scope_keys(model, include_bias=True))
         params = []
         for k, ls in self.target.items():
@@ -185,7 +187,9 @@ class WSARegularizer:
                 raise ConfigError(f"WSA target layer '{k}' is not a parameter of the model "
                                   "(a target from another architecture?)")
             if k not in keys:
-                raise ConfigError(f"WSA target layer '{k}' is not a Linear/Conv weight or bias")
+                tied = tied_aliases(model).get(k)
+                raise ConfigError(f"WSA target layer '{k}' is not a Linear/Conv weight or bias"
+                                  + (f" (it is tied to '{tied}': use that name)" if tied else ""))
             if named[k].numel() != ls.count:
                 raise ConfigError(f"WSA target layer '{k}' has {ls.count} weights, the model's has "
                                   f"{named[k].numel()} (a target from another architecture?)")

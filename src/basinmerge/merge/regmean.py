@@ -10,7 +10,9 @@ inputs to the stacked outputs of all models; alpha = 0 is a per-input-unit weigh
 The paper merges the weight only and averages the bias (``bias="average"``, the default);
 ``bias="regress"`` appends a constant 1 to the inputs and fits weight and bias jointly.
 Input units that no model ever activates (zero Gram rows) take the plain average.
-Everything that is not a Linear weight is averaged.
+Everything that is not a Linear weight is averaged. HF ``Conv1D`` layers (GPT-2; a Linear
+whose weight is stored transposed, (in, out)) are merged as the Linear layers they are. A tied
+weight (GPT-2's ``lm_head`` and token embedding) is merged once by its Linear role and re-tied.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from basinmerge.adapter import as_data, call, device_of, forward_hooks, is_conv1d, to_device
 from basinmerge.errors import ConfigError
 from basinmerge.merge._common import (
     ModelLike,
@@ -31,15 +33,16 @@ from basinmerge.merge._common import (
     per_model_data,
     prepare,
     template_of,
-    xy,
 )
-from basinmerge.state import StateDict, module_mode, weighted_average
+from basinmerge.state import StateDict, module_mode, retie, tied_groups, weighted_average
 
 BIAS_MODES = ("average", "regress")
 
 
-def linear_layers(template: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in template.named_modules() if isinstance(m, nn.Linear)}
+def linear_layers(template: nn.Module) -> dict[str, nn.Module]:
+    """The Linear layers of `template` by module name (HF ``Conv1D`` included)."""
+    return {name: m for name, m in template.named_modules()
+            if isinstance(m, nn.Linear) or is_conv1d(m)}
 
 
 @torch.no_grad()
@@ -49,9 +52,7 @@ def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
     """Per Linear module name: the mean Gram matrix X^T X / n (float64) of its inputs when
     `state` runs through `template` on the inputs of `data` (eval mode); with `with_bias`, the
     inputs get a constant 1 column appended."""
-    x, _ = xy(data, "RegMean data")
-    if num_examples is not None:
-        x = x[:num_examples]
+    d = as_data(data, "RegMean data", limit=num_examples)
     layers = linear_layers(template)
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -66,16 +67,12 @@ def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
             counts[name] = counts.get(name, 0) + a.shape[0]
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     full = module_state(template, state)
-    device = next(iter(full.values())).device
-    try:
-        with module_mode(template, False):
-            for i in range(0, x.shape[0], batch_size):
-                functional_call(template, full, (x[i:i + batch_size].to(device),))
-    finally:
-        for h in handles:
-            h.remove()
+    device = device_of(template)
+    with forward_hooks([(m, make_hook(n)) for n, m in layers.items()], pre=True), \
+            module_mode(template, False):
+        for _, batch in d.batches(batch_size):
+            call(template, full, to_device(batch.inputs, device))
     return {n: (g / counts[n]).cpu() for n, g in grams.items()}
 
 
@@ -126,18 +123,22 @@ def regmean(models: Sequence[ModelLike], data: Any, alpha: float = 0.9, *,
     grams = [linear_grams(template, s, d, num_examples=num_examples, with_bias=regress)
              for s, d in zip(states, datas, strict=True)]
     out = weighted_average(states)
+    merged_keys: set[str] = set()
     for name, layer in linear_layers(template).items():
         wkey, bkey = child_key(name, "weight"), child_key(name, "bias")
         if name not in grams[0]:
             continue  # the layer never ran on this data
         has_bias = regress and layer.bias is not None
-        ws = [torch.cat([s[wkey], s[bkey].unsqueeze(1)], 1) if has_bias else s[wkey] for s in states]
+        t = is_conv1d(layer)  # weight stored (in, out): merge its transpose
+        ws = [s[wkey].T if t else s[wkey] for s in states]
+        ws = [torch.cat([w, s[bkey].unsqueeze(1)], 1) if has_bias else w for w, s in zip(ws, states, strict=True)]
         gs = [g[name] if (has_bias or not regress) else g[name][:-1, :-1] for g in grams]
         merged = regmean_solve(gs, ws, alpha)
         dtype = states[0][wkey].dtype
+        w = merged[:, :-1] if has_bias else merged
+        out[wkey] = (w.T if t else w).to(dtype).contiguous()
+        merged_keys.add(wkey)
         if has_bias:
-            out[wkey] = merged[:, :-1].to(dtype).contiguous()
             out[bkey] = merged[:, -1].to(dtype).contiguous()
-        else:
-            out[wkey] = merged.to(dtype).contiguous()
+    out = retie(out, tied_groups(template), prefer=merged_keys)
     return finish_bn(template, out, data, reset_bn)

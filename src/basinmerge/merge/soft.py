@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from basinmerge import adapter
 from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
 from basinmerge.merge._common import (
@@ -51,7 +50,6 @@ from basinmerge.merge._common import (
     finish_bn,
     labeled,
     module_state,
-    param_keys,
     prepare,
     template_of,
     work_dtype,
@@ -61,6 +59,9 @@ from basinmerge.state import (
     as_state_dict,
     check_compatible,
     module_mode,
+    param_keys,
+    retie,
+    tied_groups,
     weighted_average,
     with_state,
 )
@@ -99,7 +100,8 @@ def deterministic_gate(log_alpha: torch.Tensor, *, gamma: float = GAMMA, zeta: f
 
 def soft_units(template: nn.Module, units: str | Sequence[str] = "module") -> list[tuple[str, list[str]]]:
     """The merge units as (name, parameter keys): one per tensor, one per module, or one per
-    given name (a parameter key or a module prefix)."""
+    given name (a parameter key or a module prefix). A tied parameter appears once, under its
+    canonical name (`state.param_keys`)."""
     keys = param_keys(template)
     if isinstance(units, str):
         if units == "tensor":
@@ -215,7 +217,8 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
          optimizer: str = "sgd", momentum: float = 0.9, batch_size: int = 128, init: float = 2.0,
          clip: float | None = 1.0, reference: Any = None, model: nn.Module | None = None,
          reset_bn: bool = True, eps: float = 1e-8, progress: bool = True,
-         names: Sequence[str] | None = None, align: str | None = None) -> tuple[nn.Module, GateTable]:
+         names: Sequence[str] | None = None, align: str | None = None,
+         task: str | None = None) -> tuple[nn.Module, GateTable]:
     """Soft-merge the models with gates learned on labeled `data`; returns the plain merged
     model (deterministic test-time gates) and the gate table.
 
@@ -231,9 +234,9 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
         raise ConfigError(f"soft clip must be positive or None, got {clip}")
     states, _, names = prepare(models, "soft", min_models=2, names=names)
     template = template_of(models, model, "soft")
-    x, y = labeled(data, "soft")
+    d = labeled(data, "soft")
     if align is not None:
-        states = _aligned_states(template, states, align, (x, y), seed)
+        states = _aligned_states(template, states, align, d, seed)
     unit_list = soft_units(template, units)
     gated = [k for _, ks in unit_list for k in ks]
     ref = module_state(template, _reference_state(states, names, reference))
@@ -245,19 +248,19 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     opt = (torch.optim.SGD([log_alpha], lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.Adam([log_alpha], lr=lr))
     gen = torch.Generator().manual_seed(int(seed))
-    it = batches(x.shape[0], batch_size, gen)
+    it = batches(len(d), batch_size, gen)
     skipped = 0
     # train mode: BatchNorm uses batch statistics; `rest` holds copies of the buffers
     with module_mode(template, True):
         with progress_task("soft merge", steps, enabled=progress) as advance:
             for _ in range(steps):
-                idx = next(it)
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                batch = d.take(next(it))
+                xb = adapter.to_device(batch.inputs, device)
                 z = hard_concrete_sample(log_alpha, generator=gen)
                 params = gated_combination(z, stacked, unit_list, eps)
-                logits = functional_call(template, {**rest, **params}, (xb,))
-                task = F.cross_entropy(logits, yb)
-                loss = task + lam * expected_l0(log_alpha).mean()
+                logits = adapter.call(template, {**rest, **params}, xb)
+                task_loss = adapter.loss(logits, batch.labels, xb, task)
+                loss = task_loss + lam * expected_l0(log_alpha).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss) or not torch.isfinite(log_alpha.grad).all():
@@ -267,7 +270,7 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
                 if clip is not None:
                     log_alpha.grad.clamp_(-clip, clip)
                 opt.step()
-                advance(1, loss=float(task.detach()))
+                advance(1, loss=float(task_loss.detach()))
     la = log_alpha.detach().cpu()
     gates = deterministic_gate(la)
     fallback = []
@@ -278,8 +281,9 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     with torch.no_grad():
         merged = gated_combination(gates.to(device), stacked, unit_list, eps)
     state = {k: (merged[k].to(states[0][k].dtype).cpu() if k in merged else ref[k].cpu())
-             for k in states[0]}
-    state = finish_bn(template, state, (x, y), reset_bn)
+             for k in states[0] if k in ref}
+    state = retie(state, tied_groups(template))
+    state = finish_bn(template, state, d, reset_bn)
     table = GateTable([n for n, _ in unit_list], names, la, [ks for _, ks in unit_list],
                       fallback, skipped)
     out = with_state(template, state)
