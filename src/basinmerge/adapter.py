@@ -52,7 +52,8 @@ Index = slice | torch.Tensor
 # --------------------------------------------------------------------------- data
 
 
-def _rows(inputs: Inputs) -> int:
+def num_rows(inputs: Inputs) -> int:
+    """The number of examples (rows) of a tensor or of a dict batch."""
     t = inputs if isinstance(inputs, torch.Tensor) else next(iter(inputs.values()))
     return int(t.shape[0]) if t.dim() > 0 else 0
 
@@ -81,7 +82,7 @@ class Data:
     labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return _rows(self.inputs)
+        return num_rows(self.inputs)
 
     @property
     def n(self) -> int:

@@ -251,12 +251,14 @@ def _masked(key: str, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 def layer_values(model_or_state: ModelOrState, include_bias: bool = False,
                  keys: Sequence[str] | None = None,
-                 input_masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 input_masks: Mapping[str, torch.Tensor] | None = None,
+                 include_embeddings: bool = True) -> dict[str, torch.Tensor]:
     """The flattened, detached float64 values of each scoped layer (see `scope_keys`), restricted
     to live inputs where `input_masks` has the layer. The one loop over layers that
     `weight_scope`, `fit_quality` and the histogram figure share."""
     params = _params_of(model_or_state)
-    keys = list(keys) if keys is not None else scope_keys(model_or_state, include_bias)
+    keys = list(keys) if keys is not None else scope_keys(model_or_state, include_bias,
+                                                          include_embeddings)
     if not keys:
         raise ConfigError("the model has no Linear/Conv weight to take a scope of")
     masks = input_masks or {}
@@ -270,14 +272,18 @@ def layer_values(model_or_state: ModelOrState, include_bias: bool = False,
 
 def weight_scope(model_or_state: ModelOrState, include_bias: bool = False,
                  keys: Sequence[str] | None = None,
-                 input_masks: Mapping[str, torch.Tensor] | None = None) -> Scope:
+                 input_masks: Mapping[str, torch.Tensor] | None = None,
+                 include_embeddings: bool = True) -> Scope:
     """Per-layer mean, population std and count of the Linear/Conv weights (see `scope_keys`).
 
     `input_masks` (from `live_input_masks`) restricts each weight to the entries of its live
     inputs: the scope of live units only (dead ReLU units' outgoing weights get no task
-    gradient, and an optimizer can inflate them to satisfy a scope penalty cosmetically)."""
+    gradient, and an optimizer can inflate them to satisfy a scope penalty cosmetically).
+    `include_embeddings=False` leaves ``nn.Embedding`` weights out (a tied one stays, as the
+    output layer it also is)."""
     layers = {}
-    for k, t in layer_values(model_or_state, include_bias, keys, input_masks).items():
+    for k, t in layer_values(model_or_state, include_bias, keys, input_masks,
+                             include_embeddings).items():
         mean, std = layer_stats(t)
         layers[k] = LayerScope(float(mean), float(std), int(t.numel()))
     return Scope(layers)

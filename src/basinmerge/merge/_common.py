@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from basinmerge.adapter import Data, as_data, device_of
+from basinmerge.adapter import Data, as_data, check_labels, device_of
 from basinmerge.errors import ConfigError, IncompatibleModelsError
 from basinmerge.state import (
     StateDict,
@@ -29,6 +29,7 @@ from basinmerge.state import (
     check_compatible,
     check_finite,
     is_float,
+    module_mode,
     module_params,
 )
 
@@ -249,11 +250,19 @@ def template_of(models: Sequence[ModelLike], model: nn.Module | None, method: st
                       "template with model=...")
 
 
-def labeled(data: Any, method: str) -> Data:
-    """`data` (any form `adapter.as_data` accepts) with labels, or one error naming the method."""
+def labeled(data: Any, method: str, template: nn.Module | None = None,
+            task: str | None = None) -> Data:
+    """`data` (any form `adapter.as_data` accepts) with what the method's loss needs: labels,
+    unless `template` is a causal LM (given `task`, or as its output on one example says),
+    whose labels are its inputs; else one error naming the method."""
     if data is None:
         raise ConfigError(f"merge method '{method}' needs labeled data (a Dataset or an (x, y) pair)")
-    return as_data(data, f"{method} data").labeled(f"merge method '{method}'")
+    d = as_data(data, f"{method} data")
+    if template is None:
+        return d.labeled(f"merge method '{method}'")
+    with module_mode(template, False):
+        check_labels(template, d, f"merge method '{method}'", task)
+    return d
 
 
 def is_data_list(data: Any) -> bool:

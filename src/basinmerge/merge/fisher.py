@@ -23,7 +23,15 @@ import torch
 from torch import nn
 from torch.func import jacrev, vmap
 
-from basinmerge.adapter import as_data, call, device_of, prediction_rows, to_device
+from basinmerge.adapter import (
+    as_data,
+    call,
+    device_of,
+    num_rows,
+    prediction_rows,
+    take_inputs,
+    to_device,
+)
 from basinmerge.errors import ConfigError
 from basinmerge.merge._common import (
     ModelLike,
@@ -67,7 +75,24 @@ def diagonal_fisher(template: nn.Module, state: StateDict, data: Any, *,
             rows, _ = prediction_rows(call(template, {**rest, **p}, xb), xb, task)
             return torch.log_softmax(rows, dim=-1).squeeze(0)  # (R, C)
 
-        per_example = vmap(jacrev(log_probs), in_dims=(None, 0))
+        batched = vmap(jacrev(log_probs), in_dims=(None, 0))
+        one = jacrev(log_probs)
+        use_vmap = True
+
+        def per_example(p: dict[str, torch.Tensor], xb: Any) -> dict[str, torch.Tensor]:
+            """Per-example Jacobians (B, R, C, *shape): vmapped, or one example at a time for
+            models whose forward branches on data (HF attention masks), which vmap refuses."""
+            nonlocal use_vmap
+            if use_vmap:
+                try:
+                    return batched(p, xb)
+                except RuntimeError as e:
+                    if "vmap" not in str(e):
+                        raise
+                    use_vmap = False
+            n = num_rows(xb)
+            jacs = [one(p, take_inputs(xb, i)) for i in range(n)]
+            return {k: torch.stack([j[k] for j in jacs]) for k in jacs[0]}
         n_params = sum(p.numel() for p in params.values())
         with torch.no_grad():
             first = to_device(d.head(1).inputs, device)

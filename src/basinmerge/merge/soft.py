@@ -234,7 +234,7 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
         raise ConfigError(f"soft clip must be positive or None, got {clip}")
     states, _, names = prepare(models, "soft", min_models=2, names=names)
     template = template_of(models, model, "soft")
-    d = labeled(data, "soft")
+    d = labeled(data, "soft", template, task)
     if align is not None:
         states = _aligned_states(template, states, align, d, seed)
     unit_list = soft_units(template, units)
