@@ -298,14 +298,17 @@ def call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -
 
 
 @contextmanager
-def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], *, pre: bool = False) -> Iterator[None]:
-    """Register forward hooks (``pre=True``: forward pre-hooks) ``(module, fn)`` for the block
-    and remove them afterwards, also on error: the one capture loop behind BatchNorm reset,
-    REPAIR, RegMean's Gram matrices and live-unit masks."""
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable] | tuple[nn.Module, Callable, bool]], *,
+                  pre: bool = False) -> Iterator[None]:
+    """Register forward hooks ``(module, fn)`` (``pre=True``: forward pre-hooks; an item
+    ``(module, fn, is_pre)`` chooses for itself) for the block and remove them afterwards, also
+    on error: the one capture loop behind BatchNorm reset, REPAIR, RegMean's Gram matrices,
+    live-unit masks and activation matching."""
     handles = []
     try:
-        for module, fn in hooks:
-            handles.append(module.register_forward_pre_hook(fn) if pre else
+        for module, fn, *kind in hooks:
+            is_pre = bool(kind[0]) if kind else pre
+            handles.append(module.register_forward_pre_hook(fn) if is_pre else
                            module.register_forward_hook(fn))
         yield
     finally:

@@ -194,7 +194,8 @@ class WSARegularizer:
                 raise ConfigError(f"WSA target layer '{k}' has {ls.count} weights, the model's has "
                                   f"{named[k].numel()} (a target from another architecture?)")
             params.append(named[k])
-        missing = [k for k in scope_keys(model) if k not in self.target]
+        # embeddings are optional in a target (scope option include_embeddings=False)
+        missing = [k for k in scope_keys(model, include_embeddings=False) if k not in self.target]
         if missing:
             raise ConfigError(f"WSA target lacks layer '{missing[0]}' of the model")
         if len({p.dtype for p in params}) > 1:

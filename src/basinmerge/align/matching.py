@@ -476,17 +476,18 @@ def _as_units(t: torch.Tensor, module: nn.Module, n: int, block: int) -> torch.T
 
 
 class _Recorder:
-    """Forward hooks that collect each permutation's activations during one forward pass (a
-    tensor read by several layers, e.g. a block's conv1 and its shortcut, is taken once)."""
+    """Forward hooks (`hooks`, for `adapter.forward_hooks`) that collect each permutation's
+    activations during one forward pass (a tensor read by several layers, e.g. a block's conv1
+    and its shortcut, is taken once)."""
 
     def __init__(self, model: nn.Module, points, sizes: Mapping[str, int]):
         self.captured: dict[str, list[torch.Tensor]] = {p: [] for p in points}
         self._sources: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-        self.handles = []
+        self.hooks = []
         modules = dict(model.named_modules())
         for p, pts in points.items():
             for mod_name, where, block in pts:
-                self.handles.append(self._hook(modules[mod_name], p, where, sizes[p], block))
+                self.hooks.append(self._hook(modules[mod_name], p, where, sizes[p], block))
 
     def _hook(self, module: nn.Module, p: str, where: str, n: int, block: int):
         def grab(t: torch.Tensor) -> None:
@@ -496,8 +497,8 @@ class _Recorder:
             self.captured[p].append(_as_units(t.detach(), module, n, block))
 
         if where == "input":
-            return module.register_forward_pre_hook(lambda m, args: grab(args[0]))
-        return module.register_forward_hook(lambda m, args, out: grab(out))
+            return module, lambda m, args: grab(args[0]), True
+        return module, lambda m, args, out: grab(out), False
 
     def run(self, model: nn.Module, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         for p in self.captured:
@@ -507,10 +508,6 @@ class _Recorder:
         for p in self._sources:
             self._sources[p] = []
         return self.captured
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class _Moments:
@@ -553,18 +550,15 @@ def _activation_costs(model_a: nn.Module, model_b: nn.Module, spec: PermutationS
     rec_b = _Recorder(model_b, points, spec.sizes)
     device = next(iter(model_a.parameters())).device
     moments = {p: _Moments(spec.sizes[p], device) for p in perms}
-    try:
-        with module_mode(model_a, False), module_mode(model_b, False):
-            for _, batch in adapter.as_data(x).batches(batch_size):
-                xb = adapter.to_device(batch.inputs, device)
-                cap_a = rec_a.run(model_a, xb)
-                cap_b = rec_b.run(model_b, xb)
-                for p in perms:
-                    for a, b in zip(cap_a[p], cap_b[p], strict=True):
-                        moments[p].add(a, b)
-    finally:
-        rec_a.close()
-        rec_b.close()
+    with adapter.forward_hooks(rec_a.hooks + rec_b.hooks), module_mode(model_a, False), \
+            module_mode(model_b, False):
+        for _, batch in adapter.as_data(x).batches(batch_size):
+            xb = adapter.to_device(batch.inputs, device)
+            cap_a = rec_a.run(model_a, xb)
+            cap_b = rec_b.run(model_b, xb)
+            for p in perms:
+                for a, b in zip(cap_a[p], cap_b[p], strict=True):
+                    moments[p].add(a, b)
     return {p: moments[p].cost(method) for p in perms}
 
 
