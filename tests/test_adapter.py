@@ -554,3 +554,31 @@ def test_fisher_loop_fallback_equals_vmap(monkeypatch):
     slow = diagonal_fisher(net, net.state_dict(), data)
     for k in fast:
         torch.testing.assert_close(slow[k], fast[k], rtol=1e-4, atol=1e-9)
+
+
+def test_forward_hooks_are_removed_even_on_error():
+    net = _Out("tensor")
+    seen = []
+    with pytest.raises(ZeroDivisionError):
+        with adapter.forward_hooks([(net.lin, lambda m, a, out: seen.append(out.shape)),
+                                    (net.lin, lambda m, a: seen.append("pre"), True)]):
+            net(torch.randn(2, 5))
+            1 / 0
+    assert seen == ["pre", (2, 3)]
+    assert not net.lin._forward_hooks and not net.lin._forward_pre_hooks
+
+
+def test_token_id_lists_are_tensors_and_loaders_work_in_interpolate():
+    ids, mask, y = _token_batch(10)
+    d = as_data({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "label": y.tolist()})
+    assert torch.equal(d.inputs["input_ids"], ids) and torch.equal(d.labels, y)
+    a, b = _DictModel(), _DictModel()
+    with torch.no_grad():
+        b.head.weight.mul_(-1.0)
+    loader = torch.utils.data.DataLoader(
+        [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(10)],
+        batch_size=4)
+    curve = interpolate(a, b, {"test": loader}, num_points=3, progress=False)
+    mid = with_state(a, {k: 0.5 * (v + b.state_dict()[k]) for k, v in a.state_dict().items()})
+    assert curve.metrics["test"]["loss"][1] == pytest.approx(
+        evaluate(mid, {"input_ids": ids, "attention_mask": mask, "labels": y})["loss"], rel=1e-6)

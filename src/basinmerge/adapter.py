@@ -159,14 +159,28 @@ def _check(data: Data, what: str) -> Data:
     return data
 
 
+def _as_tensor(v: Any) -> Any:
+    """Numbers (lists of token ids, numpy arrays) as a tensor; anything else (text) as it is,
+    for `_check` to name."""
+    if isinstance(v, torch.Tensor):
+        return v
+    try:
+        t = torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        return v
+    return t
+
+
 def _split_labels(batch: Mapping[str, Any]) -> Data:
+    """A dict batch (or an HF tokenizer's `BatchEncoding`): its ``labels``/``label`` entry as
+    the labels, the rest as inputs."""
     labels = None
     inputs = {}
     for k, v in batch.items():
         if k in LABEL_KEYS and labels is None:
-            labels = torch.as_tensor(v)
+            labels = _as_tensor(v)
         else:
-            inputs[k] = v
+            inputs[k] = _as_tensor(v)
     return Data(inputs, labels)
 
 

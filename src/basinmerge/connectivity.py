@@ -102,14 +102,15 @@ def path_grid(num_models: int, num_points: int) -> list[tuple[int, float]]:
 
 def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | None = None,
                 data=None, *, num_points: int = 25, splits: Sequence[str] | None = None,
-                bn_reset: bool = True, bn_data: Dataset | tuple | None = None,
+                bn_reset: bool = True, bn_data=None,
                 bn_examples: int | None = None, reset_endpoints: bool = False,
                 transform: Transform | None = None, label: str = "", progress: bool = True,
                 repair: bool = False) -> Curve:
     """Evaluate the linear path between two models (or the piecewise path through a list).
 
-    data: a mapping split -> Dataset (or (x, y)); `splits` picks which to evaluate (default:
-    all). BatchNorm statistics are reset at each point from `bn_data` (default: the "train"
+    data: a mapping split -> data (a Dataset, (x, y), a dict batch, a DataLoader, ...: any form
+    `basinmerge.adapter.as_data` accepts), a Dataset, a (train, test) pair of Datasets, or one
+    data form (split "data"); `splits` picks which to evaluate (default: all). BatchNorm statistics are reset at each point from `bn_data` (default: the "train"
     split, else the first; `bn_examples` caps how many are used); the models themselves (α = 0 and 1, the path's nodes) keep their own
     statistics unless `reset_endpoints`, so a curve's ends equal `evaluate` of the models.
     `transform` is applied to each interpolated model. ``repair=True`` applies REPAIR
