@@ -112,6 +112,18 @@ def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             m.training = was
 
 
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) except its BatchNorm layers, which normalize with batch
+    statistics: how the data-using merges that learn coefficients or gates run a network whose
+    merged weights have no running statistics yet. Every module's mode is restored."""
+    with module_mode(model, False):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(True)
+        yield model
+
+
 def with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A deep copy of `model` holding `state` (the original model is left alone)."""
     new = copy.deepcopy(model)

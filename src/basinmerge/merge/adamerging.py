@@ -17,8 +17,7 @@ masked-in positions (`basinmerge.adapter.prediction_entropy`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,8 +37,8 @@ from basinmerge.merge._common import (
 )
 from basinmerge.state import (
     StateDict,
+    batch_statistics,
     is_float,
-    module_mode,
     param_keys,
     retie,
     tied_groups,
@@ -50,17 +49,6 @@ GRANULARITIES = ("task", "layer")
 
 
 prediction_entropy = adapter.prediction_entropy
-
-
-@contextmanager
-def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode except its BatchNorm layers, which use batch statistics; every
-    module's mode is restored afterwards."""
-    with module_mode(model, False):
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train(True)
-        yield model
 
 
 def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data: Any,

@@ -10,7 +10,8 @@ so exact 0 and exact 1 have non-zero probability. A merged unit is the gate-norm
 ``sum_k z_k theta_k / (sum_k z_k + eps)``; the loss is the task cross-entropy plus
 ``lam * mean expected L0`` with ``E[L0] = sigmoid(log_alpha - beta log(-gamma / zeta))``; only
 the gates are trained (SGD by default, as in the paper; Adam as an option). The network runs
-through `torch.func.functional_call` with the stacked frozen weights, so no model is modified.
+through `torch.func.functional_call` with the stacked frozen weights, so no model is modified,
+in eval mode (no dropout) with BatchNorm on batch statistics (`state.batch_statistics`).
 At the end one plain model is built with the deterministic test-time gates
 ``clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``.
 
@@ -57,8 +58,8 @@ from basinmerge.merge._common import (
 from basinmerge.state import (
     StateDict,
     as_state_dict,
+    batch_statistics,
     check_compatible,
-    module_mode,
     param_keys,
     retie,
     tied_groups,
@@ -250,8 +251,8 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     gen = torch.Generator().manual_seed(int(seed))
     it = batches(len(d), batch_size, gen)
     skipped = 0
-    # train mode: BatchNorm uses batch statistics; `rest` holds copies of the buffers
-    with module_mode(template, True):
+    # BatchNorm uses batch statistics (`rest` holds copies of the buffers); no dropout
+    with batch_statistics(template):
         with progress_task("soft merge", steps, enabled=progress) as advance:
             for _ in range(steps):
                 batch = d.take(next(it))
