@@ -582,3 +582,17 @@ def test_token_id_lists_are_tensors_and_loaders_work_in_interpolate():
     mid = with_state(a, {k: 0.5 * (v + b.state_dict()[k]) for k, v in a.state_dict().items()})
     assert curve.metrics["test"]["loss"][1] == pytest.approx(
         evaluate(mid, {"input_ids": ids, "attention_mask": mask, "labels": y})["loss"], rel=1e-6)
+
+
+def test_gpt2_live_input_masks_fit_the_conv1d_layout():
+    net = gpt2(0)
+    with torch.no_grad():  # kill half of block 0's MLP units: c_fc pre-activation -> very negative
+        net.transformer.h[0].mlp.c_fc.bias[:32] = -1e4
+    masks = live_input_masks(net, _lm_batch())
+    m = masks["transformer.h.0.mlp.c_proj.weight"]  # Conv1D weight (in=64, out=16)
+    assert m.shape == (64, 1)
+    # GELU(-1e4) is exactly 0: the dead units' rows are masked, the others kept
+    assert not m[:32].any() and m[32:].all()
+    assert "transformer.wte.weight" in masks  # the tied lm_head reads the final hidden states
+    sc = weight_scope(net, input_masks=masks)
+    assert sc["transformer.h.0.mlp.c_proj.weight"].count == 32 * 16

@@ -400,21 +400,26 @@ def check_labels(model: nn.Module, data: Data, what: str, task: str | None = Non
 
 
 def loss_terms(logits: torch.Tensor, labels: torch.Tensor | None, inputs: Inputs,
-               task: str | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(summed loss, number correct, number of targets)`` of one batch (ignored targets are
-    not counted); mean loss = sum / count."""
+               task: str | None = None, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(loss, number correct, number of targets)`` of one batch, the loss summed over the
+    counted targets (``reduction="sum"``) or their mean (``"mean"``, 0 when none counts);
+    ignored targets are not counted. For classification, ``"mean"`` is the very
+    ``F.cross_entropy(logits, labels)`` a plain training loop computes (bit for bit)."""
     rows, t = targets(logits, labels, inputs, task)
     keep = t != IGNORE_INDEX
-    loss_sum = F.cross_entropy(rows, t, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = int(keep.sum())
+    if count == 0 and reduction == "mean":
+        value = rows.sum() * 0.0
+    else:
+        value = F.cross_entropy(rows, t, ignore_index=IGNORE_INDEX, reduction=reduction)
     correct = ((rows.detach().argmax(-1) == t) & keep).sum()
-    return loss_sum, correct, int(keep.sum())
+    return value, correct, count
 
 
 def loss(logits: torch.Tensor, labels: torch.Tensor | None, inputs: Inputs,
          task: str | None = None) -> torch.Tensor:
     """The mean loss over the counted targets of a batch (differentiable)."""
-    s, _, n = loss_terms(logits, labels, inputs, task)
-    return s / max(n, 1)
+    return loss_terms(logits, labels, inputs, task, "mean")[0]
 
 
 def prediction_rows(logits: torch.Tensor, inputs: Inputs, task: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -453,7 +453,7 @@ def live_input_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) 
     `weight_scope(..., input_masks=...)` for the scope of live units. `x`: inputs in any form
     `basinmerge.adapter.as_data` accepts. Embeddings (which read token ids) get no mask;
     a ``MultiheadAttention``'s input projection is masked by its query input."""
-    mods = {k: m for k, m in scoped_modules(model).items() if not isinstance(m, nn.Embedding)}
+    mods = scoped_modules(model, include_embeddings=False)  # a tied one: by its Linear role
     alive: dict[str, torch.Tensor] = {}
 
     def hook_for(key: str, mod: nn.Module):

@@ -130,8 +130,8 @@ class Trainer:
             self.model.train()
         batch = self.data.take(self._next_batch())
         logits = adapter.forward(self.model, batch.inputs)
-        loss_sum, correct, count = adapter.loss_terms(logits, batch.labels, batch.inputs, self.task)
-        loss = loss_sum / max(count, 1)
+        loss, correct, count = adapter.loss_terms(logits, batch.labels, batch.inputs, self.task,
+                                                  "mean")
         total = loss
         pen_value = 0.0
         if self.penalties:
