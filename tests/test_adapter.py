@@ -596,3 +596,32 @@ def test_gpt2_live_input_masks_fit_the_conv1d_layout():
     assert "transformer.wte.weight" in masks  # the tied lm_head reads the final hidden states
     sc = weight_scope(net, input_masks=masks)
     assert sc["transformer.h.0.mlp.c_proj.weight"].count == 32 * 16
+
+
+def test_bert_masked_lm_two_tied_groups_per_token_task():
+    tf = _hf()
+    _quiet(tf)
+
+    def mlm(seed):
+        torch.manual_seed(seed)
+        cfg = tf.BertConfig(vocab_size=24, hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=8)
+        return tf.BertForMaskedLM(cfg).eval()
+
+    a, b = mlm(0), mlm(1)
+    assert tied_groups(a) == [["bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"],
+                              ["cls.predictions.bias", "cls.predictions.decoder.bias"]]
+    ids = torch.randint(1, 24, (6, 6), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    masked = ids.clone()
+    masked[:, 2] = 0
+    data = {"input_ids": masked, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        own = float(a(**data).loss)
+    assert evaluate(a, data, task="classification")["loss"] == pytest.approx(own, rel=1e-5)
+    merged, _ = soft([a, b], data, steps=0, progress=False, task="classification")
+    dec = merged.cls.predictions.decoder
+    assert dec.weight.data_ptr() == merged.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert dec.bias.data_ptr() == merged.cls.predictions.bias.data_ptr()
+    torch.testing.assert_close(dec.bias.detach(), 0.5 * (a.cls.predictions.bias + b.cls.predictions.bias).detach())

@@ -6,7 +6,9 @@ then the Adam run again with WSA toward the SGD run's final scope, with and with
 embedding layers in the target. Reports the Gaussian fit of embedding vs. other layers, the
 scope mismatch, test loss and the linear-interpolation barrier to the SGD run.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python docs/results/embeddings/measure.py [OUT.json]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python docs/results/embeddings/measure.py [OUT.json] [SEEDS]
+
+SEEDS (default 3) runs the whole comparison for initializations 0..SEEDS-1 and reports each.
 """
 
 from __future__ import annotations
@@ -20,6 +22,22 @@ import torch
 
 
 def main() -> None:
+    seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    t0 = time.perf_counter()
+    out = {"seeds": [one_seed(seed) for seed in range(seeds)]}
+    keys = ["test_loss", "kl_to_sgd_embeddings", "kl_to_sgd_other", "barrier_to_sgd"]
+    out["mean"] = {name: {k: sum(r["runs"][name][k] for r in out["seeds"]) / seeds for k in keys}
+                   for name in out["seeds"][0]["runs"]}
+    out["seconds"] = time.perf_counter() - t0
+    out["loadavg"] = open("/proc/loadavg").read().split()[:3]
+    text = json.dumps(out, indent=2)
+    print(json.dumps(out["mean"], indent=2))
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            f.write(text + "\n")
+
+
+def one_seed(seed: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
 
@@ -41,17 +59,16 @@ def main() -> None:
     cfg = GPT2Config(vocab_size=len(chars), n_positions=ctx, n_embd=32, n_layer=2, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
                      eos_token_id=0)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     init = GPT2LMHeadModel(cfg)
 
     def run(optimizer: str, lr: float, penalties=()) -> GPT2LMHeadModel:
         net = GPT2LMHeadModel(cfg)
         net.load_state_dict(init.state_dict())
-        fit(net, train, optimizer=optimizer, lr=lr, epochs=3, batch_size=32, seed=1,
+        fit(net, train, optimizer=optimizer, lr=lr, epochs=3, batch_size=32, seed=seed,
             penalties=list(penalties), progress=False)
         return net.eval()
 
-    t0 = time.perf_counter()
     sgd = run("sgd", 0.5)
     adam = run("adam", 3e-3)
     target_all = weight_scope(sgd)
@@ -60,7 +77,7 @@ def main() -> None:
             "adam+wsa(with embeddings)": run("adam", 3e-3, [WSARegularizer(target_all, 1.0)]),
             "adam+wsa(without embeddings)": run("adam", 3e-3, [WSARegularizer(target_no_emb, 1.0)])}
     emb = {"transformer.wte.weight", "transformer.wpe.weight"}
-    out: dict = {"vocab": len(chars), "train_sequences": n_train, "runs": {}}
+    out: dict = {"seed": seed, "vocab": len(chars), "train_sequences": n_train, "runs": {}}
     for name, net in runs.items():
         d = divergence(weight_scope(net), target_all, "kl").per_layer
         fq = fit_quality(net)
@@ -76,13 +93,7 @@ def main() -> None:
             "kurtosis_other_median": float(torch.tensor(
                 [v.excess_kurtosis for k, v in fq.items() if k not in emb]).median()),
         }
-    out["seconds"] = time.perf_counter() - t0
-    out["loadavg"] = open("/proc/loadavg").read().split()[:3]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            f.write(text + "\n")
+    return out
 
 
 if __name__ == "__main__":
