@@ -625,3 +625,17 @@ def test_bert_masked_lm_two_tied_groups_per_token_task():
     assert dec.weight.data_ptr() == merged.bert.embeddings.word_embeddings.weight.data_ptr()
     assert dec.bias.data_ptr() == merged.cls.predictions.bias.data_ptr()
     torch.testing.assert_close(dec.bias.detach(), 0.5 * (a.cls.predictions.bias + b.cls.predictions.bias).detach())
+
+
+def test_a_retied_merge_saves_and_loads(tmp_path):
+    from basinmerge import io
+
+    a, b = _Tied(), _Tied()
+    out = fisher([a, b], None, fishers=[{k: torch.ones_like(v) for k, v in a.named_parameters()}] * 2)
+    assert out["out.weight"] is out["emb.weight"]
+    io.save_state(out, tmp_path / "m.safetensors")
+    state, _ = io.load_state(tmp_path / "m.safetensors")
+    net = _Tied()
+    net.load_state_dict(state)
+    assert net.out.weight.data_ptr() == net.emb.weight.data_ptr()
+    torch.testing.assert_close(net.emb.weight.detach(), 0.5 * (a.emb.weight + b.emb.weight).detach())

@@ -134,9 +134,17 @@ def _library_version() -> str:
 
 def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                meta: Mapping[str, Any] | None = None) -> Path:
-    """Write a state_dict and JSON metadata as safetensors, atomically."""
+    """Write a state_dict and JSON metadata as safetensors, atomically. Tied tensors (one
+    storage under several names, as in GPT-2's state_dict or a re-tied merge) are written under
+    each name (safetensors refuses shared memory); loading them into the model ties them again."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    storages: set[int] = set()
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in storages and v.numel() > 0:
+            tensors[k] = v.clone()
+        storages.add(ptr)
     meta = dict(meta or {})
     meta.setdefault("basinmerge_version", _library_version())
     header = {META_KEY: json.dumps(meta, default=_json_default)}
