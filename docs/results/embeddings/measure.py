@@ -69,7 +69,7 @@ def one_seed(seed: int) -> dict:
             penalties=list(penalties), progress=False)
         return net.eval()
 
-    sgd = run("sgd", 0.5)
+    sgd = run("sgd", 0.2)
     adam = run("adam", 3e-3)
     target_all = weight_scope(sgd)
     target_no_emb = weight_scope(sgd, include_embeddings=False)
