@@ -639,3 +639,38 @@ def test_a_retied_merge_saves_and_loads(tmp_path):
     net.load_state_dict(state)
     assert net.out.weight.data_ptr() == net.emb.weight.data_ptr()
     torch.testing.assert_close(net.emb.weight.detach(), 0.5 * (a.emb.weight + b.emb.weight).detach())
+
+
+def _normal_equations(template, states, data, layer, w_attr, transposed):
+    """Σ_k G_k (W* − W_k)ᵀ for RegMean's α = 1 solution W* (zero at the least-squares fit)."""
+    from basinmerge.merge.regmean import linear_grams
+
+    merged = regmean([with_state(template, s) for s in states], data, alpha=1.0)
+    key = f"{layer}.{w_attr}"
+    orient = (lambda w: w.T) if transposed else (lambda w: w)
+    total = 0
+    for s in states:
+        g = linear_grams(template, s, data)[layer]
+        total = total + g @ (orient(merged[key]) - orient(s[key])).T.double()
+    scale = max(float(orient(s[key]).abs().max()) for s in states)
+    return total.abs().max() / scale, merged, key
+
+
+def test_regmean_solves_its_normal_equations_for_mha_and_conv1d():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    net = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    states = []
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        states.append({k: v + 0.3 * torch.randn_like(v) for k, v in net.state_dict().items()})
+    x = torch.randn(64, 5, 8)
+    err, merged, key = _normal_equations(net, states, x, "layers.1.self_attn", "in_proj_weight", False)
+    assert err < 1e-4
+    avg = 0.5 * (states[0][key] + states[1][key])
+    assert not torch.allclose(merged[key], avg, atol=1e-3)
+    a, b = gpt2(0), gpt2(1)
+    data = _lm_batch(16)
+    err, merged, key = _normal_equations(a, [a.state_dict(), b.state_dict()], data,
+                                         "transformer.h.1.mlp.c_proj", "weight", True)
+    assert err < 1e-4

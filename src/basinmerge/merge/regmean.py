@@ -11,7 +11,9 @@ The paper merges the weight only and averages the bias (``bias="average"``, the 
 ``bias="regress"`` appends a constant 1 to the inputs and fits weight and bias jointly.
 Input units that no model ever activates (zero Gram rows) take the plain average.
 Everything that is not a Linear weight is averaged. HF ``Conv1D`` layers (GPT-2; a Linear
-whose weight is stored transposed, (in, out)) are merged as the Linear layers they are. A tied
+whose weight is stored transposed, (in, out)) are merged as the Linear layers they are, and so
+is the packed ``in_proj_weight`` of an ``nn.MultiheadAttention`` used as self-attention (its
+query, key and value all read the same input; cross-attention is averaged). A tied
 weight (GPT-2's ``lm_head`` and token embedding) is merged once by its Linear role and re-tied.
 """
 
@@ -40,9 +42,18 @@ BIAS_MODES = ("average", "regress")
 
 
 def linear_layers(template: nn.Module) -> dict[str, nn.Module]:
-    """The Linear layers of `template` by module name (HF ``Conv1D`` included)."""
+    """The Linear layers of `template` by module name: ``nn.Linear``, HF ``Conv1D`` and the
+    packed input projection of a ``nn.MultiheadAttention``."""
     return {name: m for name, m in template.named_modules()
-            if isinstance(m, nn.Linear) or is_conv1d(m)}
+            if isinstance(m, nn.Linear) or is_conv1d(m)
+            or (isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)}
+
+
+def weight_layout(layer: nn.Module) -> tuple[str, str | None, bool]:
+    """(weight attribute, bias attribute or None, stored transposed) of a `linear_layers` entry."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return "in_proj_weight", ("in_proj_bias" if layer.in_proj_bias is not None else None), False
+    return "weight", ("bias" if layer.bias is not None else None), is_conv1d(layer)
 
 
 @torch.no_grad()
@@ -59,6 +70,11 @@ def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
+            if not inputs or not isinstance(inputs[0], torch.Tensor):
+                return  # called with keyword arguments only: not observed
+            if isinstance(module, nn.MultiheadAttention) and not (
+                    len(inputs) >= 3 and inputs[1] is inputs[0] and inputs[2] is inputs[0]):
+                return  # cross-attention: K and V read another input; the layer is averaged
             a = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             if with_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
@@ -125,11 +141,12 @@ def regmean(models: Sequence[ModelLike], data: Any, alpha: float = 0.9, *,
     out = weighted_average(states)
     merged_keys: set[str] = set()
     for name, layer in linear_layers(template).items():
-        wkey, bkey = child_key(name, "weight"), child_key(name, "bias")
-        if name not in grams[0]:
-            continue  # the layer never ran on this data
-        has_bias = regress and layer.bias is not None
-        t = is_conv1d(layer)  # weight stored (in, out): merge its transpose
+        if any(name not in g for g in grams):
+            continue  # the layer never ran (or was not observed) on this data
+        w_attr, b_attr, t = weight_layout(layer)  # t: weight stored (in, out): merge its transpose
+        wkey = child_key(name, w_attr)
+        bkey = child_key(name, b_attr) if b_attr is not None else ""
+        has_bias = regress and b_attr is not None
         ws = [s[wkey].T if t else s[wkey] for s in states]
         ws = [torch.cat([w, s[bkey].unsqueeze(1)], 1) if has_bias else w for w, s in zip(ws, states, strict=True)]
         gs = [g[name] if (has_bias or not regress) else g[name][:-1, :-1] for g in grams]
