@@ -674,3 +674,9 @@ def test_regmean_solves_its_normal_equations_for_mha_and_conv1d():
     err, merged, key = _normal_equations(a, [a.state_dict(), b.state_dict()], data,
                                          "transformer.h.1.mlp.c_proj", "weight", True)
     assert err < 1e-4
+
+
+def test_unknown_task_is_one_clear_error_before_training():
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    with pytest.raises(ConfigError, match="unknown task 'lm'"):
+        fit(_Out("tensor"), (x, y), task="lm", progress=False)

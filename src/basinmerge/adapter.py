@@ -341,13 +341,18 @@ def batched_logits(model: nn.Module, data: Any, batch_size: int = 1000) -> Itera
 # --------------------------------------------------------------------------- tasks and losses
 
 
+def check_task(task: str | None) -> str | None:
+    """`task` itself (None: inferred later), or one error for an unknown one."""
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
+    return task
+
+
 def infer_task(logits: torch.Tensor, task: str | None = None) -> str:
     """`task` if given (checked), else ``causal_lm`` for 3-D logits and ``classification``
     otherwise."""
-    if task is not None:
-        if task not in TASKS:
-            raise ConfigError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-        return task
+    if check_task(task) is not None:
+        return task  # type: ignore[return-value]
     return "causal_lm" if logits.dim() == 3 else "classification"
 
 
@@ -390,11 +395,11 @@ def check_labels(model: nn.Module, data: Data, what: str, task: str | None = Non
     or inferred by running `model` on one example) is classification; returns the task
     (None: inferred per batch)."""
     if data.labels is not None:
-        return task if task is None else infer_task(torch.empty(0), task)
-    if task is None:
+        return check_task(task)
+    if check_task(task) is None:
         with torch.no_grad():
             task = infer_task(forward(model, data.head(1).inputs))
-    if infer_task(torch.empty(0), task) == "classification":
+    if task == "classification":
         data.labeled(what)
     return task
 
