@@ -46,7 +46,7 @@ LABEL_KEYS = ("labels", "label")
 IGNORE_INDEX = -100
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
-Index = slice | torch.Tensor
+Index = int | slice | torch.Tensor
 
 
 # --------------------------------------------------------------------------- data
@@ -59,7 +59,8 @@ def num_rows(inputs: Inputs) -> int:
 
 
 def take_inputs(inputs: Inputs, idx: Index) -> Inputs:
-    """Rows `idx` (a slice or index tensor) of a tensor or of every tensor of a dict batch."""
+    """Rows `idx` (an index, a slice or an index tensor) of a tensor or of every tensor of a
+    dict batch."""
     if isinstance(inputs, torch.Tensor):
         return inputs[idx]
     return {k: v[idx] for k, v in inputs.items()}
