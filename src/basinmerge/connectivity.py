@@ -20,8 +20,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
 
+from basinmerge.adapter import Data, as_data
 from basinmerge.console import progress_task
 from basinmerge.data import Dataset
 from basinmerge.errors import ConfigError
@@ -72,16 +74,19 @@ class Curve:
                    int(d.get("num_models", 2)), d.get("label", ""), dict(d.get("info", {})))
 
 
-def _as_splits(data) -> dict[str, Dataset | tuple]:
-    if isinstance(data, Mapping):
-        if not data:
-            raise ConfigError("interpolate needs at least one data split")
-        return dict(data)
+def _as_splits(data) -> dict[str, Data]:
+    """Named splits, each as one in-memory `adapter.Data`: a mapping split -> data, a Dataset
+    (named by its split), a (train, test) pair of Datasets, or any one form `adapter.as_data`
+    accepts (a dict batch of tensors included), named "data"."""
+    if isinstance(data, Mapping) and data and not all(isinstance(v, torch.Tensor) for v in data.values()):
+        return {str(k): as_data(v, f"split '{k}'") for k, v in data.items()}
+    if isinstance(data, Mapping) and not data:
+        raise ConfigError("interpolate needs at least one data split")
     if isinstance(data, Dataset):
-        return {data.info.split: data}
+        return {data.info.split: as_data(data)}
     if isinstance(data, tuple | list) and len(data) == 2 and all(isinstance(d, Dataset) for d in data):
-        return {"train": data[0], "test": data[1]}
-    raise ConfigError("data must be a mapping split -> Dataset, a Dataset, or a (train, test) pair")
+        return {"train": as_data(data[0], "train split"), "test": as_data(data[1], "test split")}
+    return {"data": as_data(data, "interpolation data")}
 
 
 def path_grid(num_models: int, num_points: int) -> list[tuple[int, float]]:
@@ -97,14 +102,15 @@ def path_grid(num_models: int, num_points: int) -> list[tuple[int, float]]:
 
 def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | None = None,
                 data=None, *, num_points: int = 25, splits: Sequence[str] | None = None,
-                bn_reset: bool = True, bn_data: Dataset | tuple | None = None,
+                bn_reset: bool = True, bn_data=None,
                 bn_examples: int | None = None, reset_endpoints: bool = False,
                 transform: Transform | None = None, label: str = "", progress: bool = True,
                 repair: bool = False) -> Curve:
     """Evaluate the linear path between two models (or the piecewise path through a list).
 
-    data: a mapping split -> Dataset (or (x, y)); `splits` picks which to evaluate (default:
-    all). BatchNorm statistics are reset at each point from `bn_data` (default: the "train"
+    data: a mapping split -> data (a Dataset, (x, y), a dict batch, a DataLoader, ...: any form
+    `basinmerge.adapter.as_data` accepts), a Dataset, a (train, test) pair of Datasets, or one
+    data form (split "data"); `splits` picks which to evaluate (default: all). BatchNorm statistics are reset at each point from `bn_data` (default: the "train"
     split, else the first; `bn_examples` caps how many are used); the models themselves (α = 0 and 1, the path's nodes) keep their own
     statistics unless `reset_endpoints`, so a curve's ends equal `evaluate` of the models.
     `transform` is applied to each interpolated model. ``repair=True`` applies REPAIR

@@ -172,7 +172,9 @@ def _library_version() -> str:
 
 def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
                meta: Mapping[str, Any] | None = None) -> Path:
-    """Write a state_dict and JSON metadata as safetensors, atomically."""
+    """Write a state_dict and JSON metadata as safetensors, atomically. Tied tensors (one
+    storage under several names, as in GPT-2's state_dict or a re-tied merge) are written once
+    (safetensors refuses shared memory); loading them into the model ties them again."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in _unshared(state).items()}
     with atomic_path(path, suffix=".safetensors") as tmp:

@@ -1,7 +1,12 @@
 """Weight scopes: the per-layer distribution of a model's weights, summarized as a Gaussian.
 
 A layer's *scope* is (mean μ, population std σ, count n) of one weight tensor of a Linear or
-Conv layer (biases optional; norm parameters and buffers are never included). Weight Scope
+Conv layer (biases optional; norm parameters and buffers are never included). HF ``Conv1D``
+(GPT-2) counts as a Linear, the packed ``in_proj_weight`` of ``nn.MultiheadAttention`` as one
+layer (as stored; so does GPT-2's fused ``c_attn``), and ``nn.Embedding`` weights by default
+(``include_embeddings``; a state_dict cannot tell an embedding from a Linear weight, so this
+default keeps a model's scope and its file's scope the same). A tied tensor (GPT-2's
+``lm_head.weight`` = ``transformer.wte.weight``) is one layer, under its canonical name. Weight Scope
 Alignment (WSA, Xu et al. 2024) observes that models trained under different conditions end with
 mismatched scopes, and that the mismatch goes with poor merging.
 
@@ -29,7 +34,9 @@ from itertools import combinations
 import torch
 from torch import nn
 
+from basinmerge.adapter import forward_hooks, is_conv1d
 from basinmerge.errors import ConfigError
+from basinmerge.state import tied_aliases
 from basinmerge.train import batched_outputs
 
 DIVERGENCES = ("kl", "reverse_kl", "w2")
@@ -151,27 +158,61 @@ def scope_rows(scopes: Mapping[str, Scope]) -> tuple[list[str], list[list]]:
 # --------------------------------------------------------------------------- layers
 
 
-def scope_keys(model_or_state: ModelOrState, include_bias: bool = False) -> list[str]:
-    """The parameter names that have a scope: each Linear/Conv weight (and bias, optionally).
+def _module_keys(mod: nn.Module, include_bias: bool,
+                 include_embeddings: bool) -> list[tuple[str, str | None]]:
+    """(weight attribute, bias attribute or None) of the scoped tensors of one module."""
+    if isinstance(mod, _SCOPED) or is_conv1d(mod):
+        return [("weight", "bias" if include_bias and mod.bias is not None else None)]
+    if include_embeddings and isinstance(mod, nn.Embedding):
+        return [("weight", None)]
+    if isinstance(mod, nn.MultiheadAttention):
+        bias = "in_proj_bias" if include_bias and mod.in_proj_bias is not None else None
+        if mod.in_proj_weight is not None:
+            return [("in_proj_weight", bias)]
+        return [("q_proj_weight", None), ("k_proj_weight", None), ("v_proj_weight", bias)]
+    return []
 
-    For a model this is decided by module type; for a bare state_dict, a ``*.weight`` of two or
-    more dimensions is a Linear/Conv weight (norm weights are 1-D), and its sibling ``*.bias``."""
+
+def scoped_modules(model: nn.Module, include_embeddings: bool = True) -> dict[str, nn.Module]:
+    """weight key -> the module that holds it, for every scoped weight of `model` (a tied
+    weight under its canonical name, held by the first module that scopes it)."""
+    aliases = tied_aliases(model)
+    out: dict[str, nn.Module] = {}
+    for name, mod in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for w, _ in _module_keys(mod, False, include_embeddings):
+            out.setdefault(aliases.get(prefix + w, prefix + w), mod)
+    return out
+
+
+def scope_keys(model_or_state: ModelOrState, include_bias: bool = False,
+               include_embeddings: bool = True) -> list[str]:
+    """The parameter names that have a scope: each Linear/Conv weight (HF ``Conv1D``, a
+    ``MultiheadAttention``'s packed input projection and, with `include_embeddings`, every
+    ``nn.Embedding`` included) and its bias, optionally; each tied tensor once, under its
+    canonical name (`basinmerge.state.tied_groups`).
+
+    For a model this is decided by module type; for a bare state_dict, a ``*.weight`` (or
+    ``*in_proj_weight``) of two or more dimensions is such a weight (norm weights are 1-D),
+    with its sibling bias; tensors sharing storage count once."""
     keys: list[str] = []
+    aliases = tied_aliases(model_or_state) if isinstance(model_or_state, nn.Module | Mapping) else {}
     if isinstance(model_or_state, nn.Module):
         for name, mod in model_or_state.named_modules():
-            if isinstance(mod, _SCOPED):
-                prefix = f"{name}." if name else ""
-                keys.append(prefix + "weight")
-                if include_bias and mod.bias is not None:
-                    keys.append(prefix + "bias")
-        return keys
-    for k, v in model_or_state.items():
-        if (k == "weight" or k.endswith(".weight")) and v.ndim >= 2:
-            keys.append(k)
-            b = k[: -len("weight")] + "bias"
-            if include_bias and b in model_or_state:
-                keys.append(b)
-    return keys
+            prefix = f"{name}." if name else ""
+            for w, b in _module_keys(mod, include_bias, include_embeddings):
+                keys.append(prefix + w)
+                if b is not None:
+                    keys.append(prefix + b)
+    else:
+        for k, v in model_or_state.items():
+            packed = k == "in_proj_weight" or k.endswith(".in_proj_weight")
+            if (packed or k == "weight" or k.endswith(".weight")) and v.ndim >= 2:
+                keys.append(k)
+                b = k[: -len("weight")] + "bias"
+                if include_bias and b in model_or_state:
+                    keys.append(b)
+    return list(dict.fromkeys(aliases.get(k, k) for k in keys))
 
 
 def layer_stats(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,12 +251,14 @@ def _masked(key: str, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 def layer_values(model_or_state: ModelOrState, include_bias: bool = False,
                  keys: Sequence[str] | None = None,
-                 input_masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 input_masks: Mapping[str, torch.Tensor] | None = None,
+                 include_embeddings: bool = True) -> dict[str, torch.Tensor]:
     """The flattened, detached float64 values of each scoped layer (see `scope_keys`), restricted
     to live inputs where `input_masks` has the layer. The one loop over layers that
     `weight_scope`, `fit_quality` and the histogram figure share."""
     params = _params_of(model_or_state)
-    keys = list(keys) if keys is not None else scope_keys(model_or_state, include_bias)
+    keys = list(keys) if keys is not None else scope_keys(model_or_state, include_bias,
+                                                          include_embeddings)
     if not keys:
         raise ConfigError("the model has no Linear/Conv weight to take a scope of")
     masks = input_masks or {}
@@ -229,14 +272,18 @@ def layer_values(model_or_state: ModelOrState, include_bias: bool = False,
 
 def weight_scope(model_or_state: ModelOrState, include_bias: bool = False,
                  keys: Sequence[str] | None = None,
-                 input_masks: Mapping[str, torch.Tensor] | None = None) -> Scope:
+                 input_masks: Mapping[str, torch.Tensor] | None = None,
+                 include_embeddings: bool = True) -> Scope:
     """Per-layer mean, population std and count of the Linear/Conv weights (see `scope_keys`).
 
     `input_masks` (from `live_input_masks`) restricts each weight to the entries of its live
     inputs: the scope of live units only (dead ReLU units' outgoing weights get no task
-    gradient, and an optimizer can inflate them to satisfy a scope penalty cosmetically)."""
+    gradient, and an optimizer can inflate them to satisfy a scope penalty cosmetically).
+    `include_embeddings=False` leaves ``nn.Embedding`` weights out (a tied one stays, as the
+    output layer it also is)."""
     layers = {}
-    for k, t in layer_values(model_or_state, include_bias, keys, input_masks).items():
+    for k, t in layer_values(model_or_state, include_bias, keys, input_masks,
+                             include_embeddings).items():
         mean, std = layer_stats(t)
         layers[k] = LayerScope(float(mean), float(std), int(t.numel()))
     return Scope(layers)
@@ -382,10 +429,12 @@ def fuse(scopes: Sequence[Scope], weights: Sequence[float] | None = None,
 
 def _input_mask(mod: nn.Module, alive: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-input-feature mask to the layout of `mod.weight`."""
+    if is_conv1d(mod):  # weight (in, out)
+        return alive.reshape(-1, 1)
+    if isinstance(mod, nn.Linear | nn.MultiheadAttention):
+        return alive.reshape(1, -1)
     w = mod.weight
     tail = [1] * (w.ndim - 2)
-    if isinstance(mod, nn.Linear):
-        return alive.reshape(1, -1)
     if isinstance(mod, nn.modules.conv._ConvTransposeNd):  # weight (in, out/groups, *k)
         return alive.reshape(-1, 1, *tail)
     groups = mod.groups  # weight (out, in/groups, *k): output o reads group o // (out/groups)
@@ -401,29 +450,27 @@ def live_input_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) 
     """For each Linear/Conv weight, a boolean mask broadcastable to the weight that is False
     on the entries reading an input that is exactly zero for every example (and position) of
     `x`: the outputs of dead ReLU units. Evaluated in eval mode. Pass the result to
-    `weight_scope(..., input_masks=...)` for the scope of live units."""
-    mods = {f"{n}.weight" if n else "weight": m for n, m in model.named_modules() if isinstance(m, _SCOPED)}
+    `weight_scope(..., input_masks=...)` for the scope of live units. `x`: inputs in any form
+    `basinmerge.adapter.as_data` accepts. Embeddings (which read token ids) get no mask;
+    a ``MultiheadAttention``'s input projection is masked by its query input."""
+    mods = scoped_modules(model, include_embeddings=False)  # a tied one: by its Linear role
     alive: dict[str, torch.Tensor] = {}
-    hooks = []
 
     def hook_for(key: str, mod: nn.Module):
         def pre_hook(_mod, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return  # called with keyword arguments only: nothing to observe
             a = args[0]
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear | nn.MultiheadAttention) or is_conv1d(mod):
                 nz = (a != 0).reshape(-1, a.shape[-1]).any(0)
             else:
                 nz = (a != 0).transpose(0, 1).reshape(a.shape[1], -1).any(1)
             alive[key] = nz if key not in alive else alive[key] | nz
         return pre_hook
 
-    for key, m in mods.items():
-        hooks.append(m.register_forward_pre_hook(hook_for(key, m)))
-    try:
+    with forward_hooks([(m, hook_for(k, m)) for k, m in mods.items()], pre=True):
         for _ in batched_outputs(model, x, batch_size):
             pass
-    finally:
-        for h in hooks:
-            h.remove()
     return {k: _input_mask(mods[k], v.cpu()) for k, v in alive.items()}
 
 

@@ -112,6 +112,18 @@ def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
             m.training = was
 
 
+@contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) except its BatchNorm layers, which normalize with batch
+    statistics: how the data-using merges that learn coefficients or gates run a network whose
+    merged weights have no running statistics yet. Every module's mode is restored."""
+    with module_mode(model, False):
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(True)
+        yield model
+
+
 def with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A deep copy of `model` holding `state` (the original model is left alone)."""
     new = copy.deepcopy(model)
@@ -121,3 +133,76 @@ def with_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module
 
 def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------- tied parameters
+
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _storage_id(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()))
+
+
+def tied_groups(obj: nn.Module | Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of names that hold one tensor (tied parameters, e.g. GPT-2's ``lm_head.weight``
+    and ``transformer.wte.weight``), each with at least two names, the canonical one first:
+    the name ``named_parameters()`` keeps for a model (the first registered), the first key for
+    a state_dict (tensors sharing their storage, offset, shape and strides)."""
+    groups: dict[tuple, list[str]] = {}
+    if isinstance(obj, nn.Module):
+        seen: dict[int, list[str]] = {}
+        for name, p in obj.named_parameters(remove_duplicate=False):
+            seen.setdefault(id(p), []).append(name)
+        return [names for names in seen.values() if len(names) > 1]
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor) and v.numel() > 0:
+            groups.setdefault(_storage_id(v), []).append(k)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def tied_aliases(obj: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """alias name -> canonical name for every tied group (see `tied_groups`)."""
+    return {alias: g[0] for g in tied_groups(obj) for alias in g[1:]}
+
+
+def param_keys(obj: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the trainable tensors, each tied group once (its canonical name): a model's
+    parameters, or a state_dict's float tensors that are not BatchNorm running statistics
+    (those are data statistics, not weights)."""
+    if isinstance(obj, nn.Module):
+        return [k for k, _ in obj.named_parameters()]
+    aliases = tied_aliases(obj)
+    return [k for k, v in obj.items()
+            if is_float(v) and not k.endswith(BN_BUFFERS) and k not in aliases]
+
+
+def module_params(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` restricted to the keys of ``model.state_dict()`` with each tied group once (its
+    canonical name), as `torch.func.functional_call` wants it: it refuses two values for
+    tied names. Missing keys raise one error naming the first."""
+    aliases = tied_aliases(model)
+    expected = [k for k in model.state_dict() if k not in aliases]
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise IncompatibleModelsError(f"the model has key '{missing[0]}' that the given weights "
+                                      "lack (another architecture?)")
+    return {k: state[k] for k in expected}
+
+
+def retie(state: Mapping[str, torch.Tensor], groups: Sequence[Sequence[str]],
+          prefer: Sequence[str] | set[str] = ()) -> StateDict:
+    """`state` with every name of each tied group holding one and the same tensor: the value of
+    the first name of the group in `prefer` (the names a method actually merged), else of the
+    canonical (first) name. Names absent from `state` are filled in too."""
+    out = dict(state)
+    prefer = set(prefer)
+    for g in groups:
+        present = [k for k in g if k in out]
+        if not present:
+            continue
+        src = next((k for k in g if k in prefer and k in out), present[0])
+        for k in g:
+            out[k] = out[src]
+    return out

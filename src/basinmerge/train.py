@@ -8,6 +8,10 @@ batch order comes from a private generator and nothing touches the global RNG.
 models can be trained in lockstep (e.g. WSA targets that follow the fused scope of runs
 trained side by side).
 
+Models are fed and scored through `basinmerge.adapter` (tensor or dict batches, outputs as
+tensors or objects with ``.logits``, classification or causal-LM loss): `data` is anything
+`basinmerge.adapter.as_data` accepts (a Dataset, ``(x, y)``, a DataLoader, ...).
+
 A *penalty* is any callable ``model -> scalar tensor`` added to the loss (WSA, proximal term);
 one with an ``on_step(step, model)`` method is told about every optimizer step.
 """
@@ -21,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from basinmerge import adapter
+from basinmerge.adapter import Data, as_data, forward_hooks
 from basinmerge.console import progress_task
-from basinmerge.data import Dataset
 from basinmerge.errors import ConfigError
 from basinmerge.state import module_mode
 
@@ -43,18 +47,6 @@ class History:
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs}
-
-
-def _as_xy(data) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, Dataset):
-        return data.x, data.y
-    try:
-        x, y = data
-    except (TypeError, ValueError) as e:
-        raise ConfigError("data must be a Dataset or an (x, y) pair of tensors") from e
-    if x.shape[0] != y.shape[0]:
-        raise ConfigError(f"data: x has {x.shape[0]} rows but y has {y.shape[0]}")
-    return x, y
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], optimizer: str, lr: float,
@@ -81,7 +73,7 @@ class Trainer:
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128,
                  epochs: int = 1, schedule: str = "constant", seed: int = 0,
                  penalties: Sequence[Penalty] = (), device: str | torch.device | None = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, task: str | None = None):
         if epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {epochs}")
         if batch_size < 1:
@@ -91,11 +83,12 @@ class Trainer:
         self.device = torch.device(device) if device is not None else next(
             iter(model.parameters())).device
         self.model = model.to(self.device)
-        x, y = _as_xy(data)
-        self.x, self.y = x.to(self.device), y.to(self.device)
-        self.n = int(self.y.shape[0])
-        if self.n == 0:
-            raise ConfigError("cannot train on an empty dataset")
+        d = as_data(data, "training data")
+        self.data = Data(adapter.to_device(d.inputs, self.device),
+                         None if d.labels is None else d.labels.to(self.device))
+        with module_mode(model, False):
+            self.task = adapter.check_labels(model, self.data, "training data", task)
+        self.n = len(self.data)
         self.batch_size = min(batch_size, self.n)
         if not drop_last and self.n > 1 and self.n % self.batch_size == 1 and has_batchnorm(model):
             # A last batch of one example would make BatchNorm fail ("expected more than 1 value
@@ -135,10 +128,10 @@ class Trainer:
         train mode; submodules the caller froze in eval mode (under a training model) stay so."""
         if not self.model.training:
             self.model.train()
-        idx = self._next_batch()
-        xb, yb = self.x[idx], self.y[idx]
-        logits = self.model(xb)
-        loss = F.cross_entropy(logits, yb)
+        batch = self.data.take(self._next_batch())
+        logits = adapter.forward(self.model, batch.inputs)
+        loss, correct, count = adapter.loss_terms(logits, batch.labels, batch.inputs, self.task,
+                                                  "mean")
         total = loss
         pen_value = 0.0
         if self.penalties:
@@ -155,12 +148,12 @@ class Trainer:
             hook = getattr(p, "on_step", None)
             if hook is not None:
                 hook(self.step_count, self.model)
-        b = int(yb.shape[0])
+        b = count  # examples (classification) or predicted tokens (causal LM)
         lv = float(loss.detach())
         a = self._acc
         a["loss"] += lv * b
         a["penalty"] += pen_value * b
-        a["correct"] += int((logits.detach().argmax(1) == yb).sum())
+        a["correct"] += int(correct)
         a["seen"] += b
         if self._pos >= self.steps_per_epoch:
             self._end_epoch()
@@ -182,7 +175,8 @@ class Trainer:
                 loss = self.step()
                 if self._pos == self.steps_per_epoch and eval_data is not None:
                     self.history.epochs[-1].update(
-                        {f"test_{k}": v for k, v in evaluate(self.model, eval_data).items()})
+                        {f"test_{k}": v for k, v in
+                         evaluate(self.model, eval_data, task=self.task).items()})
                 advance(1, epoch=self.epoch + (self._pos < self.steps_per_epoch), loss=loss)
         return self.history
 
@@ -202,44 +196,38 @@ def fit(model: nn.Module, data, *, optimizer: str = "sgd", lr: float = 0.05,
         momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128, epochs: int = 1,
         schedule: str = "constant", seed: int = 0, penalties: Sequence[Penalty] = (),
         eval_data=None, device: str | torch.device | None = None, progress: bool = True,
-        description: str = "train") -> History:
-    """Train `model` in place with cross-entropy plus `penalties`; returns the per-epoch history
+        description: str = "train", task: str | None = None) -> History:
+    """Train `model` in place with the task's loss (cross-entropy, or next-token loss for a
+    causal LM; see `basinmerge.adapter`) plus `penalties`; returns the per-epoch history
     (loss, accuracy, penalty, and test metrics when `eval_data` is given)."""
     trainer = Trainer(model, data, optimizer=optimizer, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
-                      schedule=schedule, seed=seed, penalties=penalties, device=device)
+                      schedule=schedule, seed=seed, penalties=penalties, device=device, task=task)
     return trainer.run(progress=progress, eval_data=eval_data, description=description)
 
 
 @torch.no_grad()
-def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+def batched_outputs(model: nn.Module, data, batch_size: int = 1000,
                     train_mode: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
-    """Run `x` through `model` batch by batch without gradients, in eval mode (or train mode),
-    yielding ``(start index, outputs)``; the model's mode is restored afterwards. The one
-    forward loop behind evaluation, prediction and every statistics pass (hooks, BN)."""
+    """Run `data` (inputs alone, or any form `adapter.as_data` accepts) through `model` batch
+    by batch without gradients, in eval mode (or train mode), yielding ``(start index,
+    logits)``; the model's mode is restored afterwards. The one forward loop behind
+    evaluation, prediction and every statistics pass (hooks, BN)."""
     with module_mode(model, train_mode):
-        device = next(iter(model.parameters())).device
-        for i in range(0, x.shape[0], batch_size):
-            yield i, model(x[i:i + batch_size].to(device))
+        for i, _, logits in adapter.batched_logits(model, data, batch_size):
+            yield i, logits
 
 
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([out for _, out in batched_outputs(model, x, batch_size)])
+def predict_logits(model: nn.Module, data, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([out for _, out in batched_outputs(model, data, batch_size)])
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 1000) -> dict[str, float]:
-    """Mean cross-entropy and accuracy in eval mode (the model's mode is restored)."""
-    x, y = _as_xy(data)
-    if y.shape[0] == 0:
-        raise ConfigError("cannot evaluate on an empty dataset")
-    loss_sum, correct = 0.0, 0
-    for i, logits in batched_outputs(model, x, batch_size):
-        yb = y[i:i + batch_size].to(logits.device)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    n = int(y.shape[0])
-    return {"loss": loss_sum / n, "accuracy": correct / n}
+def evaluate(model: nn.Module, data, batch_size: int = 1000, task: str | None = None) -> dict[str, float]:
+    """Mean loss and accuracy in eval mode (the model's mode is restored): per example for
+    classification, per predicted token for a causal LM (`basinmerge.adapter`)."""
+    with module_mode(model, False):
+        return adapter.evaluate_data(model, data, batch_size, task)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -266,16 +254,14 @@ def reset_bn_stats(model: nn.Module, data, batch_size: int = 500,
     all examples (not an average of batch statistics, which would weight a short last batch
     like a full one and miss the between-batch variance). The mode and momenta are restored.
     Models without BatchNorm are returned unchanged. Needed after interpolating or merging BN
-    models (variance collapse). `data`: a Dataset, an (x, y) pair, or the inputs alone."""
+    models (variance collapse). `data`: any form `adapter.as_data` accepts (labels unused)."""
     bns = [m for m in model.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return model
-    x = data if isinstance(data, torch.Tensor) else _as_xy(data)[0]
-    if num_examples is not None:
-        x = x[:num_examples]
-    if x.shape[0] < 2:
-        raise ConfigError(f"reset_bn_stats needs at least 2 examples, got {x.shape[0]}")
+    x = as_data(data, "BatchNorm reset data", limit=num_examples)
+    if len(x) < 2:
+        raise ConfigError(f"reset_bn_stats needs at least 2 examples, got {len(x)}")
     # Per module: (count, mean, sum of squared deviations) in float64, merged batch by batch
     # with Chan's parallel formula (stable, unlike a raw sum of squares).
     stats: dict[nn.Module, tuple[int, torch.Tensor, torch.Tensor]] = {}
@@ -295,18 +281,14 @@ def reset_bn_stats(model: nn.Module, data, batch_size: int = 500,
         stats[module] = (n, ma + delta * (nb / n), m2a + m2b + delta ** 2 * (na * nb / n))
 
     momenta = [m.momentum for m in bns]
-    handles = [m.register_forward_pre_hook(record) for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
     try:
-        device = next(iter(model.parameters())).device
-        with module_mode(model, True):
-            for sl in _even_batches(int(x.shape[0]), batch_size):
-                model(x[sl].to(device))
+        with forward_hooks([(m, record) for m in bns], pre=True), module_mode(model, True):
+            for sl in _even_batches(len(x), batch_size):
+                adapter.forward(model, x.take(sl).inputs)
     finally:
-        for h in handles:
-            h.remove()
         for m, mom in zip(bns, momenta, strict=True):
             m.momentum = mom
     for m in bns:

@@ -45,6 +45,7 @@ from basinmerge.scope import (
     scope_keys,
     weight_scope,
 )
+from basinmerge.state import tied_aliases
 
 REDUCTIONS = ("mean", "sum")
 Refresh = Callable[[int, nn.Module], Scope]
@@ -177,7 +178,8 @@ class WSARegularizer:
 
     # ------------------------------------------------------------------ binding
     def _bind(self, model: nn.Module) -> list[torch.Tensor]:
-        named = dict(model.named_parameters())
+        # every name of a tied parameter (its canonical name is the scope's key)
+        named = dict(model.named_parameters(remove_duplicate=False))
         keys = set(scope_keys(model, include_bias=True))
         params = []
         for k, ls in self.target.items():
@@ -185,12 +187,15 @@ class WSARegularizer:
                 raise ConfigError(f"WSA target layer '{k}' is not a parameter of the model "
                                   "(a target from another architecture?)")
             if k not in keys:
-                raise ConfigError(f"WSA target layer '{k}' is not a Linear/Conv weight or bias")
+                tied = tied_aliases(model).get(k)
+                raise ConfigError(f"WSA target layer '{k}' is not a Linear/Conv weight or bias"
+                                  + (f" (it is tied to '{tied}': use that name)" if tied else ""))
             if named[k].numel() != ls.count:
                 raise ConfigError(f"WSA target layer '{k}' has {ls.count} weights, the model's has "
                                   f"{named[k].numel()} (a target from another architecture?)")
             params.append(named[k])
-        missing = [k for k in scope_keys(model) if k not in self.target]
+        # embeddings are optional in a target (scope option include_embeddings=False)
+        missing = [k for k in scope_keys(model, include_embeddings=False) if k not in self.target]
         if missing:
             raise ConfigError(f"WSA target lacks layer '{missing[0]}' of the model")
         if len({p.dtype for p in params}) > 1:

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from basinmerge import adapter
 from basinmerge.align.permute import (
     Perm,
     apply_permutation,
@@ -44,7 +43,7 @@ from basinmerge.state import (
     module_mode,
     weighted_average,
 )
-from basinmerge.train import _as_xy, evaluate, has_batchnorm, reset_bn_stats
+from basinmerge.train import evaluate, has_batchnorm, reset_bn_stats
 
 ACCEPT_TOL = 1e-12
 _REFRESH = 32  # low-rank updates of a cached cost matrix before it is recomputed in full
@@ -52,13 +51,10 @@ _REFRESH = 32  # low-rank updates of a cached cost matrix before it is recompute
 # --------------------------------------------------------------------------- shared helpers
 
 
-def model_inputs(data, num_examples: int | None = None) -> torch.Tensor:
-    """The input tensor of `data` (a Dataset, an (x, y) pair, or a tensor), optionally the first
-    `num_examples` rows."""
-    x = data if isinstance(data, torch.Tensor) else _as_xy(data)[0]
-    if x.shape[0] == 0:
-        raise ConfigError("alignment needs at least one example")
-    return x if num_examples is None else x[:num_examples]
+def model_inputs(data, num_examples: int | None = None) -> adapter.Inputs:
+    """The inputs of `data` (any form `basinmerge.adapter.as_data` accepts: a tensor or a dict
+    batch), optionally the first `num_examples` rows."""
+    return adapter.as_data(data, "alignment data", limit=num_examples).inputs
 
 
 def _matched_params(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
@@ -480,17 +476,18 @@ def _as_units(t: torch.Tensor, module: nn.Module, n: int, block: int) -> torch.T
 
 
 class _Recorder:
-    """Forward hooks that collect each permutation's activations during one forward pass (a
-    tensor read by several layers, e.g. a block's conv1 and its shortcut, is taken once)."""
+    """Forward hooks (`hooks`, for `adapter.forward_hooks`) that collect each permutation's
+    activations during one forward pass (a tensor read by several layers, e.g. a block's conv1
+    and its shortcut, is taken once)."""
 
     def __init__(self, model: nn.Module, points, sizes: Mapping[str, int]):
         self.captured: dict[str, list[torch.Tensor]] = {p: [] for p in points}
         self._sources: dict[str, list[torch.Tensor]] = {p: [] for p in points}
-        self.handles = []
+        self.hooks = []
         modules = dict(model.named_modules())
         for p, pts in points.items():
             for mod_name, where, block in pts:
-                self.handles.append(self._hook(modules[mod_name], p, where, sizes[p], block))
+                self.hooks.append(self._hook(modules[mod_name], p, where, sizes[p], block))
 
     def _hook(self, module: nn.Module, p: str, where: str, n: int, block: int):
         def grab(t: torch.Tensor) -> None:
@@ -500,21 +497,17 @@ class _Recorder:
             self.captured[p].append(_as_units(t.detach(), module, n, block))
 
         if where == "input":
-            return module.register_forward_pre_hook(lambda m, args: grab(args[0]))
-        return module.register_forward_hook(lambda m, args, out: grab(out))
+            return module, lambda m, args: grab(args[0]), True
+        return module, lambda m, args, out: grab(out), False
 
     def run(self, model: nn.Module, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         for p in self.captured:
             self.captured[p] = []
             self._sources[p] = []
-        model(x)
+        adapter.forward(model, x)
         for p in self._sources:
             self._sources[p] = []
         return self.captured
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class _Moments:
@@ -557,18 +550,15 @@ def _activation_costs(model_a: nn.Module, model_b: nn.Module, spec: PermutationS
     rec_b = _Recorder(model_b, points, spec.sizes)
     device = next(iter(model_a.parameters())).device
     moments = {p: _Moments(spec.sizes[p], device) for p in perms}
-    try:
-        with module_mode(model_a, False), module_mode(model_b, False):
-            for i in range(0, x.shape[0], batch_size):
-                xb = x[i:i + batch_size].to(device)
-                cap_a = rec_a.run(model_a, xb)
-                cap_b = rec_b.run(model_b, xb)
-                for p in perms:
-                    for a, b in zip(cap_a[p], cap_b[p], strict=True):
-                        moments[p].add(a, b)
-    finally:
-        rec_a.close()
-        rec_b.close()
+    with adapter.forward_hooks(rec_a.hooks + rec_b.hooks), module_mode(model_a, False), \
+            module_mode(model_b, False):
+        for _, batch in adapter.as_data(x).batches(batch_size):
+            xb = adapter.to_device(batch.inputs, device)
+            cap_a = rec_a.run(model_a, xb)
+            cap_b = rec_b.run(model_b, xb)
+            for p in perms:
+                for a, b in zip(cap_a[p], cap_b[p], strict=True):
+                    moments[p].add(a, b)
     return {p: moments[p].cost(method) for p in perms}
 
 
@@ -592,7 +582,7 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, method: st
         raise ConfigError(f"unknown activation matching method '{method}'; choose one of "
                           f"{', '.join(ACTIVATION_METHODS)}")
     x = model_inputs(data, num_examples)
-    spec = resolve_spec(model_a, x[:2], spec)
+    spec = resolve_spec(model_a, adapter.take_inputs(x, slice(0, 2)), spec)
     state_a, state_b = as_state_dict(model_a), as_state_dict(model_b)
     check_compatible([state_a, state_b], ["model A", "model B"])
     check_state(spec, state_a, "model A")
@@ -653,21 +643,21 @@ def ste_matching(model_a: nn.Module, model_b: nn.Module, data, steps: int = 100,
     t_start = time.perf_counter()
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
-    x, y = _as_xy(data)
+    d = adapter.as_data(data, "STE matching data").labeled("ste_matching")
     if held_out is None:
-        n_hold = max(1, x.shape[0] // 10)
-        if x.shape[0] - n_hold < 1:
+        n_hold = max(1, len(d) // 10)
+        if len(d) - n_hold < 1:
             raise ConfigError("ste_matching needs at least two labelled examples")
-        held_out = (x[-n_hold:], y[-n_hold:])
-        x, y = x[:-n_hold], y[:-n_hold]
-    spec = resolve_spec(model_a, x[:2], spec)
+        held_out = d.take(slice(len(d) - n_hold, None))
+        d = d.take(slice(0, len(d) - n_hold))
+    spec = resolve_spec(model_a, d.head(2).inputs, spec)
     keys = parameter_keys(model_a)
     pa = {k: v.detach() for k, v in model_a.named_parameters()}
     pb = {k: v.detach() for k, v in model_b.named_parameters()}
     _matched_params(spec, pa, pb)
     state_b = as_state_dict(model_b)
     buffers = {k: v.detach() for k, v in model_a.named_buffers()}
-    bn_data = (x[:2000], y[:2000])  # BatchNorm statistics of the held-out midpoints
+    bn_data = d.head(2000)  # BatchNorm statistics of the held-out midpoints
     eval_every = eval_every or max(1, steps // 10)
 
     trace = STETrace()
@@ -681,10 +671,10 @@ def ste_matching(model_a: nn.Module, model_b: nn.Module, data, steps: int = 100,
     net = copy.deepcopy(model_a).train()
     gen = torch.Generator().manual_seed(int(seed))
     device = pa[keys[0]].device
-    order, pos = torch.randperm(x.shape[0], generator=gen), 0
+    order, pos = torch.randperm(len(d), generator=gen), 0
     for step in range(1, steps + 1):
-        if pos + batch_size > x.shape[0] and pos > 0:
-            order, pos = torch.randperm(x.shape[0], generator=gen), 0
+        if pos + batch_size > len(d) and pos > 0:
+            order, pos = torch.randperm(len(d), generator=gen), 0
         idx = order[pos:pos + batch_size]
         pos += batch_size
         with torch.no_grad():
@@ -693,8 +683,9 @@ def ste_matching(model_a: nn.Module, model_b: nn.Module, data, steps: int = 100,
             proj = apply_permutation(spec, perm, pb)
         mid = {k: 0.5 * (pa[k] + proj[k] + tilde[k] - tilde[k].detach()) for k in keys}
         bufs = {k: v.clone() for k, v in buffers.items()}
-        logits = functional_call(net, {**mid, **bufs}, (x[idx].to(device),))
-        loss = F.cross_entropy(logits, y[idx].to(device))
+        batch = d.take(idx)
+        xb = adapter.to_device(batch.inputs, device)
+        loss = adapter.loss(adapter.call(net, {**mid, **bufs}, xb), batch.labels, xb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from basinmerge.align.matching import model_inputs
+from basinmerge import adapter
+from basinmerge.adapter import forward_hooks
 from basinmerge.align.spec import trace_units
 from basinmerge.errors import ConfigError
 from basinmerge.models import ChannelLayerNorm
-from basinmerge.state import as_state_dict, check_compatible, module_mode
+from basinmerge.state import as_state_dict, check_compatible
 from basinmerge.train import batched_outputs, has_batchnorm, reset_bn_stats
 
 __all__ = ["Repair", "RepairPoint", "repair", "repair_points", "reset_bn_stats"]
@@ -105,19 +106,17 @@ class _Stats:
 
 
 @torch.no_grad()
-def unit_statistics(model: nn.Module, points: Sequence[RepairPoint], x: torch.Tensor,
+def unit_statistics(model: nn.Module, points: Sequence[RepairPoint], x,
                     batch_size: int = 500) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-unit mean and std (float64) of each point's output over `x`, in eval mode."""
+    """Per-unit mean and std (float64) of each point's output over the inputs `x` (any form
+    `adapter.as_data` accepts), in eval mode."""
     modules = dict(model.named_modules())
     stats = {p.module: _Stats() for p in points}
-    handles = [modules[p.module].register_forward_hook(
-        lambda m, a, out, p=p: stats[p.module].add(_per_unit(out, p.channel_axis))) for p in points]
-    try:
+    hooks = [(modules[p.module], lambda m, a, out, p=p: stats[p.module].add(_per_unit(out, p.channel_axis)))
+             for p in points]
+    with forward_hooks(hooks):
         for _ in batched_outputs(model, x, batch_size):
             pass
-    finally:
-        for h in handles:
-            h.remove()
     return {k: s.mean_std() for k, s in stats.items()}
 
 
@@ -136,10 +135,10 @@ class Repair:
             raise ConfigError("repair needs at least two endpoint models")
         states = [as_state_dict(m) for m in endpoints]
         check_compatible(states, [f"model {chr(65 + i)}" for i in range(len(states))])
-        self.x = model_inputs(data, num_examples)
+        self.x = adapter.as_data(data, "REPAIR data", limit=num_examples).with_labels(None)
         self.batch_size = batch_size
         self.bn_reset = bn_reset
-        self.points, self.has_bn = repair_points(endpoints[0], self.x[:2])
+        self.points, self.has_bn = repair_points(endpoints[0], self.x.head(2).inputs)
         self.stats = ([unit_statistics(m, self.points, self.x, batch_size) for m in endpoints]
                       if self.points else [{} for _ in endpoints])
 
@@ -159,9 +158,7 @@ class Repair:
             weights = (1.0 - float(alpha), float(alpha))
         net = copy.deepcopy(merged)
         if self.bn_reset and has_batchnorm(net):
-            # reset_bn_stats reads only the inputs of an (x, y) pair.
-            reset_bn_stats(net, (self.x, self.x.new_zeros(self.x.shape[0])),
-                           batch_size=self.batch_size)
+            reset_bn_stats(net, self.x, batch_size=self.batch_size)
         if self.points:
             self._fold(net, self.goal(weights))
         return net
@@ -184,15 +181,9 @@ class Repair:
                         + g_mean.view(shape))
             return hook
 
-        handles = [modules[p.module].register_forward_hook(correct(p)) for p in self.points]
-        try:
-            device = next(iter(net.parameters())).device
-            with module_mode(net, False):
-                for i in range(0, self.x.shape[0], self.batch_size):
-                    net(self.x[i:i + self.batch_size].to(device))
-        finally:
-            for h in handles:
-                h.remove()
+        with forward_hooks([(modules[p.module], correct(p)) for p in self.points]):
+            for _ in batched_outputs(net, self.x, self.batch_size):
+                pass
         for p in self.points:
             mean, std = running[p.module].mean_std()
             g_mean, g_std = goal[p.module]

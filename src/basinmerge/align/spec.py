@@ -37,11 +37,9 @@ from torch.nn import functional as F
 
 from basinmerge.errors import ConfigError
 from basinmerge.models import MLP, VGG, ChannelLayerNorm, ResNet20
-from basinmerge.state import module_mode
+from basinmerge.state import module_mode, param_keys
 
 Axis = tuple[str, int]  # (state_dict key, axis)
-
-BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @dataclass(frozen=True)
@@ -134,12 +132,8 @@ class PermutationSpec:
 
 
 def parameter_keys(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
-    """Keys of the trainable tensors: a model's parameters, or a state_dict's float tensors that
-    are not BatchNorm running statistics (those are data statistics, not weights)."""
-    if isinstance(model_or_state, nn.Module):
-        return [k for k, _ in model_or_state.named_parameters()]
-    return [k for k, v in model_or_state.items()
-            if v.is_floating_point() and not k.endswith(BN_BUFFERS)]
+    """Keys of the trainable tensors (see `basinmerge.state.param_keys`, the one place)."""
+    return param_keys(model_or_state)
 
 
 # --------------------------------------------------------------------------- hand-written specs

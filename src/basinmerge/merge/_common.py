@@ -21,8 +21,17 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from basinmerge.adapter import Data, as_data, check_labels, device_of
 from basinmerge.errors import ConfigError, IncompatibleModelsError
-from basinmerge.state import StateDict, as_state_dict, check_compatible, check_finite, is_float
+from basinmerge.state import (
+    StateDict,
+    as_state_dict,
+    check_compatible,
+    check_finite,
+    is_float,
+    module_mode,
+    module_params,
+)
 
 ModelLike = nn.Module | Mapping[str, torch.Tensor]
 Kernel = Callable[[str, list[torch.Tensor], torch.Tensor | None], torch.Tensor]
@@ -271,28 +280,19 @@ def template_of(models: Sequence[ModelLike], model: nn.Module | None, method: st
                       "template with model=...")
 
 
-def xy(data: Any, what: str = "data") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs and labels of a Dataset, an (x, y) pair, or bare inputs (labels None)."""
-    if isinstance(data, torch.Tensor):
-        return data, None
-    try:
-        x, y = data
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{what} must be a Dataset, an (x, y) pair or a tensor of inputs") from e
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ConfigError(f"{what} must hold tensors")
-    if x.shape[0] != y.shape[0]:
-        raise ConfigError(f"{what}: x has {x.shape[0]} rows but y has {y.shape[0]}")
-    if x.shape[0] == 0:
-        raise ConfigError(f"{what} is empty")
-    return x, y
-
-
-def labeled(data: Any, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = xy(data, f"{method} data")
-    if y is None:
+def labeled(data: Any, method: str, template: nn.Module | None = None,
+            task: str | None = None) -> Data:
+    """`data` (any form `adapter.as_data` accepts) with what the method's loss needs: labels,
+    unless `template` is a causal LM (given `task`, or as its output on one example says),
+    whose labels are its inputs; else one error naming the method."""
+    if data is None:
         raise ConfigError(f"merge method '{method}' needs labeled data (a Dataset or an (x, y) pair)")
-    return x, y
+    d = as_data(data, f"{method} data")
+    if template is None:
+        return d.labeled(f"merge method '{method}'")
+    with module_mode(template, False):
+        check_labels(template, d, f"merge method '{method}'", task)
+    return d
 
 
 def is_data_list(data: Any) -> bool:
@@ -311,30 +311,19 @@ def per_model_data(data: Any, k: int, method: str) -> list[Any]:
 
 
 def module_state(template: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` restricted to the template's parameters and buffers, on the template's device,
-    for `torch.func.functional_call` (no module is modified)."""
-    device = _device(template)
-    expected = template.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise IncompatibleModelsError(f"the model template has key '{missing[0]}' that the merged "
-                                      "models lack (wrong architecture for model=?)")
-    return {k: state[k].to(device) for k in expected}
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    """`state` restricted to the template's parameters and buffers (each tied group once), on
+    the template's device, for `torch.func.functional_call` (no module is modified)."""
+    device = device_of(template)
+    try:
+        params = module_params(template, state)
+    except IncompatibleModelsError as e:
+        raise IncompatibleModelsError(f"{e} (wrong architecture for model=?)") from None
+    return {k: v.to(device) for k, v in params.items()}
 
 
 def child_key(module_name: str, attr: str) -> str:
     """The state_dict key of attribute `attr` of the submodule `module_name` ('' = the root)."""
     return f"{module_name}.{attr}" if module_name else attr
-
-
-def param_keys(template: nn.Module) -> list[str]:
-    return [k for k, _ in template.named_parameters()]
 
 
 def finish_bn(template: nn.Module, state: StateDict, data: Any, reset_bn: bool) -> StateDict:
@@ -346,11 +335,11 @@ def finish_bn(template: nn.Module, state: StateDict, data: Any, reset_bn: bool) 
     if not reset_bn or not has_batchnorm(template):
         return state
     if is_data_list(data):  # one dataset per model: use all of them
-        x = torch.cat([xy(d, "BN reset data")[0] for d in data])
+        x = Data.concat([as_data(d, "BN reset data").with_labels(None) for d in data])
     else:
-        x, _ = xy(data, "BN reset data")
+        x = as_data(data, "BN reset data")
     model = with_state(template, state)
-    reset_bn_stats(model, (x, torch.zeros(x.shape[0], dtype=torch.long)))
+    reset_bn_stats(model, x)
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 

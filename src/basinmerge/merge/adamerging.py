@@ -5,6 +5,14 @@ theta_0,l + sum_k lambda_{k,l} tau_{k,l} (``"layer"``). The lambdas start at 0.3
 with Adam (lr 1e-3) to minimize the mean entropy of the merged model's predictions on unlabeled
 batches, and are clamped to [0, 1] after every step. The network runs through
 `torch.func.functional_call`: no model is modified.
+
+Only parameters are task vectors (tied parameters once). Buffers are not: during the search
+every BatchNorm normalizes with its batch statistics (the merged weights have no running
+statistics of their own yet, and interpolated running statistics are neither differentiable
+nor right for them), the rest of the network runs in eval mode; afterwards the running
+statistics are recomputed on the data (``reset_bn``), or, without it, averaged over the
+members. For a causal LM the entropy is that of the next-token predictions at the
+masked-in positions (`basinmerge.adapter.prediction_entropy`).
 """
 
 from __future__ import annotations
@@ -14,8 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from basinmerge import adapter
 from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
 from basinmerge.merge._common import (
@@ -23,22 +31,25 @@ from basinmerge.merge._common import (
     batches,
     bcast,
     finish_bn,
-    is_bn_statistic,
     module_state,
     prepare,
     template_of,
-    xy,
 )
 from basinmerge.merge.registry import merge_method
-from basinmerge.state import StateDict, is_float, module_mode
+from basinmerge.state import (
+    StateDict,
+    batch_statistics,
+    is_float,
+    param_keys,
+    retie,
+    tied_groups,
+    weighted_average,
+)
 
 GRANULARITIES = ("task", "layer")
 
 
-def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy of softmax(logits)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1).mean()
+prediction_entropy = adapter.prediction_entropy
 
 
 @merge_method("adamerging", summary="AdaMerging: coefficients by entropy minimization on "
@@ -47,7 +58,8 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
                     granularity: str = "task", *, model: nn.Module | None = None,
                     steps: int = 200, lr: float = 1e-3, init: float = 0.3, batch_size: int = 64,
                     seed: int = 0, reset_bn: bool = True, progress: bool = True,
-                    names: Sequence[str] | None = None) -> tuple[StateDict, dict]:
+                    names: Sequence[str] | None = None,
+                    task: str | None = None) -> tuple[StateDict, dict]:
     """AdaMerging; returns the merged state and a record with the learned lambdas and the
     entropy before and after.
 
@@ -61,6 +73,7 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
         seed: seed of the batch order
         reset_bn: recompute BatchNorm statistics of the merge on the data
         progress: show a progress bar
+        task: classification or causal_lm (default: inferred from the logits' shape)
     """
     if granularity not in GRANULARITIES:
         raise ConfigError(f"adamerging granularity must be one of {', '.join(GRANULARITIES)}, "
@@ -70,15 +83,15 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
                           f"(got steps={steps}, lr={lr}, init={init})")
     states, b, names = prepare(models, "adamerging", base=base, needs_base=True, names=names)
     template = template_of(models, model, "adamerging", base)
-    x, _ = xy(unlabeled_data, "adamerging data")
+    x = adapter.as_data(unlabeled_data, "adamerging data")
     base_full = module_state(template, b)
-    device = next(iter(base_full.values())).device
-    # BatchNorm statistics are buffers, not task vectors (and must not require grad): the
-    # members' mean while learning, recomputed on the data at the end (reset_bn)
-    keys = [k for k in base_full if is_float(base_full[k]) and not is_bn_statistic(k)]
+    device = adapter.device_of(template)
+    params = set(param_keys(template))
+    keys = [k for k in base_full if k in params and is_float(base_full[k])]
     taus = {k: torch.stack([s[k].to(device) for s in states]) - base_full[k] for k in keys}
-    fixed = {k: (torch.stack([s[k].to(device) for s in states]).mean(0) if is_bn_statistic(k)
-                 else states[0][k].to(device)) for k in base_full if k not in taus}
+    avg = weighted_average(states)
+    # buffers (cloned: BatchNorm in train mode updates them in place, and they are discarded)
+    fixed = {k: avg[k].to(device).clone() for k in base_full if k not in taus}
     k_models = len(states)
     shape = (k_models,) if granularity == "task" else (k_models, len(keys))
     lam = torch.full(shape, float(init), device=device, requires_grad=True)
@@ -92,13 +105,13 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
 
     opt = torch.optim.Adam([lam], lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
-    it = batches(x.shape[0], batch_size, gen)
+    it = batches(len(x), batch_size, gen)
     entropies: list[float] = []
-    with module_mode(template, False):
+    with batch_statistics(template):
         with progress_task("adamerging", steps, enabled=progress) as advance:
             for _ in range(steps):
-                xb = x[next(it)].to(device)
-                loss = prediction_entropy(functional_call(template, merged(lam), (xb,)))
+                xb = adapter.to_device(x.take(next(it)).inputs, device)
+                loss = prediction_entropy(adapter.call(template, merged(lam), xb), xb, task)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -108,9 +121,9 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
                 advance(1, entropy=entropies[-1])
     with torch.no_grad():
         final = {k: v.detach().cpu() for k, v in merged(lam.detach()).items()}
-    out = {k: final[k].to(states[0][k].dtype) if k in final else states[0][k].clone()
-           for k in states[0]}
-    out = finish_bn(template, out, unlabeled_data, reset_bn)
+    out = {k: final[k].to(states[0][k].dtype) if k in taus else avg[k].clone() for k in states[0]}
+    out = retie(out, tied_groups(template))
+    out = finish_bn(template, out, x, reset_bn)
     lam_out = lam.detach().cpu()
     info = {"granularity": granularity,
             "lambdas": ({n: float(v) for n, v in zip(names, lam_out.tolist(), strict=True)}

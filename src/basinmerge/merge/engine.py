@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from basinmerge import io
+from basinmerge import adapter, io
 from basinmerge.errors import ConfigError, DataError
-from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare, xy
+from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare
 from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
 from basinmerge.merge.registry import MergeMethod, get_method, jsonable
 from basinmerge.merge.stream import FileSource, stream_merge
@@ -177,15 +177,19 @@ def check_data_fits(model: nn.Module, data: Any, what: str, path: PathLike) -> N
     if data is None:
         return
     for d in (data if isinstance(data, list) else [data]):
-        x, y = xy(d, what)
+        dd = adapter.as_data(d, what)
+        y = dd.labels
         meta_name = getattr(getattr(d, "info", None), "name", None)
         label = f"{what}" + (f" ({meta_name})" if meta_name else "")
+        first = dd.head(2).inputs
+        shape = (tuple(first.shape[1:]) if isinstance(first, torch.Tensor)
+                 else {k: tuple(v.shape[1:]) for k, v in first.items()})
         try:
             with torch.no_grad(), module_mode(model, False):
-                out = model(x[:2].to(next(iter(model.parameters())).device))
-        except (RuntimeError, ValueError) as e:
+                out = adapter.forward(model, adapter.to_device(first, adapter.device_of(model)))
+        except (RuntimeError, ValueError, TypeError) as e:
             raise DataError(f"{label} does not fit the model in {path}: inputs of shape "
-                            f"{tuple(x.shape[1:])} ({str(e).splitlines()[0]})") from e
+                            f"{shape} ({str(e).splitlines()[0]})") from e
         if y is not None and y.numel() and out.dim() == 2 and int(y.max()) >= out.shape[1]:
             raise DataError(f"{label} has label {int(y.max())}, but the model in {path} has "
                             f"{out.shape[1]} outputs")

@@ -10,7 +10,11 @@ inputs to the stacked outputs of all models; alpha = 0 is a per-input-unit weigh
 The paper merges the weight only and averages the bias (``bias="average"``, the default);
 ``bias="regress"`` appends a constant 1 to the inputs and fits weight and bias jointly.
 Input units that no model ever activates (zero Gram rows) take the plain average.
-Everything that is not a Linear weight is averaged.
+Everything that is not a Linear weight is averaged. HF ``Conv1D`` layers (GPT-2; a Linear
+whose weight is stored transposed, (in, out)) are merged as the Linear layers they are, and so
+is the packed ``in_proj_weight`` of an ``nn.MultiheadAttention`` used as self-attention (its
+query, key and value all read the same input; cross-attention is averaged). A tied
+weight (GPT-2's ``lm_head`` and token embedding) is merged once by its Linear role and re-tied.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from basinmerge.adapter import as_data, call, device_of, forward_hooks, is_conv1d, to_device
 from basinmerge.errors import ConfigError
 from basinmerge.merge._common import (
     ModelLike,
@@ -31,16 +35,26 @@ from basinmerge.merge._common import (
     per_model_data,
     prepare,
     template_of,
-    xy,
 )
 from basinmerge.merge.registry import merge_method
-from basinmerge.state import StateDict, module_mode, weighted_average
+from basinmerge.state import StateDict, module_mode, retie, tied_groups, weighted_average
 
 BIAS_MODES = ("average", "regress")
 
 
-def linear_layers(template: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in template.named_modules() if isinstance(m, nn.Linear)}
+def linear_layers(template: nn.Module) -> dict[str, nn.Module]:
+    """The Linear layers of `template` by module name: ``nn.Linear``, HF ``Conv1D`` and the
+    packed input projection of a ``nn.MultiheadAttention``."""
+    return {name: m for name, m in template.named_modules()
+            if isinstance(m, nn.Linear) or is_conv1d(m)
+            or (isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None)}
+
+
+def weight_layout(layer: nn.Module) -> tuple[str, str | None, bool]:
+    """(weight attribute, bias attribute or None, stored transposed) of a `linear_layers` entry."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return "in_proj_weight", ("in_proj_bias" if layer.in_proj_bias is not None else None), False
+    return "weight", ("bias" if layer.bias is not None else None), is_conv1d(layer)
 
 
 @torch.no_grad()
@@ -50,15 +64,18 @@ def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
     """Per Linear module name: the mean Gram matrix X^T X / n (float64) of its inputs when
     `state` runs through `template` on the inputs of `data` (eval mode); with `with_bias`, the
     inputs get a constant 1 column appended."""
-    x, _ = xy(data, "RegMean data")
-    if num_examples is not None:
-        x = x[:num_examples]
+    d = as_data(data, "RegMean data", limit=num_examples)
     layers = linear_layers(template)
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def make_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
+            if not inputs or not isinstance(inputs[0], torch.Tensor):
+                return  # called with keyword arguments only: not observed
+            if isinstance(module, nn.MultiheadAttention) and not (
+                    len(inputs) >= 3 and inputs[1] is inputs[0] and inputs[2] is inputs[0]):
+                return  # cross-attention: K and V read another input; the layer is averaged
             a = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
             if with_bias:
                 a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
@@ -67,16 +84,12 @@ def linear_grams(template: nn.Module, state: StateDict, data: Any, *,
             counts[name] = counts.get(name, 0) + a.shape[0]
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
     full = module_state(template, state)
-    device = next(iter(full.values())).device
-    try:
-        with module_mode(template, False):
-            for i in range(0, x.shape[0], batch_size):
-                functional_call(template, full, (x[i:i + batch_size].to(device),))
-    finally:
-        for h in handles:
-            h.remove()
+    device = device_of(template)
+    with forward_hooks([(m, make_hook(n)) for n, m in layers.items()], pre=True), \
+            module_mode(template, False):
+        for _, batch in d.batches(batch_size):
+            call(template, full, to_device(batch.inputs, device))
     return {n: (g / counts[n]).cpu() for n, g in grams.items()}
 
 
@@ -137,18 +150,23 @@ def regmean(models: Sequence[ModelLike], data: Any, alpha: float = 0.9, *,
     grams = [linear_grams(template, s, d, num_examples=num_examples, with_bias=regress)
              for s, d in zip(states, datas, strict=True)]
     out = weighted_average(states)
+    merged_keys: set[str] = set()
     for name, layer in linear_layers(template).items():
-        wkey, bkey = child_key(name, "weight"), child_key(name, "bias")
-        if name not in grams[0]:
-            continue  # the layer never ran on this data
-        has_bias = regress and layer.bias is not None
-        ws = [torch.cat([s[wkey], s[bkey].unsqueeze(1)], 1) if has_bias else s[wkey] for s in states]
+        if any(name not in g for g in grams):
+            continue  # the layer never ran (or was not observed) on this data
+        w_attr, b_attr, t = weight_layout(layer)  # t: weight stored (in, out): merge its transpose
+        wkey = child_key(name, w_attr)
+        bkey = child_key(name, b_attr) if b_attr is not None else ""
+        has_bias = regress and b_attr is not None
+        ws = [s[wkey].T if t else s[wkey] for s in states]
+        ws = [torch.cat([w, s[bkey].unsqueeze(1)], 1) if has_bias else w for w, s in zip(ws, states, strict=True)]
         gs = [g[name] if (has_bias or not regress) else g[name][:-1, :-1] for g in grams]
         merged = regmean_solve(gs, ws, alpha)
         dtype = states[0][wkey].dtype
+        w = merged[:, :-1] if has_bias else merged
+        out[wkey] = (w.T if t else w).to(dtype).contiguous()
+        merged_keys.add(wkey)
         if has_bias:
-            out[wkey] = merged[:, :-1].to(dtype).contiguous()
             out[bkey] = merged[:, -1].to(dtype).contiguous()
-        else:
-            out[wkey] = merged.to(dtype).contiguous()
+    out = retie(out, tied_groups(template), prefer=merged_keys)
     return finish_bn(template, out, data, reset_bn)

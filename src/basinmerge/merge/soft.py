@@ -10,7 +10,8 @@ so exact 0 and exact 1 have non-zero probability. A merged unit is the gate-norm
 ``sum_k z_k theta_k / (sum_k z_k + eps)``; the loss is the task cross-entropy plus
 ``lam * mean expected L0`` with ``E[L0] = sigmoid(log_alpha - beta log(-gamma / zeta))``; only
 the gates are trained (SGD by default, as in the paper; Adam as an option). The network runs
-through `torch.func.functional_call` with the stacked frozen weights, so no model is modified.
+through `torch.func.functional_call` with the stacked frozen weights, so no model is modified,
+in eval mode (no dropout) with BatchNorm on batch statistics (`state.batch_statistics`).
 At the end one plain model is built with the deterministic test-time gates
 ``clamp(sigmoid(log_alpha) (zeta - gamma) + gamma, 0, 1)``.
 
@@ -39,9 +40,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
-from torch.nn import functional as F
 
+from basinmerge import adapter
 from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
 from basinmerge.merge._common import (
@@ -51,7 +51,6 @@ from basinmerge.merge._common import (
     finish_bn,
     labeled,
     module_state,
-    param_keys,
     prepare,
     template_of,
     work_dtype,
@@ -60,8 +59,11 @@ from basinmerge.merge.registry import merge_method
 from basinmerge.state import (
     StateDict,
     as_state_dict,
+    batch_statistics,
     check_compatible,
-    module_mode,
+    param_keys,
+    retie,
+    tied_groups,
     weighted_average,
     with_state,
 )
@@ -106,7 +108,8 @@ def _split_names(units: str | Sequence[str]) -> str | Sequence[str]:
 
 def soft_units(template: nn.Module, units: str | Sequence[str] = "module") -> list[tuple[str, list[str]]]:
     """The merge units as (name, parameter keys): one per tensor, one per module, or one per
-    given name (a parameter key or a module prefix)."""
+    given name (a parameter key or a module prefix). A tied parameter appears once, under its
+    canonical name (`state.param_keys`)."""
     keys = param_keys(template)
     units = _split_names(units)
     if isinstance(units, str):
@@ -230,7 +233,8 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
          optimizer: str = "sgd", momentum: float = 0.9, batch_size: int = 128, init: float = 2.0,
          clip: float | None = 1.0, reference: Any = None, model: nn.Module | None = None,
          reset_bn: bool = True, eps: float = 1e-8, progress: bool = True,
-         names: Sequence[str] | None = None, align: str | None = None) -> tuple[nn.Module, GateTable]:
+         names: Sequence[str] | None = None, align: str | None = None,
+         task: str | None = None) -> tuple[nn.Module, GateTable]:
     """Soft-merge the models with gates learned on labeled `data`; returns the plain merged
     model (deterministic test-time gates) and the gate table.
 
@@ -265,9 +269,9 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
         raise ConfigError(f"soft clip must be positive or None, got {clip}")
     states, _, names = prepare(models, "soft", min_models=2, names=names)
     template = template_of(models, model, "soft")
-    x, y = labeled(data, "soft")
+    d = labeled(data, "soft", template, task)
     if align is not None:
-        states = _aligned_states(template, states, align, (x, y), seed)
+        states = _aligned_states(template, states, align, d, seed)
     unit_list = soft_units(template, units)
     gated = [k for _, ks in unit_list for k in ks]
     ref = module_state(template, _reference_state(states, names, reference))
@@ -279,19 +283,19 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     opt = (torch.optim.SGD([log_alpha], lr=lr, momentum=momentum) if optimizer == "sgd"
            else torch.optim.Adam([log_alpha], lr=lr))
     gen = torch.Generator().manual_seed(int(seed))
-    it = batches(x.shape[0], batch_size, gen)
+    it = batches(len(d), batch_size, gen)
     skipped = 0
-    # train mode: BatchNorm uses batch statistics; `rest` holds copies of the buffers
-    with module_mode(template, True):
+    # BatchNorm uses batch statistics (`rest` holds copies of the buffers); no dropout
+    with batch_statistics(template):
         with progress_task("soft merge", steps, enabled=progress) as advance:
             for _ in range(steps):
-                idx = next(it)
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                batch = d.take(next(it))
+                xb = adapter.to_device(batch.inputs, device)
                 z = hard_concrete_sample(log_alpha, generator=gen)
                 params = gated_combination(z, stacked, unit_list, eps)
-                logits = functional_call(template, {**rest, **params}, (xb,))
-                task = F.cross_entropy(logits, yb)
-                loss = task + lam * expected_l0(log_alpha).mean()
+                logits = adapter.call(template, {**rest, **params}, xb)
+                task_loss = adapter.loss(logits, batch.labels, xb, task)
+                loss = task_loss + lam * expected_l0(log_alpha).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if not torch.isfinite(loss) or not torch.isfinite(log_alpha.grad).all():
@@ -301,7 +305,7 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
                 if clip is not None:
                     log_alpha.grad.clamp_(-clip, clip)
                 opt.step()
-                advance(1, loss=float(task.detach()))
+                advance(1, loss=float(task_loss.detach()))
     la = log_alpha.detach().cpu()
     gates = deterministic_gate(la)
     fallback = []
@@ -312,8 +316,9 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
     with torch.no_grad():
         merged = gated_combination(gates.to(device), stacked, unit_list, eps)
     state = {k: (merged[k].to(states[0][k].dtype).cpu() if k in merged else ref[k].cpu())
-             for k in states[0]}
-    state = finish_bn(template, state, (x, y), reset_bn)
+             for k in states[0] if k in ref}
+    state = retie(state, tied_groups(template))
+    state = finish_bn(template, state, d, reset_bn)
     table = GateTable([n for n, _ in unit_list], names, la, [ks for _, ks in unit_list],
                       fallback, skipped)
     out = with_state(template, state)

@@ -19,7 +19,7 @@ from basinmerge.train import evaluate
 
 def accuracy_of(template: nn.Module, state: StateDict, data: Any) -> float:
     """Accuracy of `state` in `template`'s architecture (on a copy; the template is untouched)."""
-    return evaluate(with_state(template, state), labeled(data, "greedy_soup"))["accuracy"]
+    return evaluate(with_state(template, state), labeled(data, "greedy_soup", template))["accuracy"]
 
 
 @merge_method("greedy_soup", summary="greedy soup by held-out accuracy", needs_data="labeled",
@@ -35,7 +35,7 @@ def greedy_soup_info(models: Sequence[ModelLike], data: Any, *, model: nn.Module
     """
     states, _, names = prepare(models, "greedy_soup", names=names)
     template = template_of(models, model, "greedy_soup")
-    labeled(data, "greedy_soup")
+    data = labeled(data, "greedy_soup", template)
     accs = [accuracy_of(template, finish_bn(template, s, data, reset_bn), data) for s in states]
     order = sorted(range(len(states)), key=lambda i: -accs[i])
     chosen = [order[0]]
