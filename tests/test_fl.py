@@ -268,7 +268,7 @@ def test_wsa_targets_and_nan_rejection():
     g = build("mlp", (6,), 3, seed=0, width=5).state_dict()
     ups = [_update(0, 10, 1), _update(1, 30, 2, scale=3.0), _update(2, 5, 3)]
     ups[2].state["head.weight"][0, 0] = float("nan")
-    wsa = WSA(lam=1.0, target="fused")
+    wsa = WSA(**{"lambda": 1.0}, target="fused")
     assert wsa.instructions(1, g).target == weight_scope(g)  # round 1: the global model's scope
     out = wsa.aggregate(1, g, ups)
     assert out.accepted == [0, 1] and "NaN" in out.rejected[2]
@@ -276,10 +276,10 @@ def test_wsa_targets_and_nan_rejection():
     assert all(torch.equal(out.state[k], expected[k]) for k in expected)
     fused = fuse([ups[0].scope, ups[1].scope], [10, 30])
     assert wsa.instructions(2, out.state).target == fused
-    restored = WSA(lam=1.0)
+    restored = WSA(**{"lambda": 1.0})
     restored.load_state_dict(json.loads(json.dumps(wsa.state_dict())))
     assert restored.target == fused
-    glob = WSA(lam=1.0, target="global")
+    glob = WSA(**{"lambda": 1.0}, target="global")
     glob.aggregate(1, g, ups)
     assert glob.instructions(2, out.state).target == weight_scope(out.state)
     assert FedProx(mu=0.5).instructions(1, g).mu == 0.5
@@ -291,7 +291,7 @@ def test_wsa_reports_a_collapsing_target_once_and_remembers_it(caplog):
     def shrunk(factor: float) -> dict:
         return {k: v * factor if k == "head.weight" else v.clone() for k, v in g.items()}
 
-    wsa = WSA(lam=1.0, target="global", collapse_ratio=0.25)
+    wsa = WSA(**{"lambda": 1.0}, target="global", collapse_ratio=0.25)
     with caplog.at_level("WARNING", logger="basinmerge.fl"):
         wsa.instructions(1, g)
         wsa.instructions(2, shrunk(0.5))  # σ ratio 0.5: no report
@@ -303,22 +303,22 @@ def test_wsa_reports_a_collapsing_target_once_and_remembers_it(caplog):
     assert len(wsa.round_warnings(3)) == 1 and wsa.round_warnings(4) == []
     assert "head.weight" in wsa.round_warnings(3)[0]
     assert sum("WSA target's std" in r.message for r in caplog.records) == 1
-    restored = WSA(lam=1.0, target="global")
+    restored = WSA(**{"lambda": 1.0}, target="global")
     restored.load_state_dict(json.loads(json.dumps(wsa.state_dict())))
     assert restored.collapse == wsa.collapse and restored.first_target == weight_scope(g)
-    quiet = WSA(lam=1.0, target="global", collapse_ratio=0.0)
+    quiet = WSA(**{"lambda": 1.0}, target="global", collapse_ratio=0.0)
     quiet.instructions(1, g)
     quiet.instructions(2, shrunk(0.01))
     assert quiet.collapse is None
     with pytest.raises(ConfigError, match="collapse_ratio"):
-        WSA(lam=1.0, collapse_ratio=1.5)
+        WSA(**{"lambda": 1.0}, collapse_ratio=1.5)
 
 
 def test_simulator_records_a_collapsing_wsa_target_in_the_round(digits):
     """Clients that shrink the classifier 10x make the global target collapse in round 2."""
     cfg, train, test = digits
     cfg = fl.FLConfig(**{**TINY, "fraction": 1.0, "rounds": 3, "strategy": "wsa",
-                         "wsa_target": "global"})
+                         "strategy_options": {"target": "global"}})
 
     def shrinking(*args, **kw):
         upd = client_update(*args, **kw)
@@ -354,7 +354,7 @@ def test_all_updates_bad_keeps_global():
 
 def test_resume_is_bit_identical(digits, tmp_path):
     base, train, test = digits
-    cfg = fl.FLConfig(**{**TINY, "strategy": "wsa", "wsa_lambda": 1.0})
+    cfg = fl.FLConfig(**{**TINY, "strategy": "wsa", "strategy_options": {"lambda": 1.0}})
     full = _run(cfg, train, test)
 
     def crash_in_round_3(*args, **kw):
@@ -374,8 +374,8 @@ def test_resume_is_bit_identical(digits, tmp_path):
     csv_lines = (tmp_path / "rounds.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("round,test_accuracy")
 
-    other = fl.FLConfig(**{**TINY, "strategy": "wsa", "wsa_lambda": 2.0})
-    with pytest.raises(ConfigError, match="wsa_lambda = 1.0 there, 2.0 here"):
+    other = fl.FLConfig(**{**TINY, "strategy": "wsa", "strategy_options": {"lambda": 2.0}})
+    with pytest.raises(ConfigError, match=r"strategy_options = \{'lambda': 1.0\} there, \{'lambda': 2.0\} here"):
         _run(other, train, test, out=tmp_path, resume=True)
     with pytest.raises(ConfigError, match="no checkpoint.safetensors"):
         _run(cfg, train, test, out=tmp_path / "empty", resume=True)
@@ -459,9 +459,9 @@ COMMON = ["-q", "fl", "--dataset", "digits", "--width", "16", "--clients", "4", 
 @pytest.mark.parametrize("extra, message", [
     (["--fraction", "1.5"], "fraction must be in (0, 1]"),
     (["--fraction", "0"], "fraction must be in (0, 1]"),
-    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--alpha", "0"], "alpha must be > 0"),
     (["--clients", "400"], "more clients (400) than training examples (300)"),
-    (["--strategy", "fedsgd"], "unknown --strategy"),
+    (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
     (["--backend", "grpc"], "unknown --backend"),
 ])
 def test_cli_bad_input(extra, message, capsys):
@@ -489,7 +489,7 @@ def test_cli_run_extend_and_mismatched_resume(tmp_path, capsys):
     assert (a / "accuracy.png").stat().st_size > 0
     capsys.readouterr()
     assert _cli([*COMMON, "--rounds", "3", "--strategy", "wsa", "--resume", str(b)]) == 1
-    assert "another configuration (strategy = 'fedprox' there, 'wsa' here)" in \
+    assert "was run with other options (strategy = 'fedprox' there, 'wsa' here)" in \
         " ".join(capsys.readouterr().err.split())
 
 
