@@ -20,9 +20,9 @@ from torch import nn
 
 from basinmerge.fl.client import ClientUpdate, Instructions, LocalTraining
 from basinmerge.fl.strategies._state import ClientStates
+from basinmerge.fl.strategies.scaffold import LinearTerm
 from basinmerge.fl.strategy import Strategy, parameter_keys, positive, register, with_arrays
 from basinmerge.penalties import ProximalPenalty
-from basinmerge.fl.strategies.scaffold import LinearTerm
 from basinmerge.state import StateDict
 
 

@@ -100,7 +100,7 @@ class Scaffold(Strategy):
     def client_extras(cls, model: nn.Module, global_state: Mapping[str, torch.Tensor],
                       instructions: Instructions, training: LocalTraining,
                       steps: int) -> dict[str, StateDict]:
-        c, ci = instructions.arrays.get("c", {}), instructions.arrays.get("c_i", {})
+        c = instructions.arrays.get("c", {})
         scale = 1.0 / (training.lr * effective_steps(steps, training.momentum))
         named = dict(model.named_parameters())
         delta = {}
