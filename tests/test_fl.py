@@ -552,3 +552,138 @@ def test_study_model_choice():
         federated.study_models("quick", ["resnet"])
     with pytest.raises(ConfigError, match="got none"):
         federated.study_models("quick", [])
+
+
+# --------------------------------------------------------------------------- nothing silently wrong
+
+
+def test_a_round_where_every_client_failed_is_an_error(digits, tmp_path):
+    from basinmerge.errors import FederatedError
+
+    cfg, train, test = digits
+    cfg = fl.FLConfig(**{**TINY, "fraction": 1.0, "rounds": 3})
+
+    def broken_in_round_2(*args, **kw):
+        if args[4].round == 2:
+            raise RuntimeError("out of memory")
+        return client_update(*args, **kw)
+
+    with pytest.raises(FederatedError, match=r"round 2: every client failed, nothing to "
+                                             r"aggregate \(client 0: RuntimeError: out of memory"):
+        _run(cfg, train, test, out=tmp_path, update_fn=broken_in_round_2)
+    rows = json.loads((tmp_path / "rounds.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1]  # the last good round stays checkpointed
+
+
+def test_cli_lr_zero_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli([*COMMON, "--rounds", "1", "--lr", "0", "--out", str(out)]) == 1
+    assert "learning rate must be > 0, got 0.0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--aggregate", "foo"], "unknown aggregation 'foo'"),
+    (["--strategy", "wsa", "--opt", "lambda=-1"], "strategy 'wsa' option 'lambda' must be > 0"),
+    (["--strategy", "fedprox", "--opt", "lamda=1"], "strategy 'fedprox' has no option 'lamda'"),
+    (["--clients", "400"], "more clients (400) than training examples (300)"),
+])
+def test_cli_bad_option_leaves_nothing_behind(extra, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a for a in COMMON]
+    if "--clients" in extra:
+        i = args.index("--clients")
+        del args[i:i + 2]
+    assert _cli([*args, "--rounds", "1", *extra, "--out", str(out)]) == 1
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite_a_run_unless_forced(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli([*COMMON, "--rounds", "1", "--out", str(out)]) == 0
+    first = (out / "final.safetensors").read_bytes()
+    capsys.readouterr()
+    assert _cli([*COMMON, "--rounds", "1", "--seed", "1", "--out", str(out)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already holds a run" in err and f"--resume {out}" in err and "--force" in err
+    assert (out / "final.safetensors").read_bytes() == first
+    assert _cli([*COMMON, "--rounds", "1", "--seed", "1", "--out", str(out), "--force"]) == 0
+    assert (out / "final.safetensors").read_bytes() != first
+
+
+def test_cli_resume_alone_takes_the_options_from_the_run(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    opts = ["--strategy", "wsa", "--opt", "lambda=2", "--alpha", "0.3", "--seed", "3"]
+    assert _cli([*COMMON, *opts, "--rounds", "3", "--out", str(a)]) == 0
+    assert _cli([*COMMON, *opts, "--rounds", "2", "--out", str(b)]) == 0
+    assert _cli(["-q", "fl", "--resume", str(b), "--rounds", "3"]) == 0
+    from basinmerge.io import load_state
+
+    sa, _ = load_state(a / "final.safetensors")
+    sb, _ = load_state(b / "final.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    capsys.readouterr()
+    assert _cli(["-q", "fl", "--resume", str(b), "--alpha", "0.5", "--opt", "lambda=3"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "alpha = 0.3 there, 0.5 here" in err
+    assert "strategy_options = {'lambda': 2} there, {'lambda': 3} here" in err
+
+
+def test_simulator_prints_a_plain_line_per_round_off_a_terminal(digits, capsys, monkeypatch):
+    from basinmerge import console
+
+    monkeypatch.setattr(console, "_quiet", False)  # an earlier in-process `-q` sets it
+    cfg, train, test = digits
+    cfg = fl.FLConfig(**{**TINY, "rounds": 2})
+    simulate(fl.build_model(cfg, train), train, test, fl.build_partitions(cfg, train),
+             cfg.make_strategy(), cfg.local_training(), rounds=2, seed=0, progress=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("round ")]
+    assert [x.split(":")[0] for x in lines] == ["round 1/2", "round 2/2"]
+    assert "test accuracy" in lines[0] and "clients accepted" in lines[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_is_bit_identical(tmp_path):
+    """SIGINT after round 1 is checkpointed: one line, exit 130; `--resume DIR` alone then ends
+    with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from basinmerge.io import load_state, read_meta
+
+    run = tmp_path / "run"
+    args = ["fl", "--dataset", "digits", "--width", "64", "--clients", "4", "--min-size", "5",
+            "--local-epochs", "30", "--rounds", "6", "--strategy", "scaffold"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from basinmerge.cli import main; main()",
+                             *args, "--out", str(run)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        ckpt = run / "checkpoint.safetensors"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.is_file() and read_meta(ckpt).get("round", 0) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: round ")
+    assert lines[0].endswith(f"resume with: basinmerge fl --resume {run}")
+    done = read_meta(ckpt)["round"]
+    assert 1 <= done < 6
+    assert _cli(["-q", "fl", "--resume", str(run)]) == 0
+    whole = tmp_path / "whole"
+    assert _cli(["-q", *args, "--out", str(whole)]) == 0
+    sa, _ = load_state(run / "final.safetensors")
+    sb, _ = load_state(whole / "final.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -44,7 +44,7 @@ def _given(ctx: typer.Context) -> list[str]:
     return [n for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 
 
-def _resumed_config(folder: Path, typed, given: list[str]):
+def _resumed_config(folder: Path, values: dict, given: list[str]):
     """The run folder's configuration; options given again must agree (rounds may grow)."""
     from basinmerge.fl import FLConfig
     from basinmerge.fl.outputs import config_difference, read_run_config
@@ -52,12 +52,12 @@ def _resumed_config(folder: Path, typed, given: list[str]):
     stored = FLConfig.from_dict(read_run_config(folder))
     fields = {_FIELDS.get(n, n) for n in given} - _NOT_CONFIG - {"rounds", "data_root"}
     diff = config_difference({f: getattr(stored, f) for f in fields},
-                             {f: getattr(typed, f) for f in fields}, ignore=())
+                             {f: values[f] for f in fields}, ignore=())
     if diff:
         raise ConfigError(f"{folder} was run with other options ({'; '.join(diff)}); "
                           "give only --resume (and --rounds to extend it), or start a new --out")
-    return dataclasses.replace(stored, rounds=typed.rounds if "rounds" in given else stored.rounds,
-                               data_root=typed.data_root)
+    return dataclasses.replace(stored, data_root=values["data_root"],
+                               rounds=values["rounds"] if "rounds" in given else stored.rounds)
 
 
 def _check_out(folder: Path, resume: bool, force: bool) -> None:
@@ -143,15 +143,15 @@ def fl_cmd(
     if client_timeout is not None and not client_timeout > 0:
         raise ConfigError(f"--client-timeout must be > 0 seconds, got {client_timeout}")
     torch.set_num_threads(threads)
-    cfg = fl.FLConfig(
+    values = dict(
         dataset=dataset, model=model, model_options=_model_options(model, width, depth, model_opt),
         clients=clients, scheme=scheme, alpha=alpha, classes_per_client=classes_per_client,
         min_size=min_size, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, fraction=fraction,
         strategy=strategy, strategy_options=parse_kv(opt), aggregate=aggregate, trim=trim,
         seed=seed, train_limit=train_limit, test_limit=test_limit, data_root=root)
-    if resume is not None:
-        cfg = _resumed_config(Path(resume), cfg, _given(ctx))
+    cfg = (fl.FLConfig(**values) if resume is None else
+           _resumed_config(Path(resume), values, _given(ctx)))
     folder = Path(resume if resume is not None else
                   out or f"runs/fl/{cfg.strategy}-{cfg.dataset}-a{cfg.alpha:g}-s{cfg.seed}")
     _check_out(folder, resume is not None, force)
