@@ -204,6 +204,28 @@ def fl_cmd(
                   "final.safetensors)")
 
 
+@app.command("flower-app")
+def flower_app_cmd(
+    folder: Path = typer.Argument(..., help="App folder to write (pyproject.toml, wheels/)."),
+    out: Path = typer.Option(Path("runs/fl-flower"), "--out", "-o", help="Where the ServerApp writes its results (made absolute)."),
+    config: list[str] = typer.Option([], "--set", help="Run-config value key=value (FLConfig fields with dashes or underscores), e.g. --set strategy=wsa --set clients=2."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing pyproject.toml."),
+) -> None:
+    """Write a Flower app folder that runs exactly this basinmerge: its only dependency is a
+    wheel of this code (by absolute file URL, never by name from an index), and its run config
+    carries this code's hash, which every ServerApp/ClientApp checks (docs/flower.md)."""
+    from basinmerge.fl import FLConfig
+    from basinmerge.fl.deployment import write_app
+
+    values = {k.replace("-", "_"): v for k, v in parse_kv(config).items()}
+    cfg = FLConfig.from_dict(values)  # checks every value before anything is written
+    if (folder / "pyproject.toml").exists() and not force:
+        raise ConfigError(f"{folder / 'pyproject.toml'} exists; use --force to overwrite it")
+    path = write_app(folder, cfg, out)
+    console.print(f"wrote {path} and {folder}/wheels/; run it with: flwr run {folder} "
+                  "<superlink> (docs/flower.md)")
+
+
 @experiment_app.command("federated")
 def federated_cmd(
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),

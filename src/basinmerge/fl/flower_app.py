@@ -73,16 +73,24 @@ log = logging.getLogger("basinmerge.fl")
 PARTITION_KEY = "partition-id"
 
 
+# Run-config keys that are not `FLConfig` fields (read by the apps themselves).
+APP_KEYS = ("out", "client_timeout", "code_hash", "connect_timeout")
+
+
 def config_from_run_config(run_config: Mapping[str, Any]) -> FLConfig:
     """An `FLConfig` from Flower run-config keys (``clients = 20``, ``local-epochs = 2``, ...;
-    ``model-options`` is a JSON object string; 0 or "" for ``train-limit`` / ``test-limit`` /
-    ``data-root`` means unset). Keys Flower or the server app use (``out``) are ignored."""
+    ``model-options`` and ``strategy-options`` are JSON object strings; 0 or "" for
+    ``train-limit`` / ``test-limit`` / ``data-root`` means unset). A ``code-hash`` key is checked
+    against this node's basinmerge (`basinmerge.fl.deployment.check_code`)."""
+    from basinmerge.fl.deployment import check_code
+
+    check_code(run_config.get("code-hash"))
     d: dict[str, Any] = {}
     for key, value in run_config.items():
         name = str(key).replace("-", "_")
-        if name in ("out", "client_timeout"):
+        if name in APP_KEYS:
             continue
-        if name == "model_options":
+        if name in ("model_options", "strategy_options"):
             value = json.loads(value) if isinstance(value, str) and value else dict(value or {})
         if name in ("train_limit", "test_limit", "data_root") and value in (0, "", None):
             value = None
@@ -162,19 +170,32 @@ class ScopeStrategy(FlowerFedAvg):
     """Flower's FedAvg with sampling, instructions (proximal μ, WSA target scope in an extra
     ArrayRecord) and aggregation delegated to a basinmerge `Strategy`."""
 
-    def __init__(self, policy: Strategy, num_clients: int, query_timeout: float = 600.0):
+    def __init__(self, policy: Strategy, num_clients: int, query_timeout: float = 600.0,
+                 connect_timeout: float | None = None):
         super().__init__(fraction_train=policy.fraction, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0,
                          min_available_nodes=num_clients)
         self.policy = policy
         self.num_clients = int(num_clients)
         self.query_timeout = query_timeout
+        self.connect_timeout = connect_timeout
         self.node_of: dict[int, int] = {}
         self.global_state: dict[str, torch.Tensor] | None = None
         self.rounds: dict[int, dict] = {}
 
     def _map_nodes(self, grid: Grid) -> None:
-        """Ask every node for its partition id (node ids are random per run)."""
+        """Ask every node for its partition id (node ids are random per run), after waiting
+        (up to `connect_timeout` seconds, if set) until all of them have connected."""
+        if self.connect_timeout is not None:
+            deadline = time.monotonic() + self.connect_timeout
+            while len(list(grid.get_node_ids())) < self.num_clients:
+                if time.monotonic() > deadline:
+                    raise BasinmergeError(
+                        f"only {len(list(grid.get_node_ids()))} of {self.num_clients} SuperNodes "
+                        f"connected within {self.connect_timeout:g} s; start one per partition "
+                        "(a SuperNode gives up after --max-retries failed connections and must "
+                        "be restarted)")
+                time.sleep(0.5)
         node_ids, _ = sample_nodes(grid, self.num_clients, self.num_clients)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in node_ids]
@@ -232,11 +253,17 @@ def _server_main(grid: Grid, context: Context, fixed: Mapping | None, sink: dict
         config_from_run_config(context.run_config)
     if out is None and fixed is None and context.run_config.get("out"):
         out = str(context.run_config["out"])
-    out_path = Path(out) if out is not None else None
+    # A relative `out` would land in the SuperLink's working directory: say where it goes.
+    out_path = Path(out).resolve() if out is not None else None
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+        log.info("the ServerApp writes to %s", out_path)
+    connect = context.run_config.get("connect-timeout") if fixed is None else None
     train, test = load_data(cfg)
     model = build_model(cfg, train)
     policy = cfg.make_strategy()
-    strategy = ScopeStrategy(policy, cfg.clients)
+    strategy = ScopeStrategy(policy, cfg.clients,
+                             connect_timeout=float(connect) if connect else None)
     eval_net = copy.deepcopy(model)
     history: list[dict] = []
 
