@@ -9,8 +9,9 @@ steps it sets its control variate by the paper's option II,
 and sends ``Δc_i = c_i⁺ − c_i`` (extra ``delta_c``) with its model y_i. With heavy-ball momentum
 β (restarted every round) K·η becomes the displacement of K steps under a constant gradient,
 ``η·(K − β(1 − β^K)/(1 − β))/(1 − β)``, so that c_i⁺ is still the client's mean corrected
-gradient (β = 0 gives K·η). The server aggregates the models as FedAvg does (global step size 1)
-and sets ``c ← c + (1/N) Σ_{i∈S} Δc_i`` over the N clients. c and c_i cover the floating-point
+gradient (β = 0 gives K·η). The server sets ``x ← x + (1/|S|) Σ_{i∈S} (y_i − x)`` (global step
+size 1, an unweighted mean as in the paper, consistent with c's) and ``c ← c + (1/N) Σ_{i∈S} Δc_i``
+over the N clients. c and c_i cover the floating-point
 parameters (zeros before a client's first round); the server keeps each c_i (it equals the sum
 of that client's Δc_i) and sends it back with c in the client's instructions.
 """
@@ -67,6 +68,9 @@ class Scaffold(Strategy):
     def sample(self, server_round: int, num_clients: int) -> list[int]:
         self.num_clients = num_clients
         return super().sample(server_round, num_clients)
+
+    def weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        return [1.0] * len(updates)  # the paper's x + (1/|S|) Σ Δy_i, to match c's mean
 
     def client_instructions(self, instructions: Instructions, client: int) -> Instructions:
         return with_arrays(instructions, c=self.store.groups["c"],
