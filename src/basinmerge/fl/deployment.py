@@ -314,17 +314,19 @@ def _flwr(exe: str, args: list[str], env: Mapping[str, str], cwd: Path,
 
 def run_deployment(cfg: FLConfig, out: str | Path, *, superlink_port: int | None = None,
                    connect_timeout: float = 120.0, run_timeout: float = 3600.0,
-                   max_retries: int = 3, poll: float = 1.0) -> SimulationResult:
+                   max_retries: int = 3, poll: float = 1.0,
+                   supernodes: int | None = None) -> SimulationResult:
     """Run `cfg` through a local SuperLink, ``cfg.clients`` SuperNodes and ``flwr run``; see
     the module docstring. Returns the final state and history the ServerApp wrote to `out`;
-    the app folder and the processes' logs are under ``out/flower/``."""
+    the app folder and the processes' logs are under ``out/flower/``. `supernodes` starts fewer
+    SuperNodes than clients (to see the ServerApp give up after `connect_timeout`)."""
     exes = flower_executables()
     out = Path(out).resolve()
     work = out / "flower"
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     port = check_port(superlink_port) if superlink_port is not None else free_port()
-    node_ports = [free_port() for _ in range(cfg.clients)]
+    node_ports = [free_port() for _ in range(cfg.clients if supernodes is None else supernodes)]
     app = write_app(work / "app", cfg, out, wheel=False).parent
     home = work / "flwr-home"
     home.mkdir(exist_ok=True)
@@ -350,7 +352,7 @@ def run_deployment(cfg: FLConfig, out: str | Path, *, superlink_port: int | None
                 "--node-config", f"partition-id={i} num-partitions={cfg.clients}"])
         answer = _flwr(exes["flwr"], ["run", str(app), FEDERATION, "--run-config",
                                       f"connect-timeout={float(connect_timeout)}"],
-                       env, work, timeout=connect_timeout)
+                       env, work, timeout=max(180.0, connect_timeout))
         if not answer.get("success") or not answer.get("run-id"):
             raise FederatedError(f"`flwr run` did not start the run: {answer}")
         run_id = str(answer["run-id"])
