@@ -391,7 +391,7 @@ def _wait_run(flwr: str, run_id: str, procs: _Processes, env, cwd: Path, timeout
     deadline = time.monotonic() + timeout
     while True:
         procs.watch()
-        runs = _flwr(flwr, ["ls", "--run-id", run_id], env, cwd, timeout=60).get("runs", [])
+        runs = _flwr(flwr, ["ls", "--run-id", run_id], env, cwd, timeout=180).get("runs", [])
         status = str(runs[0].get("status", "")) if runs else ""
         if status.startswith("finished"):
             details = runs[0].get("status-details") or ""
