@@ -254,7 +254,7 @@ def federated_cmd(
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
     try:
-        alpha_list = None if alphas is None else [float(a) for a in items(alphas)]
+        alpha_list = None if alphas is None else [float(a) for a in items(alphas) or []]
     except ValueError as e:
         raise ConfigError(f"--alphas must be comma-separated numbers, got '{alphas}'") from e
     result = federated.run(dataset=dataset, scale=scale, seeds=seeds, out=out, device=device,

@@ -58,7 +58,7 @@ def instructions_to_records(instr: Instructions) -> dict[str, Any]:
 
 
 def instructions_from_content(content: RecordDict, server_round: int) -> Instructions:
-    cfg = content.config_records.get("config", ConfigRecord())
+    cfg: Any = content.config_records.get("config", ConfigRecord())
     target = content.array_records.get(SCOPE_RECORD)
     arrays = content.array_records.get(ARRAYS_RECORD)
     return Instructions(round=server_round, mu=float(cfg.get("mu", 0.0)),
@@ -88,8 +88,8 @@ def update_to_content(upd: ClientUpdate) -> RecordDict:
 def update_from_reply(msg: Message) -> ClientUpdate:
     """A `ClientUpdate` from a train reply (the inverse of `update_to_content`)."""
     content = msg.content
-    metrics = next(iter(content.metric_records.values()))
-    layers = content.config_records["scope"]
+    metrics: Any = next(iter(content.metric_records.values()))
+    layers: Any = content.config_records["scope"]
     scope = Scope({k: LayerScope(float(m), float(s), int(n)) for k, m, s, n in zip(
         layers["layers"], metrics["scope-mean"], metrics["scope-std"], layers["counts"],
         strict=True)})

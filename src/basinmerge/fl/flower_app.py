@@ -134,9 +134,10 @@ def make_client_app(config: Mapping | None = None) -> ClientApp:
         torch.set_num_threads(1)  # workers share the machine's cores
         cfg, model, data, parts = _client_env(_resolve_config(config, context))
         cid = _partition_id(context, cfg.clients)
-        server_round = int(msg.content["config"]["server-round"])
+        content: Any = msg.content
+        server_round = int(content["config"]["server-round"])
         instr = instructions_from_content(msg.content, server_round)
-        global_state = msg.content["arrays"].to_torch_state_dict()
+        global_state = content["arrays"].to_torch_state_dict()
         upd = client_update(model, global_state, data.subset(parts[cid]), cfg.local_training(),
                             instr, client=cid, seed=cfg.seed)
         return Message(update_to_content(upd), reply_to=msg)
@@ -147,7 +148,8 @@ def make_client_app(config: Mapping | None = None) -> ClientApp:
         cfg, model, data, parts = _client_env(_resolve_config(config, context))
         cid = _partition_id(context, cfg.clients)
         net = copy.deepcopy(model)
-        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        arrays: Any = msg.content["arrays"]
+        net.load_state_dict(arrays.to_torch_state_dict())
         m = evaluate(net, data.subset(parts[cid]))
         return Message(RecordDict({"metrics": MetricRecord(
             {"num-examples": len(parts[cid]), "loss": m["loss"], "accuracy": m["accuracy"]})}),
@@ -203,7 +205,8 @@ class ScopeStrategy(FlowerFedAvg):
             if reply.has_error():
                 raise BasinmergeError(f"node {reply.metadata.src_node_id} failed to report its "
                                       f"partition id: {reply.error.reason}")
-            pid = int(reply.content["info"][PARTITION_KEY])
+            info: Any = reply.content["info"]
+            pid = int(info[PARTITION_KEY])
             self.node_of[pid] = reply.metadata.src_node_id
         missing = sorted(set(range(self.num_clients)) - set(self.node_of))
         if missing:
@@ -232,7 +235,8 @@ class ScopeStrategy(FlowerFedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         partition_of = {n: p for p, n in self.node_of.items()}
-        dropped = {partition_of.get(m.metadata.src_node_id, -1): m.error.reason for m in errors}
+        dropped = {partition_of.get(m.metadata.src_node_id, -1): str(m.error.reason)
+                   for m in errors}
         for cid, reason in dropped.items():
             log.warning("round %d: dropped client %d (%s)", server_round, cid, reason)
         updates = [update_from_reply(m) for m in valid]
@@ -328,7 +332,7 @@ def run_flower(config: FLConfig, *, out: str | Path | None = None, progress: boo
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     sink: dict = {}
     cfg_dict = config.to_dict()
-    backend_config = {
+    backend_config: Any = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": int(num_cpus or os.cpu_count() or 1),
                       "include_dashboard": False, "logging_level": "error",

@@ -133,7 +133,7 @@ def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequen
         test = test.to(device)
 
     resumed_from = None
-    if resume:
+    if resume and out_path is not None:
         state, done, history = read_checkpoint(out_path, config, strategy)
         resumed_from = done
         log.info("resuming from round %d of %s", done, out_path)

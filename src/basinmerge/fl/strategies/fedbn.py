@@ -13,6 +13,7 @@ is FedAvg.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ class FedBN(Strategy):
     name = "fedbn"
     summary = "FedAvg with BatchNorm parameters and statistics kept local"
 
-    def configure(self) -> None:
+    def configure(self, **options: Any) -> None:
         self.store = ClientStates("local")
 
     def client_instructions(self, instructions: Instructions, client: int) -> Instructions:

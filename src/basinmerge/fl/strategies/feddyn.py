@@ -14,6 +14,7 @@ compute it from the uploads) and sends it back in the client's instructions.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +33,8 @@ class FedDyn(Strategy):
     summary = "dynamic regularization: linear dual term + quadratic term, server h-state"
     options = (positive("alpha", 0.01, "regularization weight α"),)
 
-    def configure(self, alpha: float) -> None:
-        self.alpha = alpha
+    def configure(self, **options: Any) -> None:
+        self.alpha = float(options["alpha"])
         self.store = ClientStates("grad", "h")
         self.num_clients = 0
 

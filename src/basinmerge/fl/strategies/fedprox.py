@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -16,8 +17,8 @@ class FedProx(Strategy):
     summary = "FedAvg + proximal term toward the global model"
     options = (positive("mu", 0.01, "proximal weight μ"),)
 
-    def configure(self, mu: float) -> None:
-        self.mu = mu
+    def configure(self, **options: Any) -> None:
+        self.mu = float(options["mu"])
 
     def instructions(self, server_round: int,
                      global_state: Mapping[str, torch.Tensor]) -> Instructions:

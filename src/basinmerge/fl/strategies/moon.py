@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,8 +105,8 @@ class Moon(Strategy):
                requirement="> 0"),
     )
 
-    def configure(self, mu: float, temperature: float) -> None:
-        self.mu, self.temperature = mu, temperature
+    def configure(self, **options: Any) -> None:
+        self.mu, self.temperature = float(options["mu"]), float(options["temperature"])
         self.store = ClientStates("prev")
 
     def instructions(self, server_round: int,

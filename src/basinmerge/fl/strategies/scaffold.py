@@ -19,6 +19,7 @@ of that client's Δc_i) and sends it back with c in the client's instructions.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ class LinearTerm:
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         named = dict(model.named_parameters())
-        return sum((named[k] * d.to(named[k].device, named[k].dtype)).sum()
-                   for k, d in self.direction.items())
+        terms = [(named[k] * d.to(named[k].device, named[k].dtype)).sum()
+                 for k, d in self.direction.items()]
+        return torch.stack(terms).sum()
 
 
 @register
@@ -55,7 +57,7 @@ class Scaffold(Strategy):
     name = "scaffold"
     summary = "control variates c, c_i correct client drift"
 
-    def configure(self) -> None:
+    def configure(self, **options: Any) -> None:
         self.store = ClientStates("ci", "c")
         self.num_clients = 0
 

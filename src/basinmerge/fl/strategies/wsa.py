@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class WSA(Strategy):
                requirement="in [0, 1)"),
     )
 
-    def configure(self, **o) -> None:
+    def configure(self, **o: Any) -> None:
         self.lam, self.target_kind = o["lambda"], o["target"]
         self.divergence, self.reduce, self.fusion = o["divergence"], o["reduce"], o["fusion"]
         self.collapse_ratio = o["collapse_ratio"]
