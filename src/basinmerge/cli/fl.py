@@ -77,14 +77,20 @@ def _check_out(folder: Path, resume: bool, force: bool) -> None:
                           "folder)")
 
 
-def _interrupted(folder: Path) -> None:
+def _interrupted(folder: Path, backend: str) -> None:
+    """One line: what was saved and the exact command to resume; exit 130."""
     from basinmerge.fl.outputs import CHECKPOINT
 
     ckpt = folder / CHECKPOINT
     done = io.read_meta(ckpt).get("round") if ckpt.is_file() else None
-    what = (f"round {done} is saved in {ckpt}" if done is not None else "nothing was saved")
-    err_console.print(f"interrupted: {what}; resume with: basinmerge fl --resume "
-                      f"{shlex.quote(str(folder))}", highlight=False, soft_wrap=True)
+    if backend != "embedded" or done is None:
+        line = (f"interrupted: the {backend} run was stopped; nothing to resume (its rounds so "
+                f"far are in {folder}/rounds.json if any)" if backend != "embedded" else
+                "interrupted before the first checkpoint; nothing was saved")
+    else:
+        line = (f"interrupted: round {done} is saved in {ckpt}; resume with: basinmerge fl "
+                f"--resume {shlex.quote(str(folder))}")
+    err_console.print(line, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(130)
 
 
@@ -189,7 +195,7 @@ def fl_cmd(
                            {"federated": cfg.to_dict(), "backend": "embedded"},
                            title=cfg.strategy)
     except KeyboardInterrupt:
-        _interrupted(folder)
+        _interrupted(folder, backend)
     seconds = time.perf_counter() - t0
     dropped = sum(len(r.get("dropped", {})) for r in result.history)
     rejected = sum(len(r.get("rejected", {})) for r in result.history)
