@@ -7,7 +7,7 @@ STAMP := $(VENV)/.basinmerge-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 EXTRAS ?= dev,flower,hf
 
-.PHONY: all demo test test-fast bench lint data venv clean
+.PHONY: all demo test test-all test-fast bench lint data venv clean
 
 all: test
 
@@ -36,11 +36,15 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/basinmerge demo
 
+# `deployment` tests start a real Flower SuperLink, SuperNodes and `flwr run` (minutes each).
 test: $(STAMP) data
+	$(PY) -m pytest -q -p no:cacheprovider -m "not deployment"
+
+test-all: $(STAMP) data
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP) data
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not flower"
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not flower and not deployment"
 
 bench: $(STAMP) data
 	$(PY) -m benchmarks

@@ -268,7 +268,7 @@ def test_wsa_targets_and_nan_rejection():
     g = build("mlp", (6,), 3, seed=0, width=5).state_dict()
     ups = [_update(0, 10, 1), _update(1, 30, 2, scale=3.0), _update(2, 5, 3)]
     ups[2].state["head.weight"][0, 0] = float("nan")
-    wsa = WSA(lam=1.0, target="fused")
+    wsa = WSA(**{"lambda": 1.0}, target="fused")
     assert wsa.instructions(1, g).target == weight_scope(g)  # round 1: the global model's scope
     out = wsa.aggregate(1, g, ups)
     assert out.accepted == [0, 1] and "NaN" in out.rejected[2]
@@ -276,10 +276,10 @@ def test_wsa_targets_and_nan_rejection():
     assert all(torch.equal(out.state[k], expected[k]) for k in expected)
     fused = fuse([ups[0].scope, ups[1].scope], [10, 30])
     assert wsa.instructions(2, out.state).target == fused
-    restored = WSA(lam=1.0)
+    restored = WSA(**{"lambda": 1.0})
     restored.load_state_dict(json.loads(json.dumps(wsa.state_dict())))
     assert restored.target == fused
-    glob = WSA(lam=1.0, target="global")
+    glob = WSA(**{"lambda": 1.0}, target="global")
     glob.aggregate(1, g, ups)
     assert glob.instructions(2, out.state).target == weight_scope(out.state)
     assert FedProx(mu=0.5).instructions(1, g).mu == 0.5
@@ -291,7 +291,7 @@ def test_wsa_reports_a_collapsing_target_once_and_remembers_it(caplog):
     def shrunk(factor: float) -> dict:
         return {k: v * factor if k == "head.weight" else v.clone() for k, v in g.items()}
 
-    wsa = WSA(lam=1.0, target="global", collapse_ratio=0.25)
+    wsa = WSA(**{"lambda": 1.0}, target="global", collapse_ratio=0.25)
     with caplog.at_level("WARNING", logger="basinmerge.fl"):
         wsa.instructions(1, g)
         wsa.instructions(2, shrunk(0.5))  # σ ratio 0.5: no report
@@ -303,22 +303,22 @@ def test_wsa_reports_a_collapsing_target_once_and_remembers_it(caplog):
     assert len(wsa.round_warnings(3)) == 1 and wsa.round_warnings(4) == []
     assert "head.weight" in wsa.round_warnings(3)[0]
     assert sum("WSA target's std" in r.message for r in caplog.records) == 1
-    restored = WSA(lam=1.0, target="global")
+    restored = WSA(**{"lambda": 1.0}, target="global")
     restored.load_state_dict(json.loads(json.dumps(wsa.state_dict())))
     assert restored.collapse == wsa.collapse and restored.first_target == weight_scope(g)
-    quiet = WSA(lam=1.0, target="global", collapse_ratio=0.0)
+    quiet = WSA(**{"lambda": 1.0}, target="global", collapse_ratio=0.0)
     quiet.instructions(1, g)
     quiet.instructions(2, shrunk(0.01))
     assert quiet.collapse is None
     with pytest.raises(ConfigError, match="collapse_ratio"):
-        WSA(lam=1.0, collapse_ratio=1.5)
+        WSA(**{"lambda": 1.0}, collapse_ratio=1.5)
 
 
 def test_simulator_records_a_collapsing_wsa_target_in_the_round(digits):
     """Clients that shrink the classifier 10x make the global target collapse in round 2."""
     cfg, train, test = digits
     cfg = fl.FLConfig(**{**TINY, "fraction": 1.0, "rounds": 3, "strategy": "wsa",
-                         "wsa_target": "global"})
+                         "strategy_options": {"target": "global"}})
 
     def shrinking(*args, **kw):
         upd = client_update(*args, **kw)
@@ -354,7 +354,7 @@ def test_all_updates_bad_keeps_global():
 
 def test_resume_is_bit_identical(digits, tmp_path):
     base, train, test = digits
-    cfg = fl.FLConfig(**{**TINY, "strategy": "wsa", "wsa_lambda": 1.0})
+    cfg = fl.FLConfig(**{**TINY, "strategy": "wsa", "strategy_options": {"lambda": 1.0}})
     full = _run(cfg, train, test)
 
     def crash_in_round_3(*args, **kw):
@@ -374,8 +374,8 @@ def test_resume_is_bit_identical(digits, tmp_path):
     csv_lines = (tmp_path / "rounds.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("round,test_accuracy")
 
-    other = fl.FLConfig(**{**TINY, "strategy": "wsa", "wsa_lambda": 2.0})
-    with pytest.raises(ConfigError, match="wsa_lambda = 1.0 there, 2.0 here"):
+    other = fl.FLConfig(**{**TINY, "strategy": "wsa", "strategy_options": {"lambda": 2.0}})
+    with pytest.raises(ConfigError, match=r"strategy_options = \{'lambda': 1.0\} there, \{'lambda': 2.0\} here"):
         _run(other, train, test, out=tmp_path, resume=True)
     with pytest.raises(ConfigError, match="no checkpoint.safetensors"):
         _run(cfg, train, test, out=tmp_path / "empty", resume=True)
@@ -459,9 +459,9 @@ COMMON = ["-q", "fl", "--dataset", "digits", "--width", "16", "--clients", "4", 
 @pytest.mark.parametrize("extra, message", [
     (["--fraction", "1.5"], "fraction must be in (0, 1]"),
     (["--fraction", "0"], "fraction must be in (0, 1]"),
-    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--alpha", "0"], "alpha must be > 0"),
     (["--clients", "400"], "more clients (400) than training examples (300)"),
-    (["--strategy", "fedsgd"], "unknown --strategy"),
+    (["--strategy", "fedsgd"], "unknown strategy 'fedsgd'"),
     (["--backend", "grpc"], "unknown --backend"),
 ])
 def test_cli_bad_input(extra, message, capsys):
@@ -489,7 +489,7 @@ def test_cli_run_extend_and_mismatched_resume(tmp_path, capsys):
     assert (a / "accuracy.png").stat().st_size > 0
     capsys.readouterr()
     assert _cli([*COMMON, "--rounds", "3", "--strategy", "wsa", "--resume", str(b)]) == 1
-    assert "another configuration (strategy = 'fedprox' there, 'wsa' here)" in \
+    assert "was run with other options (strategy = 'fedprox' there, 'wsa' here)" in \
         " ".join(capsys.readouterr().err.split())
 
 
@@ -552,3 +552,138 @@ def test_study_model_choice():
         federated.study_models("quick", ["resnet"])
     with pytest.raises(ConfigError, match="got none"):
         federated.study_models("quick", [])
+
+
+# --------------------------------------------------------------------------- nothing silently wrong
+
+
+def test_a_round_where_every_client_failed_is_an_error(digits, tmp_path):
+    from basinmerge.errors import FederatedError
+
+    cfg, train, test = digits
+    cfg = fl.FLConfig(**{**TINY, "fraction": 1.0, "rounds": 3})
+
+    def broken_in_round_2(*args, **kw):
+        if args[4].round == 2:
+            raise RuntimeError("out of memory")
+        return client_update(*args, **kw)
+
+    with pytest.raises(FederatedError, match=r"round 2: every client failed, nothing to "
+                                             r"aggregate \(client 0: RuntimeError: out of memory"):
+        _run(cfg, train, test, out=tmp_path, update_fn=broken_in_round_2)
+    rows = json.loads((tmp_path / "rounds.json").read_text())
+    assert [r["round"] for r in rows] == [0, 1]  # the last good round stays checkpointed
+
+
+def test_cli_lr_zero_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli([*COMMON, "--rounds", "1", "--lr", "0", "--out", str(out)]) == 1
+    assert "learning rate must be > 0, got 0.0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--aggregate", "foo"], "unknown aggregation 'foo'"),
+    (["--strategy", "wsa", "--opt", "lambda=-1"], "strategy 'wsa' option 'lambda' must be > 0"),
+    (["--strategy", "fedprox", "--opt", "lamda=1"], "strategy 'fedprox' has no option 'lamda'"),
+    (["--clients", "400"], "more clients (400) than training examples (300)"),
+])
+def test_cli_bad_option_leaves_nothing_behind(extra, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a for a in COMMON]
+    if "--clients" in extra:
+        i = args.index("--clients")
+        del args[i:i + 2]
+    assert _cli([*args, "--rounds", "1", *extra, "--out", str(out)]) == 1
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+
+
+def test_cli_refuses_to_overwrite_a_run_unless_forced(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli([*COMMON, "--rounds", "1", "--out", str(out)]) == 0
+    first = (out / "final.safetensors").read_bytes()
+    capsys.readouterr()
+    assert _cli([*COMMON, "--rounds", "1", "--seed", "1", "--out", str(out)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already holds a run" in err and f"--resume {out}" in err and "--force" in err
+    assert (out / "final.safetensors").read_bytes() == first
+    assert _cli([*COMMON, "--rounds", "1", "--seed", "1", "--out", str(out), "--force"]) == 0
+    assert (out / "final.safetensors").read_bytes() != first
+
+
+def test_cli_resume_alone_takes_the_options_from_the_run(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    opts = ["--strategy", "wsa", "--opt", "lambda=2", "--alpha", "0.3", "--seed", "3"]
+    assert _cli([*COMMON, *opts, "--rounds", "3", "--out", str(a)]) == 0
+    assert _cli([*COMMON, *opts, "--rounds", "2", "--out", str(b)]) == 0
+    assert _cli(["-q", "fl", "--resume", str(b), "--rounds", "3"]) == 0
+    from basinmerge.io import load_state
+
+    sa, _ = load_state(a / "final.safetensors")
+    sb, _ = load_state(b / "final.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    capsys.readouterr()
+    assert _cli(["-q", "fl", "--resume", str(b), "--alpha", "0.5", "--opt", "lambda=3"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "alpha = 0.3 there, 0.5 here" in err
+    assert "strategy_options = {'lambda': 2} there, {'lambda': 3} here" in err
+
+
+def test_simulator_prints_a_plain_line_per_round_off_a_terminal(digits, capsys, monkeypatch):
+    from basinmerge import console
+
+    monkeypatch.setattr(console, "_quiet", False)  # an earlier in-process `-q` sets it
+    cfg, train, test = digits
+    cfg = fl.FLConfig(**{**TINY, "rounds": 2})
+    simulate(fl.build_model(cfg, train), train, test, fl.build_partitions(cfg, train),
+             cfg.make_strategy(), cfg.local_training(), rounds=2, seed=0, progress=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("round ")]
+    assert [x.split(":")[0] for x in lines] == ["round 1/2", "round 2/2"]
+    assert "test accuracy" in lines[0] and "clients accepted" in lines[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_is_bit_identical(tmp_path):
+    """SIGINT after round 1 is checkpointed: one line, exit 130; `--resume DIR` alone then ends
+    with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from basinmerge.io import load_state, read_meta
+
+    run = tmp_path / "run"
+    args = ["fl", "--dataset", "digits", "--width", "64", "--clients", "4", "--min-size", "5",
+            "--local-epochs", "30", "--rounds", "6", "--strategy", "scaffold"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from basinmerge.cli import main; main()",
+                             *args, "--out", str(run)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        ckpt = run / "checkpoint.safetensors"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpt.is_file() and read_meta(ckpt).get("round", 0) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: round ")
+    assert lines[0].endswith(f"resume with: basinmerge fl --resume {run}")
+    done = read_meta(ckpt)["round"]
+    assert 1 <= done < 6
+    assert _cli(["-q", "fl", "--resume", str(run)]) == 0
+    whole = tmp_path / "whole"
+    assert _cli(["-q", *args, "--out", str(whole)]) == 0
+    sa, _ = load_state(run / "final.safetensors")
+    sb, _ = load_state(whole / "final.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -12,22 +12,21 @@ pytestmark = pytest.mark.flower
 from basinmerge import fl  # noqa: E402
 from basinmerge.errors import ConfigError  # noqa: E402
 from basinmerge.fl.client import Instructions  # noqa: E402
-from basinmerge.fl.flower_app import (  # noqa: E402
-    _alive,
-    config_from_run_config,
-    descendant_pids,
+from basinmerge.fl.codec import (  # noqa: E402
     instructions_from_content,
     instructions_to_records,
-    run_flower,
     scope_from_record,
     scope_to_record,
 )
+from basinmerge.fl.flower_app import config_from_run_config, run_flower  # noqa: E402
+from basinmerge.fl.processes import alive as _alive  # noqa: E402
+from basinmerge.fl.processes import descendant_pids  # noqa: E402
 from basinmerge.models import build  # noqa: E402
 from basinmerge.scope import weight_scope  # noqa: E402
 
 CFG = dict(dataset="digits", model="mlp", model_options={"width": 16}, clients=2, alpha=0.5,
            min_size=5, rounds=2, local_epochs=2, batch_size=32, fraction=1.0, lr=0.1,
-           strategy="wsa", wsa_lambda=1.0, train_limit=600, test_limit=300)
+           strategy="wsa", strategy_options={"lambda": 1.0}, train_limit=600, test_limit=300)
 
 
 def test_scope_and_instructions_survive_the_records():
@@ -37,8 +36,8 @@ def test_scope_and_instructions_survive_the_records():
     assert scope_from_record(scope_to_record(scope)) == scope
     instr = Instructions(round=4, mu=0.5, wsa_lambda=2.0, divergence="w2", reduce="sum",
                          target=scope)
-    cfg, target = instructions_to_records(instr)
-    content = RecordDict({"config": ConfigRecord(cfg), "target-scope": target})
+    records = instructions_to_records(instr)
+    content = RecordDict({**records, "config": ConfigRecord(records["config"])})
     assert instructions_from_content(content, 4) == instr
 
 

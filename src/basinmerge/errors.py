@@ -20,3 +20,8 @@ class ConfigError(BasinmergeError, ValueError):
 
 class IncompatibleModelsError(BasinmergeError, ValueError):
     """Two or more models (state_dicts) do not share keys, shapes or dtypes."""
+
+
+class FederatedError(BasinmergeError):
+    """A federated run cannot go on (a round in which every client failed, a Flower run that
+    failed on the server)."""

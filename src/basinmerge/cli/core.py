@@ -25,6 +25,7 @@ from basinmerge.cli.scope import TARGET_HELP, build_wsa
 from basinmerge.console import console
 from basinmerge.errors import ConfigError
 from basinmerge.scope import divergence, weight_scope
+from basinmerge.wsa import DEFAULT_LAMBDA as DEFAULT_WSA_LAMBDA
 
 
 @app.command("datasets")
@@ -93,7 +94,7 @@ def train_cmd(
         if given:
             raise ConfigError(f"{given[0]} needs --wsa-target")
     else:
-        reg = build_wsa(wsa_target, net, 1.0 if wsa_lambda is None else wsa_lambda,
+        reg = build_wsa(wsa_target, net, DEFAULT_WSA_LAMBDA if wsa_lambda is None else wsa_lambda,
                         wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias, wsa_every or 1)
     hist = train_mod.fit(net, train, device=device, penalties=[reg] if reg is not None else (), **train_cfg)
     metrics = {"train": train_mod.evaluate(net, train), "test": train_mod.evaluate(net, test)}

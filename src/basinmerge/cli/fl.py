@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shlex
 import time
 from pathlib import Path
@@ -12,13 +14,17 @@ import typer
 from basinmerge import io
 from basinmerge.cli import app, experiment_app
 from basinmerge.cli.common import DATA_ROOT_OPT, DATASET_HELP, DEVICE_OPT, parse_kv, print_table
-from basinmerge.console import console
+from basinmerge.console import console, err_console
 from basinmerge.errors import ConfigError
-from basinmerge.fl.strategy import DEFAULT_WSA_LAMBDA
+from basinmerge.fl.strategy import strategy_help, strategy_names
 
-BACKENDS = ("embedded", "flower")
+BACKENDS = ("embedded", "flower", "flower-deployment")
 THREADS_HELP = ("Torch CPU threads (small federated batches run fastest single-threaded, and two "
                 "threads next to another busy process are many times slower).")
+# CLI parameters -> the FLConfig fields they set (the others map one to one).
+_FIELDS = {"width": "model_options", "depth": "model_options", "model_opt": "model_options",
+           "opt": "strategy_options", "root": "data_root"}
+_NOT_CONFIG = {"client_timeout", "backend", "out", "resume", "force", "threads", "device"}
 
 
 def _model_options(model: str, width: float | None, depth: int | None,
@@ -31,8 +37,67 @@ def _model_options(model: str, width: float | None, depth: int | None,
     return opts
 
 
-@app.command("fl")
+def _given(ctx: typer.Context) -> list[str]:
+    """The parameters typed on the command line (not defaults)."""
+    from click.core import ParameterSource
+
+    return [n for n in ctx.params if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+
+
+def _resumed_config(folder: Path, values: dict, given: list[str]):
+    """The run folder's configuration; options given again must agree (rounds may grow)."""
+    from basinmerge.fl import FLConfig
+    from basinmerge.fl.outputs import config_difference, read_run_config
+
+    stored = FLConfig.from_dict(read_run_config(folder))
+    fields = {_FIELDS.get(n, n) for n in given} - _NOT_CONFIG - {"rounds", "data_root"}
+    diff = config_difference({f: getattr(stored, f) for f in fields},
+                             {f: values[f] for f in fields}, ignore=())
+    if diff:
+        raise ConfigError(f"{folder} was run with other options ({'; '.join(diff)}); "
+                          "give only --resume (and --rounds to extend it), or start a new --out")
+    return dataclasses.replace(stored, data_root=values["data_root"],
+                               rounds=values["rounds"] if "rounds" in given else stored.rounds)
+
+
+def _check_out(folder: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite an earlier run, or a path that cannot be a run folder, before any
+    work."""
+    from basinmerge.fl.outputs import RUN_FILES
+
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output folder {folder} is a file")
+    earlier = [f for f in RUN_FILES if (folder / f).exists()]
+    if earlier and not (resume or force):
+        raise ConfigError(f"{folder} already holds a run ({earlier[0]}); continue it with "
+                          f"--resume {folder}, overwrite it with --force, or choose another --out")
+    parent = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write the output folder {folder} ({parent} is not a writable "
+                          "folder)")
+
+
+def _interrupted(folder: Path, backend: str) -> None:
+    """One line: what was saved and the exact command to resume; exit 130."""
+    from basinmerge.fl.outputs import CHECKPOINT
+
+    ckpt = folder / CHECKPOINT
+    done = io.read_meta(ckpt).get("round") if ckpt.is_file() else None
+    if backend != "embedded" or done is None:
+        line = (f"interrupted: the {backend} run was stopped; nothing to resume (its rounds so "
+                f"far are in {folder}/rounds.json if any)" if backend != "embedded" else
+                "interrupted before the first checkpoint; nothing was saved")
+    else:
+        line = (f"interrupted: round {done} is saved in {ckpt}; resume with: basinmerge fl "
+                f"--resume {shlex.quote(str(folder))}")
+    err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+    raise typer.Exit(130)
+
+
+@app.command("fl", epilog="Strategies and their --opt options:\n\n" +
+             "\n\n".join(strategy_help().splitlines()))
 def fl_cmd(
+    ctx: typer.Context,
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),
     model: str = typer.Option("mlp", "--model", "-m", help="Architecture: mlp, vgg, resnet20."),
     width: float = typer.Option(None, "--width", help="mlp units / vgg channel multiplier."),
@@ -51,28 +116,26 @@ def fl_cmd(
     momentum: float = typer.Option(0.9, "--momentum"),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="Client weight decay."),
     fraction: float = typer.Option(0.5, "--fraction", help="Fraction of clients sampled per round, in (0, 1]."),
-    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg, fedprox or wsa."),
+    strategy: str = typer.Option("fedavg", "--strategy", help=f"{', '.join(strategy_names())} (options below)."),
+    opt: list[str] = typer.Option([], "--opt", help="Strategy option key=value (repeatable; see below), e.g. --opt lambda=1."),
     aggregate: str = typer.Option("mean", "--aggregate", help="mean (by sample count), median or trimmed-mean."),
     trim: float = typer.Option(0.1, "--trim", help="Trimmed-mean fraction cut at each end."),
-    mu: float = typer.Option(0.01, "--mu", help="FedProx proximal weight."),
-    wsa_lambda: float = typer.Option(DEFAULT_WSA_LAMBDA, "--wsa-lambda", help="WSA penalty weight."),
-    wsa_target: str = typer.Option("fused", "--wsa-target", help="fused (clients' scopes) or global (the global model's; ratchets down and diverges under label skew, warned when its std collapses)."),
-    divergence: str = typer.Option("kl", "--divergence", help="kl, reverse_kl or w2."),
-    fusion: str = typer.Option("moment", "--fusion", help="Scope fusion: moment or mean."),
     seed: int = typer.Option(0, "--seed"),
     train_limit: int = typer.Option(None, "--train-limit", help="Use a fixed random training subset of this size."),
     test_limit: int = typer.Option(None, "--test-limit", help="Evaluate on a fixed test subset of this size."),
     client_timeout: float = typer.Option(None, "--client-timeout", help="Drop a client whose update takes longer (seconds)."),
-    backend: str = typer.Option("embedded", "--backend", help="embedded (in-process) or flower (Flower's simulation engine, Ray)."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default runs/fl/STRATEGY-DATASET-aALPHA-sSEED)."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run checkpointed in this folder (same options)."),
+    backend: str = typer.Option("embedded", "--backend", help="embedded (in-process), flower (Flower's simulation engine, Ray) or flower-deployment (a local SuperLink, one SuperNode per client and `flwr run`)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default runs/fl/STRATEGY-DATASET-aALPHA-sSEED); an earlier run there is refused without --resume or --force."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run checkpointed in this folder; its options are read from there (--rounds extends it)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an earlier run in --out."),
     threads: int = typer.Option(1, "--threads", help=THREADS_HELP),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
-    """Federated training: clients on non-IID splits, FedAvg / FedProx / WSA at the server."""
+    """Federated training: clients on non-IID splits, one of the registered strategies at the
+    server."""
     from basinmerge import fl
-    from basinmerge.fl.simulator import finish_outputs
+    from basinmerge.fl.outputs import finish_outputs
     from basinmerge.plots import partition_heatmap
 
     if backend not in BACKENDS:
@@ -83,44 +146,61 @@ def fl_cmd(
         raise ConfigError("--resume continues in its own folder; drop --out or give the same folder")
     if resume is not None and backend != "embedded":
         raise ConfigError("--resume works with the embedded backend only")
+    if client_timeout is not None and not client_timeout > 0:
+        raise ConfigError(f"--client-timeout must be > 0 seconds, got {client_timeout}")
     torch.set_num_threads(threads)
-    cfg = fl.FLConfig(
+    values = dict(
         dataset=dataset, model=model, model_options=_model_options(model, width, depth, model_opt),
         clients=clients, scheme=scheme, alpha=alpha, classes_per_client=classes_per_client,
         min_size=min_size, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, fraction=fraction,
-        strategy=strategy, aggregate=aggregate, trim=trim, mu=mu, wsa_lambda=wsa_lambda,
-        wsa_target=wsa_target, divergence=divergence, fusion=fusion, seed=seed,
-        train_limit=train_limit, test_limit=test_limit, data_root=root)
+        strategy=strategy, strategy_options=parse_kv(opt), aggregate=aggregate, trim=trim,
+        seed=seed, train_limit=train_limit, test_limit=test_limit, data_root=root)
+    cfg = (fl.FLConfig(**values) if resume is None else
+           _resumed_config(Path(resume), values, _given(ctx)))
     folder = Path(resume if resume is not None else
-                  out or f"runs/fl/{strategy}-{dataset}-a{alpha:g}-s{seed}")
+                  out or f"runs/fl/{cfg.strategy}-{cfg.dataset}-a{cfg.alpha:g}-s{cfg.seed}")
+    _check_out(folder, resume is not None, force)
     train, test = fl.load_data(cfg)
     parts = fl.build_partitions(cfg, train)
+    model_net = fl.build_model(cfg, train)  # checks the architecture against the data
     summary = fl.summarize(train.y, parts, train.num_classes)
+    if force and resume is None:
+        from basinmerge.fl.outputs import RUN_FILES
+
+        for f in RUN_FILES:
+            (folder / f).unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     io.write_json(folder / "partition.json", summary)
     io.save_figure(partition_heatmap(summary["histogram"], train.info.classes,
                                      f"{cfg.scheme} partition (alpha={cfg.alpha:g})"),
                    folder / "partition.png")
     t0 = time.perf_counter()
-    if backend == "flower":
-        from basinmerge.fl.flower_app import run_flower
+    try:
+        if backend == "flower":
+            from basinmerge.fl.flower_app import run_flower
 
-        result = run_flower(cfg, out=folder, progress=True,
-                            timeout=client_timeout if client_timeout is not None else 3600.0)
-    else:
-        model_net = fl.build_model(cfg, train)
-        result = fl.simulate(model_net, train, test, parts, cfg.make_strategy(),
-                             cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed, out=folder,
-                             resume=resume is not None, config=cfg.identity(),
-                             client_timeout=client_timeout, device=device)
-        finish_outputs(folder, model_net, result.state, result.history,
-                                    {"federated": cfg.to_dict(), "backend": "embedded"},
-                                    title=strategy)
+            result = run_flower(cfg, out=folder, progress=True,
+                                timeout=client_timeout if client_timeout is not None else 3600.0)
+        elif backend == "flower-deployment":
+            from basinmerge.fl.deployment import run_deployment
+
+            result = run_deployment(cfg, out=folder)
+        else:
+            result = fl.simulate(model_net, train, test, parts, cfg.make_strategy(),
+                                 cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed,
+                                 out=folder, resume=resume is not None, config=cfg.identity(),
+                                 client_timeout=client_timeout, device=device)
+            finish_outputs(folder, model_net, result.state, result.history,
+                           {"federated": cfg.to_dict(), "backend": "embedded"},
+                           title=cfg.strategy)
+    except KeyboardInterrupt:
+        _interrupted(folder, backend)
     seconds = time.perf_counter() - t0
     dropped = sum(len(r.get("dropped", {})) for r in result.history)
     rejected = sum(len(r.get("rejected", {})) for r in result.history)
-    print_table(f"{strategy} on {dataset} ({clients} clients, alpha={alpha:g}, {backend})",
+    print_table(f"{cfg.strategy} on {cfg.dataset} ({cfg.clients} clients, alpha={cfg.alpha:g}, "
+                f"{backend})",
                 ["rounds", "final accuracy", "best accuracy", "dropped", "rejected", "seconds"],
                 [[result.history[-1]["round"], result.final_accuracy, result.best_accuracy,
                   dropped, rejected, round(seconds, 1)]])
@@ -128,6 +208,28 @@ def fl_cmd(
         console.print(f"resumed after round {result.resumed_from}")
     console.print(f"wrote {folder}/ (rounds.json, rounds.csv, accuracy.png, partition.png, "
                   "final.safetensors)")
+
+
+@app.command("flower-app")
+def flower_app_cmd(
+    folder: Path = typer.Argument(..., help="App folder to write (pyproject.toml, wheels/)."),
+    out: Path = typer.Option(Path("runs/fl-flower"), "--out", "-o", help="Where the ServerApp writes its results (made absolute)."),
+    config: list[str] = typer.Option([], "--set", help="Run-config value key=value (FLConfig fields with dashes or underscores), e.g. --set strategy=wsa --set clients=2."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing pyproject.toml."),
+) -> None:
+    """Write a Flower app folder that runs exactly this basinmerge: its only dependency is a
+    wheel of this code (by absolute file URL, never by name from an index), and its run config
+    carries this code's hash, which every ServerApp/ClientApp checks (docs/flower.md)."""
+    from basinmerge.fl import FLConfig
+    from basinmerge.fl.deployment import write_app
+
+    values = {k.replace("-", "_"): v for k, v in parse_kv(config).items()}
+    cfg = FLConfig.from_dict(values)  # checks every value before anything is written
+    if (folder / "pyproject.toml").exists() and not force:
+        raise ConfigError(f"{folder / 'pyproject.toml'} exists; use --force to overwrite it")
+    path = write_app(folder, cfg, out)
+    console.print(f"wrote {path} and {folder}/wheels/; run it with: flwr run {folder} "
+                  "<superlink> (docs/flower.md)")
 
 
 @experiment_app.command("federated")
@@ -158,7 +260,7 @@ def federated_cmd(
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
     try:
-        alpha_list = None if alphas is None else [float(a) for a in items(alphas)]
+        alpha_list = None if alphas is None else [float(a) for a in items(alphas) or []]
     except ValueError as e:
         raise ConfigError(f"--alphas must be comma-separated numbers, got '{alphas}'") from e
     result = federated.run(dataset=dataset, scale=scale, seeds=seeds, out=out, device=device,

@@ -36,7 +36,7 @@ SIZES = {
     "smoke": dict(train=600, test=300, width=32, epochs=1, points=3, merge_ft_epochs=1,
                   soft_steps=10, fl_clients=4, fl_rounds=2, fl_epochs=1, fl_train=400),
 }
-WSA_LAMBDA = 1.0  # KL, mean over layers: the default chosen in docs/methods.md ("Weight Scope Alignment")
+WSA_LAMBDA = wsa.DEFAULT_LAMBDA  # KL, mean over layers (docs/methods.md, "Weight Scope Alignment")
 SGD = dict(optimizer="sgd", lr=0.05, momentum=0.9)
 ADAM = dict(optimizer="adam", lr=1e-3)
 

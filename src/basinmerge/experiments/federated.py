@@ -1,11 +1,14 @@
-"""Study: federated learning under label skew — FedAvg vs FedProx vs weight decay vs WSA.
+"""Study: federated learning under label skew — FedAvg vs FedProx vs weight decay vs WSA vs
+SCAFFOLD, FedDyn, MOON and FedBN.
 
 20 clients on Dirichlet(α) splits (α ∈ {0.1, 0.5, 5}), half of them sampled per round, 2 local
 epochs of SGD (lr 0.05, momentum 0.9, batch 64). Methods:
 
 - FedAvg; FedProx (μ = 0.01); FedAvg with client weight decay (1e-3);
 - WSA with the fused target (the clients' last-round scopes, moment-matched, weighted by sample
-  count) and with the global model's scope as target (λ = 10, KL, mean over layers).
+  count) and with the global model's scope as target (the default λ, KL, mean over layers);
+- SCAFFOLD, FedDyn (α = 0.01), MOON (μ = 1, τ = 0.5) and FedBN (= FedAvg on models without
+  BatchNorm), each with its registered defaults.
 
 Reported per (model, α, method): final and best test accuracy of the global model (mean ± std
 over seeds), the client scope divergence in the last round, accuracy and divergence curves, and
@@ -35,12 +38,18 @@ from basinmerge.fl import FLConfig, build_model, build_partitions, load_data, si
 
 MODELS = {"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.25}}
 
+# Each method: FLConfig fields over the study's common settings; strategy options are the
+# registered defaults (basinmerge.fl.strategies) unless given here.
 METHODS: dict[str, dict] = {
     "FedAvg": {"strategy": "fedavg"},
-    "FedProx": {"strategy": "fedprox", "mu": 0.01},
+    "FedProx": {"strategy": "fedprox"},
     "weight decay": {"strategy": "fedavg", "weight_decay": 1e-3},
-    "WSA (fused)": {"strategy": "wsa", "wsa_target": "fused", "wsa_lambda": 10.0},
-    "WSA (global)": {"strategy": "wsa", "wsa_target": "global", "wsa_lambda": 10.0},
+    "WSA (fused)": {"strategy": "wsa", "strategy_options": {"target": "fused"}},
+    "WSA (global)": {"strategy": "wsa", "strategy_options": {"target": "global"}},
+    "SCAFFOLD": {"strategy": "scaffold"},
+    "FedDyn": {"strategy": "feddyn"},
+    "MOON": {"strategy": "moon"},
+    "FedBN": {"strategy": "fedbn"},
 }
 
 SCALES = {
@@ -162,6 +171,14 @@ def accuracy_table(runs: list[dict], models: list[str], alphas: list[float], see
                 "update.")
 
 
+def _strategy_settings(method: str) -> dict:
+    """Every option of the method's strategy, defaults included (for the result's record)."""
+    from basinmerge.fl.strategy import strategy_class
+
+    spec = METHODS[method]
+    return strategy_class(spec["strategy"]).parse_options(spec.get("strategy_options", {}))
+
+
 def _first_round(history: list[dict], key: str) -> int | None:
     """The first round whose record has a non-empty `key` (None: none has)."""
     return next((r["round"] for r in history if r.get(key)), None)
@@ -204,10 +221,12 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
             advance(1, model=model, alpha=alpha, method=method, acc=res.final_accuracy)
 
     result = ExperimentResult(
-        name="Federated learning: FedAvg vs FedProx vs weight decay vs WSA",
+        name="Federated learning: FedAvg, FedProx, weight decay, WSA, SCAFFOLD, FedDyn, MOON, "
+             "FedBN",
         config={"dataset": dataset, "scale": scale, "seeds": seeds, "device": device,
                 **{k: v for k, v in s.items()}, "model_architectures": MODELS,
-                "method_settings": {m: METHODS[m] for m in s["methods"]}, "fraction": 0.5,
+                "method_settings": {m: {**METHODS[m], "strategy_options": _strategy_settings(m)}
+                                    for m in s["methods"]}, "fraction": 0.5,
                 "batch_size": 64, "lr": 0.05,
                 "optimizer": "sgd (momentum 0.9)"},
         data={"runs": runs, "partitions": partitions})

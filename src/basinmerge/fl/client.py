@@ -8,7 +8,11 @@ plus, as the server instructs:
 - the proximal term ``μ/2 ‖w − w_global‖²`` (FedProx; the anchor is a detached *list* copy of
   the global parameters: a generator would be exhausted after the first batch),
 - weight decay (an optimizer option of `LocalTraining`),
-- WSA: ``λ · D(scope(w) ‖ target)`` toward the round's target scope (`basinmerge.wsa`).
+- WSA: ``λ · D(scope(w) ‖ target)`` toward the round's target scope (`basinmerge.wsa`),
+- whatever the round's strategy declares for its clients (`Strategy.client_state`,
+  `client_penalties`, `client_extras`: SCAFFOLD's correction, FedDyn's linear and quadratic
+  terms, MOON's contrastive term, FedBN's local BatchNorm layers), looked up by the strategy
+  name the instructions carry.
 
 It returns the new state with the client's sample count and its weight scope (the server fuses
 the scopes into the next WSA target). All randomness (the batch order) comes from
@@ -58,6 +62,8 @@ class LocalTraining:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"the client learning rate must be > 0, got {self.lr}")
         if self.epochs < 1:
             raise ConfigError(f"local epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -71,7 +77,11 @@ class LocalTraining:
 
 @dataclass(frozen=True)
 class Instructions:
-    """What the server sends with the global model for one round."""
+    """What the server sends with the global model for one round (and one client).
+
+    `mu` and the WSA fields are the penalties any strategy may ask for; `strategy` names the
+    registered strategy whose client side runs, with its scalar `options` and named tensor
+    groups `arrays` (control variates, a previous model, local layers)."""
 
     round: int
     mu: float = 0.0
@@ -79,6 +89,9 @@ class Instructions:
     divergence: str = "kl"
     reduce: str = "mean"
     target: Scope | None = None
+    strategy: str = "fedavg"
+    options: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mu) and self.mu >= 0):
@@ -103,17 +116,42 @@ class ClientUpdate:
     num_examples: int
     scope: Scope
     metrics: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # name -> StateDict (strategy's client outputs)
 
 
-def penalties_for(model: nn.Module, instructions: Instructions) -> list:
-    """The training penalties a round's instructions ask for (proximal term, WSA)."""
+def penalties_for(model: nn.Module, instructions: Instructions,
+                  global_state: Mapping[str, torch.Tensor] | None = None) -> list:
+    """The training penalties a round's instructions ask for: proximal term, WSA, and the
+    strategy's own client terms."""
+    from basinmerge.fl.strategy import strategy_class
+
     out: list = []
     if instructions.mu > 0:
         out.append(ProximalPenalty(model, instructions.mu))
     if instructions.wsa_lambda > 0 and instructions.target is not None:
         out.append(WSARegularizer(instructions.target, instructions.wsa_lambda,
                                   divergence=instructions.divergence, reduce=instructions.reduce))
+    if global_state is not None:
+        out += strategy_class(instructions.strategy).client_penalties(model, global_state,
+                                                                      instructions)
     return out
+
+
+def local_training(net: nn.Module, data, training: LocalTraining, penalties: list, *, seed: int,
+                   client: int, deadline: float | None,
+                   device: str | torch.device | None) -> Trainer:
+    """Train `net` in place: cross-entropy plus `penalties`, one optimizer step at a time, the
+    deadline checked after every step. (The client's loss lives here and in `Trainer`.)"""
+    trainer = Trainer(net, data, optimizer=training.optimizer, lr=training.lr,
+                      momentum=training.momentum, weight_decay=training.weight_decay,
+                      batch_size=training.batch_size, epochs=training.epochs, seed=seed,
+                      penalties=penalties, device=device)
+    while trainer.step_count < trainer.total_steps:
+        trainer.step()
+        if deadline is not None and time.perf_counter() > deadline:
+            raise ClientTimeout(f"client {client} passed the round deadline after "
+                                f"{trainer.step_count}/{trainer.total_steps} steps")
+    return trainer
 
 
 def client_update(model: nn.Module, global_state: Mapping[str, torch.Tensor], data,
@@ -124,26 +162,32 @@ def client_update(model: nn.Module, global_state: Mapping[str, torch.Tensor], da
 
     `deadline` is a `time.perf_counter()` value: passing it raises `ClientTimeout` (checked
     after every optimizer step). `model` itself is not modified."""
-    net = with_state(model, global_state)
+    from basinmerge.fl.strategy import strategy_class
+
+    kind = strategy_class(instructions.strategy)
+    net = with_state(model, kind.client_state(global_state, instructions))
     if device is not None:
         net = net.to(device)
-    trainer = Trainer(net, data, optimizer=training.optimizer, lr=training.lr,
-                      momentum=training.momentum, weight_decay=training.weight_decay,
-                      batch_size=training.batch_size, epochs=training.epochs,
-                      seed=derive_seed(seed, instructions.round, client),
-                      penalties=penalties_for(net, instructions), device=device)
     t0 = time.perf_counter()
-    while trainer.step_count < trainer.total_steps:
-        trainer.step()
-        if deadline is not None and time.perf_counter() > deadline:
-            raise ClientTimeout(f"client {client} passed the round deadline after "
-                                f"{trainer.step_count}/{trainer.total_steps} steps")
+    penalties = penalties_for(net, instructions, global_state)
+    try:
+        trainer = local_training(net, data, training, penalties,
+                                 seed=derive_seed(seed, instructions.round, client), client=client,
+                                 deadline=deadline, device=device)
+    finally:
+        for p in penalties:
+            close = getattr(p, "close", None)
+            if close is not None:
+                close()
     last = trainer.history.final
     metrics = {"train_loss": float(last.get("loss", float("nan"))),
                "train_accuracy": float(last.get("accuracy", float("nan"))),
                "seconds": time.perf_counter() - t0}
     if "penalty" in last:
         metrics["penalty"] = float(last["penalty"])
+    extras = kind.client_extras(net, global_state, instructions, training, trainer.step_count)
     state = {k: v.detach().to("cpu") for k, v in clone_state(net.state_dict()).items()}
     return ClientUpdate(client=int(client), state=state, num_examples=trainer.n,
-                        scope=weight_scope(net), metrics=metrics)
+                        scope=weight_scope(net), metrics=metrics,
+                        extras={n: {k: v.detach().to("cpu") for k, v in sd.items()}
+                                for n, sd in extras.items()})

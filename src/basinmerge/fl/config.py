@@ -20,13 +20,11 @@ from basinmerge.data import Dataset
 from basinmerge.errors import ConfigError
 from basinmerge.fl.client import LocalTraining
 from basinmerge.fl.partition import SCHEMES, partition
-from basinmerge.fl.strategy import (
-    DEFAULT_WSA_LAMBDA,
-    STRATEGIES,
-    Strategy,
-    check_fraction,
-    make_strategy,
-)
+from basinmerge.fl.strategy import Strategy, check_fraction, make_strategy, strategy_class
+
+# Flat options of earlier releases, read into `strategy_options` when the strategy has them.
+LEGACY_OPTIONS = {"mu": "mu", "wsa_lambda": "lambda", "wsa_target": "target",
+                  "divergence": "divergence", "fusion": "fusion"}
 
 
 @dataclass(frozen=True)
@@ -48,13 +46,9 @@ class FLConfig:
     weight_decay: float = 0.0
     fraction: float = 0.5
     strategy: str = "fedavg"
+    strategy_options: dict = field(default_factory=dict)
     aggregate: str = "mean"
     trim: float = 0.1
-    mu: float = 0.01
-    wsa_lambda: float = DEFAULT_WSA_LAMBDA
-    wsa_target: str = "fused"
-    divergence: str = "kl"
-    fusion: str = "moment"
     seed: int = 0
     train_limit: int | None = None
     test_limit: int | None = None
@@ -62,25 +56,25 @@ class FLConfig:
 
     def __post_init__(self) -> None:
         if self.clients < 1:
-            raise ConfigError(f"--clients must be >= 1, got {self.clients}")
+            raise ConfigError(f"clients must be >= 1, got {self.clients}")
         if self.rounds < 1:
-            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if self.scheme not in SCHEMES:
-            raise ConfigError(f"unknown --scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown --strategy '{self.strategy}'; choose one of "
-                              f"{', '.join(STRATEGIES)}")
+            raise ConfigError(f"unknown scheme '{self.scheme}'; choose one of {', '.join(SCHEMES)}")
         try:
             check_fraction(self.fraction)
         except ConfigError as e:
-            raise ConfigError(f"--fraction: {e}") from None
+            raise ConfigError(f"fraction: {e}") from None
         for name in ("train_limit", "test_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        self.local_training()  # validates epochs, batch size, weight decay
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if not isinstance(self.strategy_options, dict):
+            raise ConfigError(f"strategy_options must be a mapping, got {self.strategy_options!r}")
+        strategy_class(self.strategy).check_training(self.local_training())  # validates both
+        self.make_strategy()  # validates the strategy's options and the aggregation rule
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict:
@@ -88,6 +82,15 @@ class FLConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FLConfig:
+        d = dict(d)
+        legacy = {k: d.pop(k) for k in list(d) if k in LEGACY_OPTIONS}
+        if legacy:
+            declared = {o.name for o in strategy_class(d.get("strategy", "fedavg")).options}
+            opts = dict(d.get("strategy_options") or {})
+            for k, v in legacy.items():
+                if LEGACY_OPTIONS[k] in declared:
+                    opts.setdefault(LEGACY_OPTIONS[k], v)
+            d["strategy_options"] = opts
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -106,18 +109,8 @@ class FLConfig:
                              weight_decay=self.weight_decay)
 
     def make_strategy(self) -> Strategy:
-        return make_strategy(self.strategy, fraction=self.fraction, seed=self.seed,
-                             aggregator=self.aggregate, trim=self.trim, mu=self.mu,
-                             wsa_lambda=self.wsa_lambda, wsa_target=self.wsa_target,
-                             divergence=self.divergence, fusion=self.fusion)
-
-
-def first_difference(stored: dict, current: dict) -> str | None:
-    """The first option whose value differs between two config dicts, as a readable phrase."""
-    for k in sorted(set(stored) | set(current)):
-        if stored.get(k, "<unset>") != current.get(k, "<unset>"):
-            return f"{k} = {stored.get(k, '<unset>')!r} there, {current.get(k, '<unset>')!r} here"
-    return None
+        return make_strategy(self.strategy, self.strategy_options, fraction=self.fraction,
+                             seed=self.seed, aggregator=self.aggregate, trim=self.trim)
 
 
 def load_data(cfg: FLConfig) -> tuple[Dataset, Dataset]:

@@ -9,9 +9,9 @@
 - `make_server_app(config)`: a `ServerApp` running `ScopeStrategy`, a subclass of Flower's
   `FedAvg` that delegates sampling, instructions and aggregation to a
   `basinmerge.fl.strategy.Strategy` (the same object the embedded simulator drives). Each
-  train message carries the global model, a ``ConfigRecord`` with the round's instructions and,
-  for WSA, an extra ``ArrayRecord`` ``target-scope`` (one ``[μ, σ, n]`` array per layer). The
-  global model is evaluated centrally every round.
+  train message carries the global model and the client's instructions, encoded by
+  `basinmerge.fl.codec` (the same for every strategy). The global model is evaluated centrally
+  every round; a round in which every client failed stops the run with an error.
 - `run_flower(config)`: runs both in Flower's simulation engine (Ray) in this process.
 - ``client_app`` / ``server_app``: module-level apps for ``flwr run`` and for deployments with
   ``flower-superlink`` / ``flower-supernode``; they read the configuration from the run config
@@ -37,10 +37,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -56,68 +54,43 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from basinmerge.console import progress_task
 from basinmerge.errors import BasinmergeError, ConfigError
-from basinmerge.fl.client import ClientUpdate, Instructions, client_update
-from basinmerge.fl.config import FLConfig, build_model, build_partitions, load_data
-from basinmerge.fl.simulator import (
-    SimulationResult,
-    evaluate_state,
-    finish_outputs,
-    finite_or_none,
-    write_history,
+from basinmerge.fl.client import client_update
+from basinmerge.fl.codec import (
+    instructions_from_content,
+    instructions_to_records,
+    update_from_reply,
+    update_to_content,
 )
+from basinmerge.fl.config import FLConfig, build_model, build_partitions, load_data
+from basinmerge.fl.outputs import finish_outputs, round_record, write_history
+from basinmerge.fl.processes import descendant_pids, reap
+from basinmerge.fl.simulator import SimulationResult, check_round, evaluate_state
 from basinmerge.fl.strategy import Strategy
-from basinmerge.scope import LayerScope, Scope
 from basinmerge.train import evaluate
 
 log = logging.getLogger("basinmerge.fl")
 
-SCOPE_RECORD = "target-scope"
 PARTITION_KEY = "partition-id"
 
 
-# --------------------------------------------------------------------------- records
-
-
-def scope_to_record(scope: Scope) -> ArrayRecord:
-    """A scope as an ArrayRecord: one float64 array ``[μ, σ, n]`` per layer, in layer order."""
-    return ArrayRecord({k: Array(np.array([v.mean, v.std, float(v.count)], dtype=np.float64))
-                        for k, v in scope.items()})
-
-
-def scope_from_record(record: ArrayRecord) -> Scope:
-    layers = {}
-    for k, arr in record.items():
-        m, s, n = arr.numpy().tolist()
-        layers[k] = LayerScope(float(m), float(s), int(n))
-    return Scope(layers)
-
-
-def instructions_to_records(instr: Instructions) -> tuple[dict, ArrayRecord | None]:
-    cfg = {"mu": instr.mu, "wsa-lambda": instr.wsa_lambda, "divergence": instr.divergence,
-           "reduce": instr.reduce}
-    return cfg, (scope_to_record(instr.target) if instr.target is not None else None)
-
-
-def instructions_from_content(content: RecordDict, server_round: int) -> Instructions:
-    cfg = content.config_records.get("config", ConfigRecord())
-    target = content.array_records.get(SCOPE_RECORD)
-    return Instructions(round=server_round, mu=float(cfg.get("mu", 0.0)),
-                        wsa_lambda=float(cfg.get("wsa-lambda", 0.0)),
-                        divergence=str(cfg.get("divergence", "kl")),
-                        reduce=str(cfg.get("reduce", "mean")),
-                        target=scope_from_record(target) if target is not None else None)
+# Run-config keys that are not `FLConfig` fields (read by the apps themselves).
+APP_KEYS = ("out", "client_timeout", "code_hash", "connect_timeout")
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> FLConfig:
     """An `FLConfig` from Flower run-config keys (``clients = 20``, ``local-epochs = 2``, ...;
-    ``model-options`` is a JSON object string; 0 or "" for ``train-limit`` / ``test-limit`` /
-    ``data-root`` means unset). Keys Flower or the server app use (``out``) are ignored."""
+    ``model-options`` and ``strategy-options`` are JSON object strings; 0 or "" for
+    ``train-limit`` / ``test-limit`` / ``data-root`` means unset). A ``code-hash`` key is checked
+    against this node's basinmerge (`basinmerge.fl.deployment.check_code`)."""
+    from basinmerge.fl.deployment import check_code
+
+    check_code(run_config.get("code-hash"))
     d: dict[str, Any] = {}
     for key, value in run_config.items():
         name = str(key).replace("-", "_")
-        if name in ("out", "client_timeout"):
+        if name in APP_KEYS:
             continue
-        if name == "model_options":
+        if name in ("model_options", "strategy_options"):
             value = json.loads(value) if isinstance(value, str) and value else dict(value or {})
         if name in ("train_limit", "test_limit", "data_root") and value in (0, "", None):
             value = None
@@ -161,20 +134,13 @@ def make_client_app(config: Mapping | None = None) -> ClientApp:
         torch.set_num_threads(1)  # workers share the machine's cores
         cfg, model, data, parts = _client_env(_resolve_config(config, context))
         cid = _partition_id(context, cfg.clients)
-        server_round = int(msg.content["config"]["server-round"])
+        content: Any = msg.content
+        server_round = int(content["config"]["server-round"])
         instr = instructions_from_content(msg.content, server_round)
-        global_state = msg.content["arrays"].to_torch_state_dict()
+        global_state = content["arrays"].to_torch_state_dict()
         upd = client_update(model, global_state, data.subset(parts[cid]), cfg.local_training(),
                             instr, client=cid, seed=cfg.seed)
-        means, stds = upd.scope.tensors()
-        metrics = MetricRecord({"num-examples": upd.num_examples, "client-id": cid,
-                                "train-loss": upd.metrics["train_loss"],
-                                "seconds": upd.metrics["seconds"],
-                                "scope-mean": means.tolist(), "scope-std": stds.tolist()})
-        layers = ConfigRecord({"layers": list(upd.scope.keys()),
-                               "counts": [v.count for v in upd.scope.values()]})
-        return Message(RecordDict({"arrays": ArrayRecord(upd.state), "metrics": metrics,
-                                   "scope": layers}), reply_to=msg)
+        return Message(update_to_content(upd), reply_to=msg)
 
     @app.evaluate()
     def evaluate_local(msg: Message, context: Context) -> Message:
@@ -182,7 +148,8 @@ def make_client_app(config: Mapping | None = None) -> ClientApp:
         cfg, model, data, parts = _client_env(_resolve_config(config, context))
         cid = _partition_id(context, cfg.clients)
         net = copy.deepcopy(model)
-        net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        arrays: Any = msg.content["arrays"]
+        net.load_state_dict(arrays.to_torch_state_dict())
         m = evaluate(net, data.subset(parts[cid]))
         return Message(RecordDict({"metrics": MetricRecord(
             {"num-examples": len(parts[cid]), "loss": m["loss"], "accuracy": m["accuracy"]})}),
@@ -198,100 +165,39 @@ def make_client_app(config: Mapping | None = None) -> ClientApp:
     return app
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def descendant_pids(pid: int | None = None) -> set[int]:
-    """Live descendants of a process (default: this one), read from /proc (Linux; empty
-    elsewhere). Used to make sure no Ray worker outlives a run."""
-    root = os.getpid() if pid is None else pid
-    children: dict[int, list[int]] = {}
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return set()
-    for d in proc.iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-    out: set[int] = set()
-    stack = [root]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in out:
-                out.add(c)
-                stack.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
-def reap(pids: Iterable[int], grace: float = 15.0) -> list[int]:
-    """Wait up to `grace` seconds for the given processes to exit, then SIGTERM and SIGKILL
-    the ones left (by pid). Returns the pids that had to be killed."""
-    import signal
-
-    pids = set(pids)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    killed = [p for p in pids if _alive(p)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in killed:
-            try:
-                os.kill(p, sig)
-            except OSError:
-                pass
-        time.sleep(0.5)
-    return killed
-
-
 # --------------------------------------------------------------------------- server side
-
-
-def update_from_reply(msg: Message) -> ClientUpdate:
-    """A `ClientUpdate` from a train reply (the inverse of the client's reply)."""
-    content = msg.content
-    metrics = next(iter(content.metric_records.values()))
-    layers = content.config_records["scope"]
-    scope = Scope({k: LayerScope(float(m), float(s), int(n)) for k, m, s, n in zip(
-        layers["layers"], metrics["scope-mean"], metrics["scope-std"], layers["counts"],
-        strict=True)})
-    state = next(iter(content.array_records.values())).to_torch_state_dict()
-    return ClientUpdate(client=int(metrics["client-id"]), state=dict(state),
-                        num_examples=int(metrics["num-examples"]), scope=scope,
-                        metrics={"train_loss": float(metrics["train-loss"]),
-                                 "seconds": float(metrics["seconds"])})
 
 
 class ScopeStrategy(FlowerFedAvg):
     """Flower's FedAvg with sampling, instructions (proximal μ, WSA target scope in an extra
     ArrayRecord) and aggregation delegated to a basinmerge `Strategy`."""
 
-    def __init__(self, policy: Strategy, num_clients: int, query_timeout: float = 600.0):
+    def __init__(self, policy: Strategy, num_clients: int, query_timeout: float = 600.0,
+                 connect_timeout: float | None = None):
         super().__init__(fraction_train=policy.fraction, fraction_evaluate=0.0,
                          min_train_nodes=1, min_evaluate_nodes=0,
                          min_available_nodes=num_clients)
         self.policy = policy
         self.num_clients = int(num_clients)
         self.query_timeout = query_timeout
+        self.connect_timeout = connect_timeout
         self.node_of: dict[int, int] = {}
         self.global_state: dict[str, torch.Tensor] | None = None
         self.rounds: dict[int, dict] = {}
 
     def _map_nodes(self, grid: Grid) -> None:
-        """Ask every node for its partition id (node ids are random per run)."""
+        """Ask every node for its partition id (node ids are random per run), after waiting
+        (up to `connect_timeout` seconds, if set) until all of them have connected."""
+        if self.connect_timeout is not None:
+            deadline = time.monotonic() + self.connect_timeout
+            while len(list(grid.get_node_ids())) < self.num_clients:
+                if time.monotonic() > deadline:
+                    raise BasinmergeError(
+                        f"only {len(list(grid.get_node_ids()))} of {self.num_clients} SuperNodes "
+                        f"connected within {self.connect_timeout:g} s; start one per partition "
+                        "(a SuperNode gives up after --max-retries failed connections and must "
+                        "be restarted)")
+                time.sleep(0.5)
         node_ids, _ = sample_nodes(grid, self.num_clients, self.num_clients)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                 for n in node_ids]
@@ -299,7 +205,8 @@ class ScopeStrategy(FlowerFedAvg):
             if reply.has_error():
                 raise BasinmergeError(f"node {reply.metadata.src_node_id} failed to report its "
                                       f"partition id: {reply.error.reason}")
-            pid = int(reply.content["info"][PARTITION_KEY])
+            info: Any = reply.content["info"]
+            pid = int(info[PARTITION_KEY])
             self.node_of[pid] = reply.metadata.src_node_id
         missing = sorted(set(range(self.num_clients)) - set(self.node_of))
         if missing:
@@ -313,30 +220,30 @@ class ScopeStrategy(FlowerFedAvg):
         clients = self.policy.sample(server_round, self.num_clients)
         self.global_state = dict(arrays.to_torch_state_dict())
         instr = self.policy.instructions(server_round, self.global_state)
-        extra, target = instructions_to_records(instr)
-        content = {self.arrayrecord_key: arrays,
-                   self.configrecord_key: ConfigRecord({**dict(config), **extra,
-                                                        "server-round": server_round})}
-        if target is not None:
-            content[SCOPE_RECORD] = target
         self.rounds[server_round] = {"clients": clients, "t0": time.perf_counter()}
-        return self._construct_messages(RecordDict(content), [self.node_of[c] for c in clients],
-                                        MessageType.TRAIN)
+        messages = []
+        for c in clients:
+            records = instructions_to_records(self.policy.client_instructions(instr, c))
+            records[self.configrecord_key] = ConfigRecord(
+                {**dict(config), **records.pop("config"), "server-round": server_round})
+            records[self.arrayrecord_key] = arrays
+            messages.append(Message(RecordDict(records), dst_node_id=self.node_of[c],
+                                    message_type=MessageType.TRAIN))
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, errors = self._check_and_log_replies(list(replies), is_train=True)
         partition_of = {n: p for p, n in self.node_of.items()}
-        dropped = {partition_of.get(m.metadata.src_node_id, -1): m.error.reason for m in errors}
+        dropped = {partition_of.get(m.metadata.src_node_id, -1): str(m.error.reason)
+                   for m in errors}
         for cid, reason in dropped.items():
             log.warning("round %d: dropped client %d (%s)", server_round, cid, reason)
         updates = [update_from_reply(m) for m in valid]
         outcome = self.policy.aggregate(server_round, self.global_state or {}, updates)
+        check_round(server_round, outcome, dropped, None)
         info = self.rounds.setdefault(server_round, {})
-        info.update({"accepted": outcome.accepted, "dropped": dropped,
-                     "rejected": outcome.rejected,
-                     "train_loss": finite_or_none(outcome.train_loss),
-                     "scope_divergence": finite_or_none(outcome.scope_divergence),
+        info.update({"outcome": outcome, "dropped": dropped,
                      "train_seconds": time.perf_counter() - info.get("t0", time.perf_counter())})
         metrics = MetricRecord({"train-loss": outcome.train_loss,
                                 "scope-divergence": outcome.scope_divergence,
@@ -350,10 +257,17 @@ def _server_main(grid: Grid, context: Context, fixed: Mapping | None, sink: dict
         config_from_run_config(context.run_config)
     if out is None and fixed is None and context.run_config.get("out"):
         out = str(context.run_config["out"])
-    out_path = Path(out) if out is not None else None
+    # A relative `out` would land in the SuperLink's working directory: say where it goes.
+    out_path = Path(out).resolve() if out is not None else None
+    if out_path is not None:
+        out_path.mkdir(parents=True, exist_ok=True)
+        log.info("the ServerApp writes to %s", out_path)
+    connect = context.run_config.get("connect-timeout") if fixed is None else None
     train, test = load_data(cfg)
     model = build_model(cfg, train)
-    strategy = ScopeStrategy(cfg.make_strategy(), cfg.clients)
+    policy = cfg.make_strategy()
+    strategy = ScopeStrategy(policy, cfg.clients,
+                             connect_timeout=float(connect) if connect else None)
     eval_net = copy.deepcopy(model)
     history: list[dict] = []
 
@@ -362,11 +276,12 @@ def _server_main(grid: Grid, context: Context, fixed: Mapping | None, sink: dict
             t0 = time.perf_counter()
             metrics = evaluate_state(eval_net, arrays.to_torch_state_dict(), test)
             info = strategy.rounds.pop(server_round, {})
-            info.pop("t0", None)
-            record = {"round": server_round, **metrics, "clients": [], "accepted": [],
-                      "dropped": {}, "rejected": {}, "train_loss": None,
-                      "scope_divergence": None, **info,
-                      "eval_seconds": time.perf_counter() - t0}
+            record = round_record(server_round, metrics, clients=info.get("clients", []),
+                                  outcome=info.get("outcome"), dropped=info.get("dropped"),
+                                  train_seconds=info.get("train_seconds", 0.0),
+                                  eval_seconds=time.perf_counter() - t0,
+                                  warnings=policy.round_warnings(server_round)
+                                  if server_round else ())
             history.append(record)
             if out_path is not None:
                 write_history(out_path, history)
@@ -417,7 +332,7 @@ def run_flower(config: FLConfig, *, out: str | Path | None = None, progress: boo
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     sink: dict = {}
     cfg_dict = config.to_dict()
-    backend_config = {
+    backend_config: Any = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": int(num_cpus or os.cpu_count() or 1),
                       "include_dashboard": False, "logging_level": "error",
