@@ -20,3 +20,10 @@ class ConfigError(BasinmergeError, ValueError):
 
 class IncompatibleModelsError(BasinmergeError, ValueError):
     """Two or more models (state_dicts) do not share keys, shapes or dtypes."""
+
+
+class NonFiniteError(IncompatibleModelsError):
+    """Weights, statistics or a training loss hold NaN or Inf values (named by file, key, step).
+
+    A subclass of `IncompatibleModelsError` because a non-finite member is the one model that
+    cannot take part in a merge; catch `NonFiniteError` for the bad-value policy alone."""
