@@ -71,7 +71,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
-RUN_MARKERS = ("result.json", "run.json")
+RUN_MARKERS = ("result.json", "run.json", "report.md")
 
 
 def check_output(path: str | os.PathLike, *, folder: bool = False,
@@ -81,7 +81,7 @@ def check_output(path: str | os.PathLike, *, folder: bool = False,
     path if it is empty, has the wrong extension (`suffixes`, for a file), is a folder where a
     file is wanted (or the reverse), lies under a file, or its nearest existing folder is not
     writable (tried with a temporary file, removed at once). With ``overwrite=False`` an
-    existing file, or a folder holding an earlier run (``result.json`` / ``run.json``), is
+    existing file, or a folder holding an earlier run (`RUN_MARKERS`), is
     refused too, with `overwrite_hint` (the caller's words for how to allow it).
 
     `atomic_path` later creates the missing parents and writes; this only makes sure that

@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from basinmerge import __version__
+from basinmerge import __version__, threads
 from basinmerge.console import err_console, set_quiet
 
 app = typer.Typer(
@@ -57,12 +57,19 @@ def _debug_requested(argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning any error into one line unless --debug."""
     args = list(sys.argv[1:] if argv is None else argv)
+    from basinmerge.cli import common
+
+    common.invocation = ["basinmerge", *args]
+    common.on_interrupt(None)
+    threads.apply_default()
     try:
         app(args=args, prog_name="basinmerge", standalone_mode=True)
     except SystemExit:
         raise
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        # One line: what was saved and the exact command that continues (or redoes) the work.
+        err_console.print(common.interrupt_message(), markup=False, highlight=False,
+                          soft_wrap=True)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place every error is reported
         if _debug_requested(args):
