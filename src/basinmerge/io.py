@@ -89,15 +89,16 @@ def check_output(path: str | os.PathLike, *, folder: bool = False,
     raw = os.fspath(path)
     p = Path(raw)
     what = "output folder" if folder else "output file"
-    if not raw.strip():
+    if not raw.strip() or (not folder and raw == "."):  # a CLI's Path("") arrives as "."
         raise ConfigError(f"the {what} path is empty")
-    if not folder and suffixes and p.suffix.lower() not in suffixes:
-        raise ConfigError(f"{p}: the {what} must end in {' or '.join(suffixes)}")
     if p.exists():
         if folder and not p.is_dir():
             raise ConfigError(f"{p}: is a file; the {what} must be a folder")
         if not folder and p.is_dir():
             raise ConfigError(f"{p}: is a folder; the {what} must be a file")
+    if not folder and suffixes and p.suffix.lower() not in suffixes:
+        raise ConfigError(f"{p}: the {what} must end in {' or '.join(suffixes)}")
+    if p.exists():
         if not overwrite:
             marker = next((m for m in RUN_MARKERS if (p / m).is_file()), None) if folder else p.name
             if marker is not None:
