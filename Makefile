@@ -34,7 +34,7 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(VENV)/bin/basinmerge demo
+	$(VENV)/bin/basinmerge demo --force
 
 test: $(STAMP) data
 	$(PY) -m pytest -q -p no:cacheprovider
