@@ -63,10 +63,10 @@ def check_file_out(path: Path | None, suffixes: tuple[str, ...]) -> None:
         io.check_output(path, suffixes=suffixes)
 
 
-def check_run_out(path: Path, force: bool = False, resume: bool = False) -> None:
+def check_run_out(path: Path, force: bool = False) -> None:
     """Check a run's output folder before any work: refused if it holds an earlier run,
-    unless --force (or --resume, for a command that continues a run)."""
-    io.check_output(path, folder=True, overwrite=force or resume,
+    unless --force."""
+    io.check_output(path, folder=True, overwrite=force,
                     overwrite_hint="choose another --out, or pass --force to overwrite it")
 
 
@@ -86,15 +86,15 @@ def command_line(args: Sequence[str] | None = None) -> str:
 
 
 def on_interrupt(note: str | Callable[[], str] | None) -> None:
-    """What a Ctrl-C during this command prints after "interrupted: " (a text, or a function
-    asked at the time, so it can say what was saved by then)."""
+    """What a Ctrl-C during this command prints after "interrupted; " (a text, or a function
+    asked at the time, so it can say what was saved by then); None: the default line."""
     global _interrupt_note
     _interrupt_note = (lambda: note) if isinstance(note, str) else note
 
 
 def interrupt_message() -> str:
     if _interrupt_note is None:
-        return f"interrupted; nothing was saved. Run again: {command_line()}"
+        return f"interrupted. Run again: {command_line()}"
     try:
         return f"interrupted; {_interrupt_note()}"
     except Exception:  # noqa: BLE001 - the note must never hide the interruption
