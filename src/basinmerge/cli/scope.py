@@ -137,10 +137,6 @@ def wsa_defaults_cmd(
     from basinmerge.experiments import wsa_defaults
     from basinmerge.experiments.common import print_result, write_result
 
-    check_run_out(out, force)
-    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
-                 f"{command_line()}")
-
     def split(text: str | None) -> list[str] | None:
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -153,6 +149,9 @@ def wsa_defaults_cmd(
     for n in names or []:
         if n not in known:
             raise ConfigError(f"unknown variant '{n}'; choose from: {', '.join(known)}")
+    check_run_out(out, force)
+    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
+                 f"{command_line()}")
     result = wsa_defaults.run(scale=scale, seeds=seed_list, variants=names, device=device,
                               refresh_every=refresh_every)
     parts = ["basinmerge", "experiment", "wsa-defaults", "--scale", scale, "--out", str(out)]
