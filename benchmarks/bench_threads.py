@@ -3,8 +3,9 @@
 Workloads: one epoch of the demo's MLP (784-256-256-10, 20,000 Fashion-MNIST images, SGD batch
 128) plus its evaluation on 5,000 test images; one epoch of a VGG-BN ×0.25 on 2,000 images.
 Each is timed with `torch.set_num_threads(1)` and `(2)` alternately in this one process (one
-warm-up of each first), REPEATS rounds, medians of wall-clock and process CPU time. "busy
-neighbour": the same, while a second process started by the benchmark multiplies 512×512
+warm-up of each first), REPEATS rounds, medians of wall-clock and process CPU time. "no
+neighbour started": as the machine is (idle only if nobody else is using it; see the load
+average); "busy neighbour": the same, while a second process started by the benchmark multiplies 512×512
 matrices on one thread without pause (what another training run, an FL client or another user's
 job does to a 2-core machine). The ratio is wall(2 threads) / wall(1 thread): above 1, the
 second thread costs time. The machine's load average (1 min) is reported before each condition;
@@ -30,6 +31,7 @@ from basinmerge.train import evaluate, fit
 
 COMMAND = ".venv/bin/python -m benchmarks bench_threads"
 REPEATS = 3
+ALONE = "no neighbour started"
 BUSY = ("import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\n"
         "while True:\n    a = torch.tanh(a @ a)\n")
 
@@ -82,9 +84,9 @@ def run() -> str:
     work = _workloads()
     rows = []
     try:
-        for condition in ("idle", "busy neighbour"):
+        for condition in (ALONE, "busy neighbour"):
             proc = None
-            if condition != "idle":
+            if condition != ALONE:
                 proc = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
