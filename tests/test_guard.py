@@ -253,6 +253,20 @@ def test_ctrl_c_in_train_says_nothing_was_saved_and_how_to_rerun(tmp_path, capsy
     assert files_under(tmp_path) == []
 
 
+def test_ctrl_c_in_the_demo_names_its_folder_and_the_command(tmp_path, capsys, monkeypatch):
+    from basinmerge.experiments import demo
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "run", interrupted)
+    out = tmp_path / "demo"
+    code, _, err = run_cli(["-q", "demo", "--scale", "smoke", "--out", str(out)], capsys)
+    assert code == 130
+    assert err.strip() == (f"interrupted; nothing was saved (the demo writes {out} when it ends). "
+                           f"Run again: basinmerge -q demo --scale smoke --out {out}")
+    assert not out.exists()
+
+
 def _fake_suite(name: str, calls: dict, fail: dict) -> types.ModuleType:
     mod = types.ModuleType(f"fake_suite_{name}")
 

@@ -61,7 +61,8 @@ def interpolate_cmd(
     as_json: bool = JSON_OPT,
     no_bn_reset: bool = typer.Option(False, "--no-bn-reset",
                                      help="Keep the interpolated BatchNorm statistics (shows the "
-                                          "variance collapse) instead of recomputing them."),
+                                          "variance collapse) instead of recomputing them at "
+                                          "every point, the two endpoints included."),
     eval_limit: int = typer.Option(None, "--eval-limit",
                                    help="Evaluate on a random subset of this size per split."),
     align: str = typer.Option(None, "--align", help="Also interpolate to B permuted onto A: "
