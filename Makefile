@@ -34,7 +34,7 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(VENV)/bin/basinmerge demo
+	$(VENV)/bin/basinmerge demo --force
 
 # `deployment` tests start a real Flower SuperLink, SuperNodes and `flwr run` (minutes each).
 test: $(STAMP) data

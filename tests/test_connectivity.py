@@ -19,7 +19,7 @@ from basinmerge.errors import ConfigError, IncompatibleModelsError
 from basinmerge.experiments import mode_connectivity as mc
 from basinmerge.penalties import ProximalPenalty
 from basinmerge.scope import fuse, symmetric_kl, weight_scope
-from basinmerge.train import Trainer, evaluate, fit
+from basinmerge.train import Trainer, evaluate, fit, reset_bn_stats
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -123,18 +123,36 @@ def test_self_interpolation_is_flat_with_zero_barriers(digits, mlp_pair):
         assert b["acc_barrier"] == 0.0
 
 
-def test_self_interpolation_of_a_bn_model_is_flat_when_the_endpoints_are_reset_too(digits, bn_pair):
+def test_self_interpolation_of_a_bn_model_is_flat_because_the_endpoints_are_reset_too(digits,
+                                                                                      bn_pair):
+    """By default the endpoints are reset with the interior points (reset_endpoints follows
+    bn_reset), so a BN model's path to itself is flat; keeping the endpoints' own statistics
+    makes the barrier of a model with itself non-zero."""
     a = bn_pair[0]
-    curve = interpolate(a, a, digits, num_points=3, reset_endpoints=True, progress=False)
+    curve = interpolate(a, a, digits, num_points=3, progress=False)
+    assert curve.info["reset_endpoints"] is True
     assert np.ptp(curve.metrics["test"]["loss"]) < 1e-5
     assert abs(barriers(curve)["test"]["loss_barrier"]) < 1e-5
+    kept = interpolate(a, a, digits, num_points=3, reset_endpoints=False, progress=False)
+    assert abs(barriers(kept)["test"]["loss_barrier"]) > 1e-4
+    off = interpolate(a, a, digits, num_points=3, bn_reset=False, progress=False)
+    assert off.info["reset_endpoints"] is False
+
+
+def test_reset_endpoints_equal_evaluate_after_a_bn_reset(digits, bn_pair):
+    a, b = bn_pair
+    curve = interpolate(a, b, digits, num_points=3, splits=["test"], progress=False)
+    for i, m in ((0, a), (-1, b)):
+        reset = reset_bn_stats(copy.deepcopy(m), digits["train"])
+        assert curve.metrics["test"]["loss"][i] == pytest.approx(
+            evaluate(reset, digits["test"])["loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize("pair", ["mlp_pair", "bn_pair"])
 def test_curve_endpoints_equal_evaluate(digits, pair, request):
     a, b = request.getfixturevalue(pair)
     running = {k: v.clone() for k, v in b.state_dict().items()}
-    curve = interpolate(a, b, digits, num_points=4, progress=False)
+    curve = interpolate(a, b, digits, num_points=4, reset_endpoints=False, progress=False)
     for split in ("train", "test"):
         ea, eb = evaluate(a, digits[split]), evaluate(b, digits[split])
         assert curve.metrics[split]["loss"][0] == pytest.approx(ea["loss"], abs=1e-6)
@@ -155,10 +173,13 @@ def test_bn_reset_changes_a_bn_midpoint_and_not_an_mlp_midpoint(digits, mlp_pair
     b_on = interpolate(*bn_pair, digits, bn_reset=True, **kw)
     b_off = interpolate(*bn_pair, digits, bn_reset=False, **kw)
     assert b_on.info["bn_reset"] is True
-    # same endpoints, different midpoint
-    assert b_on.metrics["test"]["loss"][0] == b_off.metrics["test"]["loss"][0]
-    assert b_on.metrics["test"]["loss"][2] == b_off.metrics["test"]["loss"][2]
+    # without the reset the endpoints keep their statistics: a different midpoint, and the
+    # same endpoints as with the reset when those are kept explicitly
     assert abs(b_on.metrics["test"]["loss"][1] - b_off.metrics["test"]["loss"][1]) > 1e-3
+    kept = interpolate(*bn_pair, digits, bn_reset=True, reset_endpoints=False, **kw)
+    assert kept.metrics["test"]["loss"][0] == b_off.metrics["test"]["loss"][0]
+    assert kept.metrics["test"]["loss"][2] == b_off.metrics["test"]["loss"][2]
+    assert kept.metrics["test"]["loss"][1] == b_on.metrics["test"]["loss"][1]
 
 
 def test_without_bn_reset_the_midpoint_collapses(digits, bn_pair):

@@ -18,6 +18,7 @@ from basinmerge.errors import (  # noqa: E402
     ConfigError,
     DataError,
     IncompatibleModelsError,
+    NonFiniteError,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "IncompatibleModelsError",
+    "NonFiniteError",
 ]

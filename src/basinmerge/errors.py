@@ -25,3 +25,10 @@ class IncompatibleModelsError(BasinmergeError, ValueError):
 class FederatedError(BasinmergeError):
     """A federated run cannot go on (a round in which every client failed, a Flower run that
     failed on the server)."""
+
+
+class NonFiniteError(IncompatibleModelsError):
+    """Weights, statistics or a training loss hold NaN or Inf values (named by file, key, step).
+
+    A subclass of `IncompatibleModelsError` because a non-finite member is the one model that
+    cannot take part in a merge; catch `NonFiniteError` for the bad-value policy alone."""

@@ -43,6 +43,7 @@ import os
 import secrets
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,15 +85,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     The result gets mode 0o666 minus the umask, like any ordinary output file (``mkstemp``
     and safetensors' writer would leave every output private, mode 0o600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix or path.suffix or ".tmp"
     for _ in range(100):
         tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             break
         except FileExistsError:
+            if not path.parent.is_dir():
+                raise ConfigError(f"{path}: cannot be created, a file is in the way") from None
             continue
+        except OSError as e:  # name the output, not the temporary file beside it
+            raise ConfigError(f"{path}: cannot be written ({e.strerror or e})") from e
     else:  # pragma: no cover - 100 collisions of 48 random bits
         raise FileExistsError(f"{path}: could not create a temporary file beside it")
     try:
@@ -102,6 +107,53 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+RUN_MARKERS = ("result.json", "run.json", "report.md")
+
+
+def check_output(path: str | os.PathLike, *, folder: bool = False,
+                 suffixes: tuple[str, ...] = (), overwrite: bool = True,
+                 overwrite_hint: str = "choose another or allow overwriting it") -> Path:
+    """Check an output path before any work, creating nothing: one `ConfigError` naming the
+    path if it is empty, has the wrong extension (`suffixes`, for a file), is a folder where a
+    file is wanted (or the reverse), lies under a file, or its nearest existing folder is not
+    writable (tried with a temporary file, removed at once). With ``overwrite=False`` an
+    existing file, or a folder holding an earlier run (`RUN_MARKERS`), is
+    refused too, with `overwrite_hint` (the caller's words for how to allow it).
+
+    `atomic_path` later creates the missing parents and writes; this only makes sure that
+    will work, so a long run never fails at its very end."""
+    raw = os.fspath(path)
+    p = Path(raw)
+    what = "output folder" if folder else "output file"
+    if not raw.strip() or (not folder and raw == "."):  # a CLI's Path("") arrives as "."
+        raise ConfigError(f"the {what} path is empty")
+    if p.exists():
+        if folder and not p.is_dir():
+            raise ConfigError(f"{p}: is a file; the {what} must be a folder")
+        if not folder and p.is_dir():
+            raise ConfigError(f"{p}: is a folder; the {what} must be a file")
+    if not folder and suffixes and p.suffix.lower() not in suffixes:
+        raise ConfigError(f"{p}: the {what} must end in {' or '.join(suffixes)}")
+    if p.exists():
+        if not overwrite:
+            marker = next((m for m in RUN_MARKERS if (p / m).is_file()), None) if folder else p.name
+            if marker is not None:
+                held = f"holds an earlier run ({marker})" if folder else "exists"
+                raise ConfigError(f"{p}: {held}; {overwrite_hint}")
+    anc = p if folder and p.is_dir() else p.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{p}: '{anc}' is a file, so the {what} cannot be created under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".basinmerge-probe-", dir=anc)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot write in '{anc}' ({e.strerror or e})") from e
+    return p
 
 
 def _umask() -> int:

@@ -18,19 +18,6 @@ def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float
     return fig, axes
 
 
-def training_curves(histories: dict[str, list[dict]], key: str = "loss"):
-    """Per-epoch `key` of several training runs, one line each."""
-    fig, axes = new_figure()
-    ax = axes[0, 0]
-    for name, epochs in histories.items():
-        ax.plot([e["epoch"] for e in epochs], [e[key] for e in epochs], marker="o", label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(key)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
 def interpolation_curves(curves, title: str = ""):
     """Loss and accuracy against α for several `Curve`s: train dashed, test solid."""
     fig, axes = new_figure(ncols=2)

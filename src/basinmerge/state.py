@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from basinmerge.errors import IncompatibleModelsError
+from basinmerge.errors import IncompatibleModelsError, NonFiniteError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -61,11 +61,22 @@ def check_compatible(states: Sequence[Mapping[str, torch.Tensor]],
         raise IncompatibleModelsError("models do not match: " + "; ".join(problems[:max_report]) + more)
 
 
-def check_finite(state: Mapping[str, torch.Tensor], name: str = "model") -> None:
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """``(key, "NaN" or "Inf")`` of the first float tensor holding a non-finite value, in key
+    order; None when every value is finite (integer tensors cannot hold one)."""
     for k, v in state.items():
         if is_float(v) and not torch.isfinite(v).all():
-            bad = "NaN" if torch.isnan(v).any() else "Inf"
-            raise IncompatibleModelsError(f"{name}: key '{k}' contains {bad} values")
+            return k, "NaN" if torch.isnan(v).any() else "Inf"
+    return None
+
+
+def check_finite(state: Mapping[str, torch.Tensor], name: str = "model") -> None:
+    """The one bad-value check on weights: raise `NonFiniteError` naming `name` (the file or
+    model) and the first key holding NaN or Inf. Every command and API entry that reads
+    weights calls it (through `basinmerge.checks`), so a NaN never becomes a number."""
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise NonFiniteError(f"{name}: key '{bad[0]}' contains {bad[1]} values")
 
 
 def lerp(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], alpha: float) -> StateDict:

@@ -29,8 +29,8 @@ from torch import nn
 from basinmerge import adapter
 from basinmerge.adapter import Data, as_data, forward_hooks
 from basinmerge.console import progress_task
-from basinmerge.errors import ConfigError
-from basinmerge.state import module_mode
+from basinmerge.errors import ConfigError, NonFiniteError
+from basinmerge.state import first_nonfinite, module_mode
 
 Penalty = Callable[[nn.Module], torch.Tensor]
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -73,7 +73,8 @@ class Trainer:
                  momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128,
                  epochs: int = 1, schedule: str = "constant", seed: int = 0,
                  penalties: Sequence[Penalty] = (), device: str | torch.device | None = None,
-                 drop_last: bool = False, task: str | None = None):
+                 drop_last: bool = False, task: str | None = None,
+                 allow_nonfinite: bool = False):
         if epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {epochs}")
         if batch_size < 1:
@@ -97,6 +98,7 @@ class Trainer:
         self.drop_last = drop_last
         self.epochs = epochs
         self.penalties = list(penalties)
+        self.allow_nonfinite = allow_nonfinite
         self.opt = make_optimizer(model.parameters(), optimizer, lr, momentum, weight_decay)
         self.steps_per_epoch = (self.n // self.batch_size if drop_last
                                 else math.ceil(self.n / self.batch_size))
@@ -138,6 +140,13 @@ class Trainer:
             pen = sum(p(self.model) for p in self.penalties)
             total = loss + pen
             pen_value = float(pen.detach())
+        lv = float(loss.detach())
+        if not self.allow_nonfinite and not (math.isfinite(lv) and math.isfinite(pen_value)):
+            what = "loss" if not math.isfinite(lv) else "penalty"
+            raise NonFiniteError(f"training diverged: the {what} is "
+                                 f"{lv if what == 'loss' else pen_value} at step "
+                                 f"{self.step_count + 1} (epoch {self.epoch + 1}); a lower learning "
+                                 "rate may help")
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         self.opt.step()
@@ -149,7 +158,6 @@ class Trainer:
             if hook is not None:
                 hook(self.step_count, self.model)
         b = count  # examples (classification) or predicted tokens (causal LM)
-        lv = float(loss.detach())
         a = self._acc
         a["loss"] += lv * b
         a["penalty"] += pen_value * b
@@ -160,6 +168,13 @@ class Trainer:
         return lv
 
     def _end_epoch(self) -> None:
+        if not self.allow_nonfinite:
+            # The last step's update can overflow with a finite loss; caught once per epoch.
+            bad = first_nonfinite(self.model.state_dict())
+            if bad is not None:
+                raise NonFiniteError(f"training diverged: '{bad[0]}' holds {bad[1]} values after "
+                                     f"step {self.step_count} (epoch {self.epoch + 1}); a lower "
+                                     "learning rate may help")
         a = self._acc
         self.epoch += 1
         rec = {"epoch": self.epoch, "loss": a["loss"] / max(1, a["seen"]),
@@ -196,13 +211,17 @@ def fit(model: nn.Module, data, *, optimizer: str = "sgd", lr: float = 0.05,
         momentum: float = 0.9, weight_decay: float = 0.0, batch_size: int = 128, epochs: int = 1,
         schedule: str = "constant", seed: int = 0, penalties: Sequence[Penalty] = (),
         eval_data=None, device: str | torch.device | None = None, progress: bool = True,
-        description: str = "train", task: str | None = None) -> History:
+        description: str = "train", task: str | None = None,
+        allow_nonfinite: bool = False) -> History:
     """Train `model` in place with the task's loss (cross-entropy, or next-token loss for a
     causal LM; see `basinmerge.adapter`) plus `penalties`; returns the per-epoch history
-    (loss, accuracy, penalty, and test metrics when `eval_data` is given)."""
+    (loss, accuracy, penalty, and test metrics when `eval_data` is given). A NaN or Inf loss
+    (or weights, checked after each epoch) stops training with `NonFiniteError` naming the
+    step and epoch, unless `allow_nonfinite`."""
     trainer = Trainer(model, data, optimizer=optimizer, lr=lr, momentum=momentum,
                       weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
-                      schedule=schedule, seed=seed, penalties=penalties, device=device, task=task)
+                      schedule=schedule, seed=seed, penalties=penalties, device=device, task=task,
+                      allow_nonfinite=allow_nonfinite)
     return trainer.run(progress=progress, eval_data=eval_data, description=description)
 
 

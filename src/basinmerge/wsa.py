@@ -18,6 +18,10 @@ The divergence itself is evaluated for all layers at once on two short vectors.
 σ² = Σw²/n − μ² loses relative precision only when |μ| ≫ σ, which trained weights never show
 (|μ| ≪ σ).
 
+Targets from a text spec (`parse_target`, `from_spec`; what `train --wsa-target` takes):
+``REF.safetensors`` (a reference checkpoint's scope), ``SCOPE.json`` (a saved `Scope`), ``init``
+(the model's own initialization) or ``fused:A.safetensors,B.safetensors``.
+
 Targets (constructors): a reference model's, state_dict's or `Scope`'s scope
 (`from_reference`), `fuse` of several (`from_fused`), the model's own initialization
 (`from_init`), or a target that follows the fused scope of runs trained side by side and is
@@ -30,6 +34,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -282,3 +287,55 @@ def fused_refresh(models: Sequence[nn.Module], weights: Sequence[float] | None =
         return fuse([weight_scope(m, include_bias=include_bias) for m in models], weights, method)
 
     return refresh
+
+
+# --------------------------------------------------------------------------- targets from text
+
+TARGET_SPECS = ("REF.safetensors (a reference checkpoint's scope), SCOPE.json (a saved Scope), "
+                "init (the model's initialization) or fused:A.safetensors,B.safetensors "
+                "(moment-matched fusion of their scopes)")
+
+
+def _reference_scope(path: Path, model: nn.Module, include_bias: bool) -> Scope:
+    """The scope of a checkpoint (or a Scope JSON file) over the layers of `model`."""
+    from basinmerge import checks, io
+
+    if path.suffix == ".json":
+        return Scope.from_dict(io.read_json(path)).validate(str(path))
+    state, _ = checks.load_state(path)
+    own = model.state_dict()
+    keys = scope_keys(model, include_bias)
+    for k in keys:
+        if k not in state:
+            raise ConfigError(f"{path}: lacks layer '{k}' of the model (a checkpoint of another "
+                              "architecture?)")
+        if state[k].numel() != own[k].numel():
+            raise ConfigError(f"{path}: layer '{k}' has {state[k].numel()} weights, the model's "
+                              f"has {own[k].numel()} (a checkpoint of another architecture?)")
+    return weight_scope(state, keys=keys).validate(str(path))
+
+
+def parse_target(spec: str, model: nn.Module, include_bias: bool = False) -> Scope:
+    """The target scope a text spec names (see `TARGET_SPECS`), over the layers of `model`,
+    the model about to be trained."""
+    spec = spec.strip()
+    if spec == "init":
+        return weight_scope(model, include_bias=include_bias)
+    if spec.startswith("fused:"):
+        paths = [p.strip() for p in spec[len("fused:"):].split(",") if p.strip()]
+        if not paths:
+            raise ConfigError("WSA target 'fused:' needs at least one checkpoint, e.g. "
+                              "fused:A.safetensors,B.safetensors")
+        return fuse([_reference_scope(Path(p), model, include_bias) for p in paths])
+    if not spec:
+        raise ConfigError("the WSA target is empty; give " + TARGET_SPECS)
+    return _reference_scope(Path(spec), model, include_bias)
+
+
+def from_spec(spec: str, model: nn.Module, lam: float, divergence: str = "kl",
+              reduce: str = "mean", include_bias: bool = False, every: int = 1) -> WSARegularizer:
+    """A WSA regularizer for `model` toward the target `spec` names, checked against the model
+    now (before any training)."""
+    reg = WSARegularizer(parse_target(spec, model, include_bias), lam, divergence=divergence,
+                         reduce=reduce, every=every)
+    return reg.check(model)

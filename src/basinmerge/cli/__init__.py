@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from basinmerge import __version__
+from basinmerge import __version__, threads
 from basinmerge.console import err_console, set_quiet
 
 app = typer.Typer(
@@ -54,15 +54,29 @@ def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("BASINMERGE_DEBUG", "") not in ("", "0")
 
 
+def _interrupted(common) -> None:
+    """Ctrl-C: one line saying what was saved and the exact command that continues (or redoes)
+    the work; the exit code is 130."""
+    err_console.print(common.interrupt_message(), markup=False, highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning any error into one line unless --debug."""
     args = list(sys.argv[1:] if argv is None else argv)
+    from basinmerge.cli import common
+
+    common.invocation = ["basinmerge", *args]
+    common.on_interrupt(None)
+    threads.apply_default()
     try:
         app(args=args, prog_name="basinmerge", standalone_mode=True)
-    except SystemExit:
+    except SystemExit as e:
+        # typer turns a KeyboardInterrupt into a silent exit 130 (click's convention)
+        if e.code == 130:
+            _interrupted(common)
         raise
     except KeyboardInterrupt:
-        err_console.print("interrupted")
+        _interrupted(common)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - the one place every error is reported
         if _debug_requested(args):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import typer
 
-from basinmerge import io
+from basinmerge import checks, io
 from basinmerge import train as train_mod
 from basinmerge.align import METHODS, find_permutation, objective, permuted_copy
 from basinmerge.cli import app, experiment_app
@@ -25,7 +25,11 @@ from basinmerge.cli.common import (
     LIKE_OPT,
     MAX_SHARD_OPT,
     PRINT_RECIPE_OPT,
+    check_file_out,
+    check_run_out,
+    command_line,
     load_splits,
+    on_interrupt,
     print_table,
 )
 from basinmerge.console import console
@@ -87,13 +91,20 @@ def align_cmd(
     if print_recipe:
         typer.echo(rec.to_yaml(), nl=False)
         return
-    net_a, meta_a = io.load_model(model_a, like=like)
-    net_b, meta_b = io.load_model(model_b, like=like)
+    if io.output_format(model_b, None if out_format == "auto" else out_format) == "hf":
+        io.check_output(out, folder=True, overwrite=force,
+                        overwrite_hint="choose another --out, or pass --force to replace it")
+    else:
+        check_file_out(out, (".safetensors", *io.PT_SUFFIXES))
+    net_a, meta_a = checks.load_model(model_a, like=like)
+    net_b, meta_b = checks.load_model(model_b, like=like)
     check_compatible([net_a.state_dict(), net_b.state_dict()], [str(model_a), str(model_b)])
     net_a, net_b = net_a.to(device), net_b.to(device)
     train = test = None
     if data is not None:
         train, test = load_splits(data, root, train_limit, seed)
+        for net, meta, path in ((net_a, meta_a, model_a), (net_b, meta_b, model_b)):
+            checks.check_data_fits(net, train, meta=meta, source=str(path))
         if eval_limit is not None and eval_limit < len(test):
             test = test.subset(eval_limit)
     t0 = time.perf_counter()
@@ -142,12 +153,16 @@ def rebasin_cmd(
     out: Path = typer.Option(Path("results/rebasin"), "--out", "-o", help="Output folder."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     """Barriers between independently trained models: naive vs weight, activation and STE
     matching, each with and without BN reset / REPAIR; barrier against width; MergeMany."""
     from basinmerge.experiments import rebasin
     from basinmerge.experiments.common import print_result, write_result
 
+    check_run_out(out, force)
+    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
+                 f"{command_line()}")
     result = rebasin.run(dataset=dataset, scale=scale, seeds=seeds, device=device, root=root)
     args = ["--dataset", dataset, "--scale", scale]
     args += ["--seeds", str(seeds)] if seeds is not None else []

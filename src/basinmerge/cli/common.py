@@ -1,15 +1,18 @@
-"""Helpers shared by the CLI command modules: dataset options, output folders, printing."""
+"""Helpers shared by the CLI command modules: dataset options, output checks, printing, and
+what a Ctrl-C says (`on_interrupt`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import shlex
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from basinmerge import data as data_mod
+from basinmerge import io
 from basinmerge.console import console, table
 from basinmerge.errors import ConfigError
 
@@ -19,7 +22,8 @@ DEVICE_OPT = typer.Option("cpu", "--device", help="Torch device (cpu, cuda, cuda
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
 LIKE_OPT = typer.Option(None, "--like", help="A checkpoint of the same architecture, for "
                         "inputs that do not name theirs (bare safetensors / .pt).")
-FORCE_OPT = typer.Option(False, "--force", help="Replace an existing non-empty output folder.")
+FORCE_OPT = typer.Option(False, "--force", help="Replace an existing output: a non-empty output "
+                         "folder, or the results of an earlier run in --out.")
 FORMAT_OPT = typer.Option("auto", "--format", help="Output form: auto (the inputs'), basinmerge, "
                           "hf, safetensors or pt.")
 MAX_SHARD_OPT = typer.Option(4096.0, "--max-shard-mib", help="HF output: shard the weights "
@@ -60,7 +64,46 @@ def parse_kv(options: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def out_dir(path: str | Path) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+# --------------------------------------------------------------------------- outputs
+
+
+def check_file_out(path: Path | None, suffixes: tuple[str, ...]) -> None:
+    """Check an output file before any work (see `io.check_output`); None: nothing to check."""
+    if path is not None:
+        io.check_output(path, suffixes=suffixes)
+
+
+def check_run_out(path: Path, force: bool = False) -> None:
+    """Check a run's output folder before any work: refused if it holds an earlier run,
+    unless --force."""
+    io.check_output(path, folder=True, overwrite=force,
+                    overwrite_hint="choose another --out, or pass --force to overwrite it")
+
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+# The command line being run (set by `basinmerge.cli.main`), and what a Ctrl-C should say.
+invocation: list[str] = ["basinmerge"]
+_interrupt_note: Callable[[], str] | None = None
+
+
+def command_line(args: Sequence[str] | None = None) -> str:
+    """The exact command line, quoted for a shell (the one being run, or `args`)."""
+    return shlex.join(["basinmerge", *args] if args is not None else invocation)
+
+
+def on_interrupt(note: str | Callable[[], str] | None) -> None:
+    """What a Ctrl-C during this command prints after "interrupted; " (a text, or a function
+    asked at the time, so it can say what was saved by then); None: the default line."""
+    global _interrupt_note
+    _interrupt_note = (lambda: note) if isinstance(note, str) else note
+
+
+def interrupt_message() -> str:
+    if _interrupt_note is None:
+        return f"interrupted. Run again: {command_line()}"
+    try:
+        return f"interrupted; {_interrupt_note()}"
+    except Exception:  # noqa: BLE001 - the note must never hide the interruption
+        return "interrupted"

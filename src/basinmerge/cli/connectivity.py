@@ -9,15 +9,20 @@ from pathlib import Path
 import typer
 from torch import nn
 
-from basinmerge import connectivity, io, plots
+from basinmerge import checks, connectivity, io, plots
 from basinmerge.cli import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
+    FORCE_OPT,
     JSON_OPT,
     LIKE_OPT,
+    check_file_out,
+    check_run_out,
+    command_line,
     load_splits,
+    on_interrupt,
     print_json,
     print_table,
 )
@@ -57,7 +62,8 @@ def interpolate_cmd(
     as_json: bool = JSON_OPT,
     no_bn_reset: bool = typer.Option(False, "--no-bn-reset",
                                      help="Keep the interpolated BatchNorm statistics (shows the "
-                                          "variance collapse) instead of recomputing them."),
+                                          "variance collapse) instead of recomputing them at "
+                                          "every point, the two endpoints included."),
     eval_limit: int = typer.Option(None, "--eval-limit",
                                    help="Evaluate on a random subset of this size per split."),
     align: str = typer.Option(None, "--align", help="Also interpolate to B permuted onto A: "
@@ -69,13 +75,16 @@ def interpolate_cmd(
     device: str = DEVICE_OPT,
 ) -> None:
     """Loss and accuracy along the straight line between two checkpoints, and its barriers."""
-    net_a, meta_a = io.load_model(model_a, like=like)
-    net_b, meta_b = io.load_model(model_b, like=like)
+    check_file_out(plot, (".png",))
+    net_a, meta_a = checks.load_model(model_a, like=like)
+    net_b, meta_b = checks.load_model(model_b, like=like)
     check_compatible([as_state_dict(net_a), as_state_dict(net_b)], [str(model_a), str(model_b)])
     name = dataset or meta_a.get("dataset") or meta_b.get("dataset")
     if name is None:
         raise ConfigError(f"{model_a}: the checkpoint names no dataset; pass --dataset")
     train, test = load_splits(name, root)
+    for net, meta, path in ((net_a, meta_a, model_a), (net_b, meta_b, model_b)):
+        checks.check_data_fits(net, train, meta=meta, source=str(path))
     data = {"train": _eval_subset(train, eval_limit), "test": _eval_subset(test, eval_limit)}
     net_a, net_b = net_a.to(device), net_b.to(device)
 
@@ -121,11 +130,15 @@ def mode_connectivity_cmd(
                                    "name prefixes (plain, weight-decay, proximal, wsa-fused, ...)."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     """Do pairs trained under different conditions lie on a low-loss line, and does weight scope
     alignment (or weight decay, or a proximal term) lower the barrier?"""
     from basinmerge.experiments import mode_connectivity
 
+    check_run_out(out, force)
+    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
+                 f"{command_line()}")
     def split(s: str | None) -> list[str] | None:
         return [p.strip() for p in s.split(",") if p.strip()] if s else None
 

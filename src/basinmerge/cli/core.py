@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
+from basinmerge import checks, io, models, wsa
 from basinmerge import data as data_mod
-from basinmerge import io, models
 from basinmerge import train as train_mod
 from basinmerge.cli import app
 from basinmerge.cli.common import (
@@ -16,16 +16,20 @@ from basinmerge.cli.common import (
     DEVICE_OPT,
     JSON_OPT,
     LIKE_OPT,
+    check_file_out,
+    command_line,
     load_splits,
+    on_interrupt,
     parse_kv,
     print_json,
     print_table,
 )
-from basinmerge.cli.scope import TARGET_HELP, build_wsa
 from basinmerge.console import console
 from basinmerge.errors import ConfigError
 from basinmerge.scope import divergence, weight_scope
 from basinmerge.wsa import DEFAULT_LAMBDA as DEFAULT_WSA_LAMBDA
+
+TARGET_HELP = f"WSA target scope: {wsa.TARGET_SPECS}."
 
 
 @app.command("datasets")
@@ -74,6 +78,9 @@ def train_cmd(
 ) -> None:
     """Train a model and save it as a checkpoint with its config and metrics; with
     --wsa-target, under the Weight Scope Alignment penalty toward that target."""
+    check_file_out(out, (".safetensors",))
+    on_interrupt(f"nothing was saved ({out} is written when training ends). Run again: "
+                 f"{command_line()}")
     train, test = load_splits(dataset, root, train_limit, seed)
     cfg = parse_kv(model_opt)
     for k, v in (("width", width), ("depth", depth), ("norm", norm)):
@@ -94,8 +101,8 @@ def train_cmd(
         if given:
             raise ConfigError(f"{given[0]} needs --wsa-target")
     else:
-        reg = build_wsa(wsa_target, net, DEFAULT_WSA_LAMBDA if wsa_lambda is None else wsa_lambda,
-                        wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias, wsa_every or 1)
+        reg = wsa.from_spec(wsa_target, net, DEFAULT_WSA_LAMBDA if wsa_lambda is None else wsa_lambda,
+                            wsa_divergence or "kl", wsa_reduce or "mean", wsa_bias, wsa_every or 1)
     hist = train_mod.fit(net, train, device=device, penalties=[reg] if reg is not None else (), **train_cfg)
     metrics = {"train": train_mod.evaluate(net, train), "test": train_mod.evaluate(net, test)}
     meta = {"dataset": dataset, "train_limit": train_limit, "training": train_cfg,
@@ -121,11 +128,12 @@ def eval_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Evaluate a checkpoint on a dataset split."""
-    net, meta = io.load_model(checkpoint, like=like)
+    net, meta = checks.load_model(checkpoint, like=like)
     name = dataset or meta.get("dataset")
     if name is None:
-        raise typer.BadParameter("the checkpoint names no dataset; pass --dataset")
+        raise ConfigError(f"{checkpoint}: the checkpoint names no dataset; pass --dataset")
     ds = data_mod.load(name, split, root)
+    checks.check_data_fits(net, ds, meta=meta, source=str(checkpoint))
     res = train_mod.evaluate(net, ds)
     if as_json:
         print_json({"checkpoint": str(checkpoint), "dataset": name, "split": split, **res})

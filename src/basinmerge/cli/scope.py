@@ -1,6 +1,5 @@
 """`basinmerge scope`: per-layer weight scopes of checkpoints, their pairwise mismatch and how
-Gaussian the layers are; and the parsing of `train --wsa-target` specs (files are the CLI's
-business, not `basinmerge.wsa`'s)."""
+Gaussian the layers are; and the `experiment wsa-defaults` study."""
 
 from __future__ import annotations
 
@@ -9,74 +8,36 @@ from pathlib import Path
 import typer
 from torch import nn
 
+from basinmerge import checks, io, plots
 from basinmerge import data as data_mod
-from basinmerge import io, plots
 from basinmerge import scope as scope_mod
 from basinmerge.cli import app, experiment_app
-from basinmerge.cli.common import DATA_ROOT_OPT, DEVICE_OPT, JSON_OPT, print_json, print_table
+from basinmerge.cli.common import (
+    DATA_ROOT_OPT,
+    DEVICE_OPT,
+    FORCE_OPT,
+    JSON_OPT,
+    check_file_out,
+    check_run_out,
+    command_line,
+    on_interrupt,
+    print_json,
+    print_table,
+)
 from basinmerge.console import console
 from basinmerge.errors import CheckpointError, ConfigError
 from basinmerge.scope import Scope
-from basinmerge.wsa import WSARegularizer
-
-TARGET_HELP = ("WSA target scope: REF.safetensors (a reference checkpoint's scope), SCOPE.json "
-               "(a saved Scope), init (this run's initialization) or "
-               "fused:A.safetensors,B.safetensors (moment-matched fusion of their scopes).")
-
-
-# --------------------------------------------------------------------------- WSA targets
-
-
-def _reference_scope(path: Path, model: nn.Module, include_bias: bool) -> Scope:
-    """The scope of a checkpoint (or a Scope JSON file) over the layers of `model`."""
-    if path.suffix == ".json":
-        return Scope.from_dict(io.read_json(path)).validate(str(path))
-    state, _ = io.load_state(path)
-    own = model.state_dict()
-    for k in scope_mod.scope_keys(model, include_bias):
-        if k not in state:
-            raise ConfigError(f"{path}: lacks layer '{k}' of the model (a checkpoint of another "
-                              "architecture?)")
-        if state[k].numel() != own[k].numel():
-            raise ConfigError(f"{path}: layer '{k}' has {state[k].numel()} weights, the model's "
-                              f"has {own[k].numel()} (a checkpoint of another architecture?)")
-    return scope_mod.weight_scope(state, keys=scope_mod.scope_keys(model, include_bias)
-                                  ).validate(str(path))
-
-
-def wsa_target(spec: str, model: nn.Module, include_bias: bool = False) -> Scope:
-    """Parse a ``--wsa-target`` spec against the model about to be trained (see TARGET_HELP)."""
-    spec = spec.strip()
-    if spec == "init":
-        return scope_mod.weight_scope(model, include_bias=include_bias)
-    if spec.startswith("fused:"):
-        paths = [p.strip() for p in spec[len("fused:"):].split(",") if p.strip()]
-        if not paths:
-            raise ConfigError("--wsa-target fused: needs at least one checkpoint, e.g. "
-                              "fused:A.safetensors,B.safetensors")
-        return scope_mod.fuse([_reference_scope(Path(p), model, include_bias) for p in paths])
-    if not spec:
-        raise ConfigError("--wsa-target is empty; " + TARGET_HELP)
-    return _reference_scope(Path(spec), model, include_bias)
-
-
-def build_wsa(spec: str, model: nn.Module, lam: float, divergence: str = "kl",
-              reduce: str = "mean", include_bias: bool = False, every: int = 1) -> WSARegularizer:
-    """A WSA regularizer for `model` from CLI options, checked against the model now."""
-    reg = WSARegularizer(wsa_target(spec, model, include_bias), lam, divergence=divergence,
-                         reduce=reduce, every=every)
-    return reg.check(model)
-
 
 # --------------------------------------------------------------------------- scope command
 
 
 def _load(path: Path) -> tuple[nn.Module | dict, dict]:
     """A model when the checkpoint is the project's (it names its architecture), else the bare
-    state_dict (HF folders and bare files: scopes need tensors only)."""
+    state_dict (HF folders and bare files: scopes need tensors only); either refused if it holds
+    NaN or Inf."""
     if io.checkpoint_format(path) != "basinmerge":
-        return io.load_state(path)
-    return io.load_model(path)
+        return checks.load_state(path)
+    return checks.load_model(path)
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -100,6 +61,7 @@ def scope_cmd(
 ) -> None:
     """Per-layer weight scopes (μ, σ), the pairwise scope mismatch (KL, reverse KL, squared W2)
     and how Gaussian each layer is (skewness, excess kurtosis, KS distance)."""
+    check_file_out(plot, (".png",))
     names = _names(checkpoints)
     loaded = {n: _load(p) for n, p in zip(names, checkpoints, strict=True)}
     scopes = {n: scope_mod.weight_scope(m, include_bias=include_bias) for n, (m, _) in loaded.items()}
@@ -116,7 +78,9 @@ def scope_cmd(
             name = dataset or meta.get("dataset")
             if name is None:
                 raise ConfigError(f"{n}: the checkpoint names no dataset; pass --dataset for --live")
-            x = data_mod.load(name, "train", root).x[:live_examples]
+            ds = data_mod.load(name, "train", root)
+            checks.check_data_fits(m, ds, meta=meta, source=n)
+            x = ds.x[:live_examples]
             masks = scope_mod.live_input_masks(m, x)
             live_scopes[n] = scope_mod.weight_scope(m, include_bias=include_bias, input_masks=masks)
     if plot is not None:
@@ -165,6 +129,7 @@ def wsa_defaults_cmd(
                                       "the fused target."),
     out: Path = typer.Option(Path("runs/wsa-defaults"), "--out", "-o", help="Output folder."),
     device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     """SGD vs Adam MLP pairs trained in lockstep toward their fused scope: which WSA divergence
     and reduction to use by default (scope mismatch, kurtosis, accuracy, barriers)."""
@@ -185,6 +150,9 @@ def wsa_defaults_cmd(
     for n in names or []:
         if n not in known:
             raise ConfigError(f"unknown variant '{n}'; choose from: {', '.join(known)}")
+    check_run_out(out, force)
+    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
+                 f"{command_line()}")
     result = wsa_defaults.run(scale=scale, seeds=seed_list, variants=names, device=device,
                               refresh_every=refresh_every)
     parts = ["basinmerge", "experiment", "wsa-defaults", "--scale", scale, "--out", str(out)]

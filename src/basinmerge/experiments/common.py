@@ -57,6 +57,28 @@ class ExperimentResult:
                 "tables": {k: t.to_dict() for k, t in self.tables.items()}, "data": self.data,
                 "figures": [f"{k}.png" for k in self.figures]}
 
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> tuple[ExperimentResult, dict[str, bytes]]:
+        """A result written by `write_result`, read back with its figures' PNG bytes (the
+        figures themselves are not rebuilt: ``figures`` maps each name to None)."""
+        folder = Path(folder)
+        d = io.read_json(folder / "result.json")
+        names = [f[:-4] if f.endswith(".png") else f for f in d.get("figures", [])]
+        pngs = {}
+        for n in names:
+            try:
+                pngs[n] = (folder / f"{n}.png").read_bytes()
+            except OSError as e:
+                raise ConfigError(f"{folder / (n + '.png')}: cannot read the figure of an "
+                                  f"earlier run ({e.strerror or e})") from e
+        res = cls(name=d["name"], config=d.get("config", {}),
+                  tables={k: Table(t["columns"], t["rows"], t.get("caption", ""))
+                          for k, t in d.get("tables", {}).items()},
+                  figures={n: None for n in names}, data=d.get("data", {}),
+                  notes=list(d.get("notes", [])), command=d.get("command", ""),
+                  seconds=float(d.get("seconds", 0.0)))
+        return res, pngs
+
     def markdown(self, figure_prefix: str = "") -> str:
         from basinmerge.report import result_markdown
 

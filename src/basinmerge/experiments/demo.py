@@ -90,11 +90,17 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
     tables: dict[str, Table] = {}
     figures: dict = {}
     data: dict = {}
-    with progress_task("demo", 5, enabled=progress) as advance:
+    methods = ("average", "task_arithmetic", "ties", "median", "soft")
+    # Sub-steps: 2 pairs + 2 curves; 2 pairs + 2 alignments + 4 curves; base + 4 experts +
+    # 2 merges per method; 2 federated runs.
+    steps = 4 + 8 + (1 + 4 + 2 * len(methods)) + 2
+    with progress_task("demo", steps, enabled=progress) as advance:
         # 1-2. scope mismatch of SGD vs Adam from one initialization, plain and with WSA
         init = build(seed)
         plain = _pair(init, init, train, SGD, ADAM, z["epochs"], seed)
+        advance(1, step="1. SGD/Adam pair trained")
         aligned_scopes = _pair(init, init, train, SGD, ADAM, z["epochs"], seed, lam=WSA_LAMBDA)
+        advance(1, step="2. SGD/Adam pair trained with WSA")
         rows = []
         for name, (a, b) in (("plain", plain), (f"WSA λ={WSA_LAMBDA}", aligned_scopes)):
             div = scope.divergence(scope.weight_scope(a), scope.weight_scope(b), "kl")
@@ -102,6 +108,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
                                                                  progress=False))["test"]
             rows.append([name, evaluate(a, test)["accuracy"], evaluate(b, test)["accuracy"],
                          div.total, bar["loss_barrier"], bar["acc_barrier"]])
+            advance(1, step=f"2. {name} pair interpolated")
         tables["1. SGD vs Adam from one initialization: per-layer scopes (plain)"] = Table(
             ["layer", "σ SGD", "σ Adam", "σ ratio", "KL(SGD‖Adam)"], _mismatch_rows(*plain))
         tables["2. SGD vs Adam with and without WSA"] = Table(
@@ -110,17 +117,22 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
         figures["scopes_sgd_vs_adam"] = plots.weight_histograms(
             values, {"SGD": scope.weight_scope(plain[0]), "Adam": scope.weight_scope(plain[1])},
             title="weight scopes of SGD vs Adam (one initialization)")
-        advance(1)
 
         # 3. different seeds: naive, WSA, aligned, WSA + aligned
         ia, ib = build(seed + 10), build(seed + 11)
         naive = _pair(ia, ib, train, SGD, SGD, z["epochs"], seed)
+        advance(1, step="3. two-seed pair trained")
         wsa_pair = _pair(ia, ib, train, SGD, SGD, z["epochs"], seed, lam=WSA_LAMBDA)
+        advance(1, step="3. two-seed pair trained with WSA")
+        naive_aligned = align_mod.align(naive[0], naive[1], "weight")
+        advance(1, step="3. two-seed pair aligned")
+        wsa_aligned = align_mod.align(wsa_pair[0], wsa_pair[1], "weight")
+        advance(1, step="3. WSA pair aligned")
         variants = {
             "naive": naive,
             "WSA": wsa_pair,
-            "weight-aligned": (naive[0], align_mod.align(naive[0], naive[1], "weight")),
-            "WSA + aligned": (wsa_pair[0], align_mod.align(wsa_pair[0], wsa_pair[1], "weight")),
+            "weight-aligned": (naive[0], naive_aligned),
+            "WSA + aligned": (wsa_pair[0], wsa_aligned),
         }
         curves, rows = {}, []
         for name, (a, b) in variants.items():
@@ -129,21 +141,23 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
             curves[name] = c
             rows.append([name, bar["acc_a"], bar["acc_b"], bar["loss_barrier"], bar["acc_barrier"],
                          bar["mid_acc"]])
+            advance(1, step=f"3. {name} pair interpolated")
         tables["3. Two seeds: interpolation barriers (test)"] = Table(
             ["pair", "acc A", "acc B", "loss barrier", "acc barrier", "midpoint acc"], rows)
         figures["interpolation_two_seeds"] = plots.interpolation_curves(curves, "two seeds, test split")
         data["curves"] = {n: c.to_dict() for n, c in curves.items()}
-        advance(1)
 
         # 4. merging four fine-tuned models (+ a malicious one)
         base = build(seed + 20)
         Trainer(base, train, epochs=1, seed=seed, **SGD).run(progress=False)
+        advance(1, step="4. base model trained")
         shards = fl.partition(train.y, 4, scheme="shards", classes_per_client=3, seed=seed)
         experts = []
         for i, idx in enumerate(shards):
             m = copy.deepcopy(base)
             Trainer(m, train.subset(idx), epochs=z["merge_ft_epochs"], seed=seed + i, **ADAM).run(progress=False)
             experts.append(m)
+            advance(1, step=f"4. expert {i + 1} fine-tuned")
         # The malicious member: every parameter replaced by N(0, 10²) noise. (Scaling all weights of
         # a ReLU MLP by 1000 would not change its predictions, only their confidence.)
         bad = copy.deepcopy(experts[0])
@@ -153,19 +167,22 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
                 p.copy_(torch.randn(p.shape, generator=gen) * 10.0)
         holdout = train.subset(min(2000, len(train)), seed=seed + 99)
         rows = [["best single model", max(evaluate(m, test)["accuracy"] for m in experts), "—"]]
-        for method, opts in (("average", {}), ("task_arithmetic", {"base": base, "scale": 0.3}),
-                             ("ties", {"base": base, "density": 0.2, "scale": 1.0}),
-                             ("median", {}), ("soft", {"data": holdout, "steps": z["soft_steps"],
-                                                       "progress": False})):
+        options: dict[str, dict] = {"average": {}, "task_arithmetic": {"base": base, "scale": 0.3},
+                                    "ties": {"base": base, "density": 0.2, "scale": 1.0},
+                                    "median": {}, "soft": {"data": holdout,
+                                                           "steps": z["soft_steps"],
+                                                           "progress": False}}
+        for method in methods:
+            opts = options[method]
             accs = []
             for members in (experts, experts + [bad]):
                 merged = merge.merge(members, method, **opts)
                 net = merged[0] if isinstance(merged, tuple) else with_state(base, merged)
                 accs.append(evaluate(net, test)["accuracy"])
+                advance(1, step=f"4. {method} merge of {len(members)}")
             rows.append([method, accs[0], accs[1]])
         tables["4. Merging 4 fine-tuned experts (test accuracy; + one N(0, 10²) noise member)"] = Table(
             ["method", "4 experts", "4 experts + malicious"], rows)
-        advance(1)
 
         # 5. federated: FedAvg vs WSA on label-skewed clients
         fl_train = train.subset(min(z["fl_train"], len(train)), seed=seed + 5)
@@ -179,11 +196,11 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
                               rounds=z["fl_rounds"], seed=seed, progress=False)
             fl_curves[name] = res.accuracy_curve()
             rows.append([name, res.final_accuracy, res.best_accuracy])
+            advance(1, step=f"5. federated {name}")
         tables["5. Federated learning, Dirichlet α=0.1 clients"] = Table(
             ["strategy", "final accuracy", "best accuracy"], rows)
         figures["federated_accuracy"] = plots.fl_round_curves(
             {"Dirichlet α=0.1": {n: [c] for n, c in fl_curves.items()}}, "test accuracy")
-        advance(1)
     notes.append("Different seeds need permutation alignment before their weights can be averaged; "
                  "scope alignment alone changes the barrier little (see docs/results.md).")
     result = ExperimentResult(name="basinmerge demo", config={"dataset": dataset, "scale": scale,

@@ -435,7 +435,7 @@ def run(*, dataset: str = "fashion-mnist", model: str = "mlp", scale: str = "qui
     cfg = SCALE_CONFIGS[check_scale(scale)]
     n_seeds = cfg.seeds if seeds is None else int(seeds)
     if n_seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
+        raise ConfigError(f"seeds must be >= 1, got {n_seeds}")
     cond_names = list(conditions) if conditions else list(CONDITIONS)
     for c in cond_names:
         if c not in CONDITIONS:

@@ -277,7 +277,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
     cfg = SCALE_CONFIGS[check_scale(scale)]
     pairs = cfg.pairs if seeds is None else int(seeds)
     if pairs < 1:
-        raise ConfigError(f"--seeds (pairs of models) must be >= 1, got {pairs}")
+        raise ConfigError(f"seeds (pairs of models) must be >= 1, got {pairs}")
     train = data_mod.load(dataset, "train", root)
     test = data_mod.load(dataset, "test", root)
     image = len(train.input_shape) == 3

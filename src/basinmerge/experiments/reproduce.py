@@ -3,6 +3,9 @@
 Writes, under the output folder: one sub-folder per suite (its result.json, result.md and
 PNGs), ``report.md`` (figures linked from the sub-folders) and ``report.html`` (self-contained,
 figures inlined), with the exact commands, versions, seeds and machine.
+
+``run.json`` in the output folder records the options; ``resume=True`` continues an interrupted
+run with them (`resume_options`), reusing every suite whose ``result.json`` was written.
 """
 
 from __future__ import annotations
@@ -23,12 +26,42 @@ from basinmerge.experiments import SUITES
 from basinmerge.experiments.common import ExperimentResult, check_scale, environment, write_result
 from basinmerge.report import figure_png, html_report, markdown_report
 
+RUN_FILE = "run.json"
+DEFAULTS = {"scale": "quick", "dataset": None, "device": "cpu", "seed": 0, "suites": None,
+            "seeds": None}
+
+
+def resume_options(folder: str | Path, given: dict) -> dict:
+    """The options of the run in `folder` (its run.json), checked against the options `given`
+    again (None: not given); one `ConfigError` naming every option that differs."""
+    folder = Path(folder)
+    if not (folder / RUN_FILE).is_file():
+        raise ConfigError(f"{folder}: no {RUN_FILE}, so no reproduce run to resume there")
+    stored = {**DEFAULTS, **io.read_json(folder / RUN_FILE).get("options", {})}
+    differ = [f"{k}: the run used {stored[k]!r}, given {v!r}" for k, v in given.items()
+              if v is not None and k in stored and _norm(v) != _norm(stored[k])]
+    if differ:
+        raise ConfigError(f"{folder}: options differ from the run being resumed ("
+                          + "; ".join(differ) + ")")
+    return {k: stored[k] for k in DEFAULTS}
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple | list) else v
+
+
+def finished_suites(out: str | Path) -> list[str]:
+    """The suites of a run folder whose results are written (what a resume reuses)."""
+    return [n for n in SUITES if (Path(out) / n / "result.json").is_file()]
+
 
 def run_suites(*, scale: str = "quick", out: str | Path = "report", dataset: str | None = None,
                device: str = "cpu", seed: int = 0, suites: Sequence[str] | None = None,
-               seeds: int | None = None, command: str | None = None) -> dict:
+               seeds: int | None = None, command: str | None = None,
+               resume: bool = False) -> dict:
     """Run the chosen suites (all by default) and write the combined report; returns the
-    paths written and the results.
+    paths written and the results. With `resume`, a suite whose result.json is in `out` is
+    read back instead of run again.
 
     `seeds`: seeds per suite; by default 1 at the smoke and quick scales (so that quick fits
     in about 20 minutes on 2 CPU cores; the tables in docs/results.md use 3-5 seeds, run suite
@@ -40,10 +73,21 @@ def run_suites(*, scale: str = "quick", out: str | Path = "report", dataset: str
             raise ConfigError(f"unknown suite '{n}'; choose from {', '.join(SUITES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / RUN_FILE, {"options": {"scale": scale, "dataset": dataset,
+                                               "device": device, "seed": seed,
+                                               "suites": list(suites) if suites else None,
+                                               "seeds": seeds}})
+    done = set(finished_suites(out)) if resume else set()
     results: list[ExperimentResult] = []
     pngs: dict[str, dict[str, bytes]] = {}
     t0 = time.perf_counter()
     for n in names:
+        if n in done:
+            res, png = ExperimentResult.from_folder(out / n)
+            console.print(f"{n}: reusing the result written by the interrupted run")
+            pngs[res.name] = png
+            results.append(res)
+            continue
         console.rule(f"[bold]{n}[/] ({scale})")
         mod = importlib.import_module(SUITES[n])
         wanted = {"scale": scale, "device": device, "seed": seed, "out": out / n,
