@@ -30,8 +30,9 @@ example input unchanged, else a `ConfigError` names the model and the way out (`
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +94,18 @@ def example_input(model: nn.Module, batch_size: int = 2, length: int = 8) -> Any
         mask[-1, -1] = 0
         return {"input_ids": ids, "attention_mask": mask}
     return None
+
+
+@contextlib.contextmanager
+def no_fastpath() -> Iterator[None]:
+    """Turn off the fused eval-mode fast path of ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer``, which skips their submodules' forward (and hooks)."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 def move_batch(batch: Any, device) -> Any:
@@ -187,17 +200,10 @@ def _record(model: nn.Module, example: Any, attention: Mapping[str, int]) -> lis
                 "conv" if isinstance(m, nn.Conv1d | nn.Conv2d) else None)
         if kind:
             handles.append(hook(name, m, kind))
-    # nn.TransformerEncoderLayer / MultiheadAttention take a fused fast path in eval mode that
-    # skips their submodules' forward; training mode avoids it (values do not matter here).
-    fast = [m for m in model.modules()
-            if isinstance(m, nn.TransformerEncoderLayer | nn.TransformerEncoder
-                          | nn.MultiheadAttention)]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        for m in fast:
-            m.train()
-        with torch.no_grad():
+        with torch.no_grad(), no_fastpath():
             forward(model, example)
     except ConfigError:
         raise
