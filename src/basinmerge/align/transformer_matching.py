@@ -14,8 +14,8 @@ the summed correlations (activation matching) over head-structured permutations.
   module one two-level step. Optional random restarts or a start from activation matching
   (`init_perm`).
 - `structured_activation_matching`: correlations of the units over data; the residual stream
-  observed where layers read it, MLP and head units at their readers, Q/K and V units at the
-  projections' outputs (the slices of a fused projection; computed from the input for
+  observed where layers read it, MLP and head hidden units at their layer's output (before
+  the activation, so no unit is dead), Q/K and V units at the projections' outputs (the slices of a fused projection; computed from the input for
   ``nn.MultiheadAttention``). Padding positions (``attention_mask == 0``) are not samples.
 """
 
@@ -49,7 +49,6 @@ from basinmerge.align.permute import (
     check_state,
     fill_derived,
     identity_permutation,
-    random_permutation,
 )
 from basinmerge.align.spec import Axis, PermutationSpec
 from basinmerge.align.transformer import forward, is_conv1d, move_batch, no_fastpath
@@ -237,32 +236,14 @@ def _run(spec: PermutationSpec, view: SplitView, pa, pb, keys, perm: Perm, max_i
 def structured_weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
                                params_b: Mapping[str, torch.Tensor], max_iter: int = 100,
                                seed: int = 0, init_perm: Mapping[str, torch.Tensor] | None = None,
-                               dtype: torch.dtype = torch.float32, restarts: int = 0
-                               ) -> tuple[Perm, MatchingTrace]:
+                               dtype: torch.dtype = torch.float32) -> tuple[Perm, MatchingTrace]:
     """Weight matching on a transformer spec (see the module docstring); same contract as
-    `weight_matching`. With ``restarts = r`` the loop also runs from r random head-structured
-    permutations (seeds ``seed + 1 ...``) and the run with the highest final objective wins;
-    its trace carries ``restart`` (0: the first start) and ``restart_objectives``."""
-    if max_iter < 1:
-        raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
-    if restarts < 0:
-        raise ConfigError(f"restarts must be >= 0, got {restarts}")
+    `weight_matching`, which calls it for such specs."""
     keys = _matched_params(spec, params_a, params_b)
     start = check_permutation(spec, init_perm) if init_perm is not None else identity_permutation(spec)
     view = split_view(spec)
     pa, pb = view.split({k: params_a[k] for k in keys}), view.split({k: params_b[k] for k in keys})
-    split_keys = list(pa)
-    best: tuple[Perm, MatchingTrace] | None = None
-    finals = []
-    for r in range(restarts + 1):
-        init = start if r == 0 else random_permutation(spec, seed + r)
-        perm, trace = _run(spec, view, pa, pb, split_keys, init, max_iter, seed + r, dtype)
-        finals.append(trace.objective[-1])
-        if best is None or trace.objective[-1] > best[1].objective[-1]:
-            best = (perm, trace)
-            best[1].restart = r  # type: ignore[attr-defined]
-    best[1].restart_objectives = finals  # type: ignore[attr-defined]
-    return best
+    return _run(spec, view, pa, pb, list(pa), start, max_iter, seed, dtype)
 
 
 # --------------------------------------------------------------------------- activation matching
@@ -303,7 +284,9 @@ def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Sli
             in_axis = 0 if is_conv1d(m) else 1
             if isinstance(m, nn.Linear) or is_conv1d(m):
                 (readers if axis == in_axis else writers).append(mod)
-        if p in spec.heads or not readers:
+        # Units written by one layer (MLP hidden units, Q/K/V) are observed at its output
+        # (pre-activation: no dead units); the residual stream where layers read it.
+        if p in spec.heads or len(writers) == 1 or not readers:
             if not writers and p not in spec.heads:
                 raise ConfigError(f"activation matching: no linear layer reads or writes the "
                                   f"units of permutation '{p}'")
