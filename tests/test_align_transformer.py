@@ -361,3 +361,92 @@ def test_different_widths_are_one_error():
     b = transformers.ViTForImageClassification(transformers.ViTConfig(**{**VIT, "hidden_size": 24}))
     with pytest.raises(IncompatibleModelsError, match="vit"):
         align(a, b, "weight")
+
+
+# --------------------------------------------------------------------------- orthogonal
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied", "vit"])
+def test_folded_layernorms_keep_outputs_and_admit_rotations(name):
+    from basinmerge.align.orthogonal import fold_layernorms, rotate_stream
+
+    model = _model(name)
+    x = _data(model, 8)
+    folded = fold_layernorms(model, _data(model, 2))
+    assert not any(isinstance(m, nn.LayerNorm) for m in folded.modules())
+    torch.testing.assert_close(outputs(folded, x), outputs(model, x), rtol=1e-4, atol=1e-5)
+    spec = transformer_spec(folded, _data(model, 2))
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    rotated = rotate_stream(folded, spec, q)
+    torch.testing.assert_close(outputs(rotated, x), outputs(model, x), rtol=1e-4, atol=1e-5)
+    # A rotation of the stream without folding breaks the function: LayerNorm is not
+    # rotation-invariant (its centering and per-feature weight).
+    raw = rotate_stream(model, _spec(name), q)
+    assert not torch.allclose(outputs(raw, x), outputs(model, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied", "vit"])
+def test_orthogonal_alignment_recovers_a_planted_rotation(name):
+    from basinmerge.align.orthogonal import fold_layernorms, orthogonal_align, rotate_stream
+
+    model = _model(name)
+    x = _data(model, 32)
+    folded = fold_layernorms(model, _data(model, 2))
+    spec = transformer_spec(folded, _data(model, 2))
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.float64))
+    b = rotate_stream(folded, spec, q)
+    a_out, b_out = orthogonal_align(folded, b, x)
+    # The aligned B equals A on every direction the stream uses (the mean direction, which a
+    # folded model never writes, is left free): the midpoint computes A's function, while the
+    # midpoint with the unaligned B does not.
+    mid = copy.deepcopy(a_out)
+    mid.load_state_dict({k: (v + b_out.state_dict()[k]) / 2 for k, v in a_out.state_dict().items()})
+    torch.testing.assert_close(outputs(mid, x), outputs(model, x), rtol=1e-4, atol=1e-4)
+    naive = copy.deepcopy(a_out)
+    naive.load_state_dict({k: (v + b.state_dict()[k]) / 2 for k, v in a_out.state_dict().items()})
+    assert not torch.allclose(outputs(naive, x), outputs(model, x), atol=1e-2)
+    assert b_out.alignment["trace_after"] > b_out.alignment["trace_before"]
+
+
+def test_orthogonal_alignment_refuses_post_ln():
+    from basinmerge.align.orthogonal import fold_layernorms
+
+    model = _model("bert")
+    with pytest.raises(ConfigError, match="pre-LN"):
+        fold_layernorms(model, _data(model, 2))
+
+
+def test_orthogonal_alignment_refuses_a_raw_stream_reader():
+    from basinmerge.align.orthogonal import fold_layernorms
+
+    model = _model("encoder-preln")  # its head reads the stream without a final LayerNorm
+    with pytest.raises(ConfigError, match="layer 'head' reads the residual stream without a LayerNorm"):
+        fold_layernorms(model, _data(model, 2))
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@pytest.mark.slow
+def test_study_smoke_end_to_end(tmp_path):
+    import json
+
+    from basinmerge.cli import main
+
+    out = tmp_path / "tf"
+    with pytest.raises(SystemExit) as e:
+        main(["-q", "experiment", "transformers", "--scale", "smoke", "--out", str(out)])
+    assert e.value.code in (0, None)
+    result = json.loads((out / "result.json").read_text())
+    rows = {(r[0], r[1]): r for r in result["tables"]["barriers"]["rows"]}
+    from basinmerge.experiments.transformers import METHODS
+
+    assert {m for _, m in rows} == set(METHODS)
+    for family in ("vit", "gpt2-lm"):
+        # Every alignment leaves B's function alone: the endpoints' accuracy is the same.
+        ends = {rows[(family, m)][3] for m in METHODS}
+        assert max(ends) - min(ends) < 1e-9
+    assert (out / "paths_vit.png").exists() and (out / "paths_gpt2-lm.png").exists()
+    assert len(result["tables"]["mergemany"]["rows"]) == 3 + 2

@@ -562,6 +562,9 @@ def transformer_spec(model: nn.Module, example_input: Any = None, *,
     module; the way out is a hand-built ``PermutationSpec`` passed as ``spec=``."""
     if example_input is None:
         example_input = example_input_for(model)
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        example_input = move_batch(example_input, param.device)
     attention = attention_modules(model, num_heads)
     events = _record(model, example_input, attention)
     if not any(e.kind == "mha" for e in events) and not attention:
