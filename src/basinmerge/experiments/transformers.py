@@ -18,8 +18,9 @@ MergeMany merges four ViTs. WSA: a ViT trained with SGD next to one trained with
 scope mismatch, symmetric KL), then the SGD run repeated under the WSA penalty toward the
 Adam run's scope; its barrier to the Adam run is compared with the plain SGD run's.
 
-Scales: ``smoke`` (tiny models, seconds; for tests), ``quick`` (the brief's ViT, ~10-15 min on
-2 CPU cores), ``full`` (all of Fashion-MNIST, longer training; for a GPU).
+Scales: ``smoke`` (tiny models, seconds; for tests), ``quick`` (4-block width-128 ViTs on 4,000
+images for 2 epochs, 4-block width-64 LMs for 300 steps; ~15-20 min on 2 idle CPU cores),
+``full`` (all of Fashion-MNIST for 12 epochs, width-256 LMs; for a GPU).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ScaleConfig:
     wsa_lambda: float = 1.0
     batch_size: int = 64
     lr: float = 1e-3
+    lm_batch_size: int = 64
 
 
 SCALE_CONFIGS = {
@@ -79,10 +81,11 @@ SCALE_CONFIGS = {
                          epochs=1, eval_limit=128, stats_examples=64, lm_blocks=2, lm_dim=32,
                          lm_heads=4, lm_ctx=32, corpus_bytes=60_000, lm_steps=20,
                          lm_eval_windows=32, num_points=3, restarts=1, pairs=1, merge_models=3),
-    "quick": ScaleConfig(vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=256, train_limit=10000,
-                         epochs=3, eval_limit=1000, stats_examples=500, lm_blocks=4, lm_dim=128,
-                         lm_heads=4, lm_ctx=64, corpus_bytes=2_000_000, lm_steps=600,
-                         lm_eval_windows=256, num_points=9, restarts=3, pairs=1),
+    "quick": ScaleConfig(vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=256, train_limit=4000,
+                         epochs=2, eval_limit=1000, stats_examples=256, lm_blocks=4, lm_dim=64,
+                         lm_heads=4, lm_ctx=64, corpus_bytes=1_000_000, lm_steps=300,
+                         lm_eval_windows=128, num_points=7, restarts=2, pairs=1,
+                         lm_batch_size=32),
     "full": ScaleConfig(vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=512, train_limit=None,
                         epochs=12, eval_limit=10000, stats_examples=2000, lm_blocks=6,
                         lm_dim=256, lm_heads=8, lm_ctx=128, corpus_bytes=20_000_000,
@@ -308,7 +311,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
 
     def lm_sampler(seed: int):
         gen = torch.Generator().manual_seed(20_000 + seed)
-        return lambda step: (_windows(lm_train, cfg.batch_size, cfg.lm_ctx, gen), None)
+        return lambda step: (_windows(lm_train, cfg.lm_batch_size, cfg.lm_ctx, gen), None)
 
     def vit(seed: int, optimizer: str = "adam", penalty_from=None) -> nn.Module:
         net = build_vit(cfg, train_ds.input_shape, train_ds.num_classes, seed)
