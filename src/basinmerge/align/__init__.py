@@ -140,9 +140,9 @@ def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weig
     if spec.structured:
         raise ConfigError("alignment method 'ste' does not support transformers yet; use "
                           "'weight' or 'activation'")
-    perm, trace = ste_matching(model_a, model_b, data, steps=steps, lr=lr, spec=spec,
-                               batch_size=batch_size, seed=seed, max_iter=max_iter)
-    return perm, spec, {"method": "ste", **trace.to_dict()}
+    perm, ste_trace = ste_matching(model_a, model_b, data, steps=steps, lr=lr, spec=spec,
+                                   batch_size=batch_size, seed=seed, max_iter=max_iter)
+    return perm, spec, {"method": "ste", **ste_trace.to_dict()}
 
 
 def _example(data):
