@@ -348,6 +348,30 @@ def test_users_own_transformer_is_read():
     torch.testing.assert_close(moved(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+class Features(nn.Module):
+    """Sequences of feature vectors: a linear input projection instead of an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x))[:, 0])
+
+
+def test_linear_input_projection_writes_the_stream():
+    torch.manual_seed(0)
+    model = Features().eval()
+    x = torch.randn(4, 7, 5)
+    spec = transformer_spec(model, x)
+    assert spec.axes_to_perm["inp.weight"] == ("P_res", None)
+    moved = _permuted(model, spec, random_permutation(spec, 1))
+    torch.testing.assert_close(moved(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_heads_that_do_not_divide_the_width():
     model = OwnModel(width=12, heads=3)
     with pytest.raises(ConfigError, match="attention 'attn' has 5 heads, which do not divide its width 12"):

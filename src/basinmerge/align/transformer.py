@@ -219,8 +219,9 @@ def _record(model: nn.Module, example: Any, attention: Mapping[str, int]) -> lis
 
 
 class _Builder:
-    def __init__(self, model: nn.Module, attention: Mapping[str, int]):
+    def __init__(self, model: nn.Module, attention: Mapping[str, int], width: int):
         self.model = model
+        self.width = width
         self.state = model.state_dict()
         self.uf = _UnionFind()
         self.axes: list[tuple[Axis, Any]] = []
@@ -329,6 +330,12 @@ class _Builder:
         p = self.pending
         if p is not None and n_in == p.width and (p.fused or len(p.qkv) == 3):
             return self._output_projection(ev, p, n_in, n_out, ax_in, ax_out)
+        if not self.widths and n_out == self.width:
+            # The first layer to run projects the model's (unpermuted) input features onto the
+            # stream: a linear input embedding (sequences of feature vectors).
+            self._write(ev, "res", ax_out)
+            self._set(n_out, "res")
+            return
         src = self.reads(n_in, ev.name)
         self.tag(f"{ev.name}.weight", ax_in, src)
         stream = self.source.get(src)
@@ -572,7 +579,7 @@ def transformer_spec(model: nn.Module, example_input: Any = None, *,
                           "nn.MultiheadAttention and no module with a head count); pass "
                           "num_heads= or spec=")
     width = _stream_width(model, events, attention)
-    b = _Builder(model, attention)
+    b = _Builder(model, attention, width)
     layers = set()
     for ev in events:
         layers.add(ev.name)
@@ -587,7 +594,7 @@ def transformer_spec(model: nn.Module, example_input: Any = None, *,
         else:
             b.linear(ev)
     if "res" not in {e for _, e in b.axes}:
-        raise ConfigError(f"{type(model).__name__}: no embedding or patch projection writes "
+        raise ConfigError(f"{type(model).__name__}: no embedding, patch or input projection writes "
                           f"the residual stream of width {width} (pass spec=)")
     open_units = [u.name for u in b.units.values() if u.qkv or u.fused]
     open_units = [n for n in open_units if not b.units[n].out_done]
