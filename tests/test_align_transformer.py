@@ -489,4 +489,4 @@ def test_study_smoke_end_to_end(tmp_path):
         ends = {rows[(family, m)][3] for m in METHODS}
         assert max(ends) - min(ends) < 1e-9
     assert (out / "paths_vit.png").exists() and (out / "paths_gpt2-lm.png").exists()
-    assert len(result["tables"]["mergemany"]["rows"]) == 3 + 2
+    assert len(result["tables"]["mergemany"]["rows"]) == 3 + 3

@@ -359,7 +359,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
             # MergeMany of ViTs.
             vits = [zoo.get(("vit", s)) or vit(s) for s in range(cfg.merge_models)]
             advance(cfg.merge_models, step="vit zoo")
-            merge_rows = _merge_rows(vits, vit_splits, device)
+            merge_rows = _merge_rows(vits, vit_splits, device, vit_stats, cfg.stats_examples)
             advance(step="merge many")
             # WSA: SGD vs Adam scope mismatch, and the SGD run under WSA toward the Adam run.
             adam = vits[0]
@@ -422,7 +422,8 @@ def _summary(rows: list[dict], methods) -> Table:
                  "definition); LM accuracy = next-byte accuracy")
 
 
-def _merge_rows(vits: list[nn.Module], splits: dict, device: str) -> list[list]:
+def _merge_rows(vits: list[nn.Module], splits: dict, device: str, stats,
+                num_examples: int) -> list[list]:
     x, y = splits["test"]
     rows = []
     for i, m in enumerate(vits):
@@ -436,6 +437,13 @@ def _merge_rows(vits: list[nn.Module], splits: dict, device: str) -> list[list]:
     net.load_state_dict(merged)
     e = evaluate(net, x, y, False, device)
     rows.append(["MergeMany (weight matching)", e["loss"], e["accuracy"]])
+    anchored = [as_state_dict(vits[0])] + [
+        as_state_dict(align(vits[0], m, "activation", stats, num_examples=num_examples))
+        for m in vits[1:]]
+    net.load_state_dict(weighted_average(anchored))
+    e = evaluate(net, x, y, False, device)
+    rows.append(["all aligned to model 0 (activation matching), averaged", e["loss"],
+                 e["accuracy"]])
     return rows
 
 
