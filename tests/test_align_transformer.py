@@ -372,6 +372,44 @@ def test_linear_input_projection_writes_the_stream():
     torch.testing.assert_close(moved(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+class UnnamedAttention(nn.Module):
+    """Projections named a, b, c, called value first: only the function check can tell which
+    one is the value."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 3
+        self.a, self.b, self.c, self.o = (nn.Linear(12, 12) for _ in range(4))
+
+    def forward(self, h):
+        n, t, w = h.shape
+        v, q, k = (m(h).view(n, t, 3, 4).transpose(1, 2) for m in (self.a, self.b, self.c))
+        y = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.o(y.transpose(1, 2).reshape(n, t, w))
+
+
+class Unnamed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.attn = UnnamedAttention()
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head((h + self.attn(h)).mean(1))
+
+
+def test_unnamed_projections_in_any_order_are_read():
+    torch.manual_seed(0)
+    model = Unnamed().eval()
+    x = torch.randint(0, 20, (4, 5))
+    spec = transformer_spec(model, x)
+    assert spec.axes_to_perm["attn.a.weight"][0] == spec.axes_to_perm["attn.o.weight"][1]  # value
+    moved = _permuted(model, spec, random_permutation(spec, 2))
+    torch.testing.assert_close(moved(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_heads_that_do_not_divide_the_width():
     model = OwnModel(width=12, heads=3)
     with pytest.raises(ConfigError, match="attention 'attn' has 5 heads, which do not divide its width 12"):

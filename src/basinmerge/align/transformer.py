@@ -219,9 +219,12 @@ def _record(model: nn.Module, example: Any, attention: Mapping[str, int]) -> lis
 
 
 class _Builder:
-    def __init__(self, model: nn.Module, attention: Mapping[str, int], width: int):
+    def __init__(self, model: nn.Module, attention: Mapping[str, int], width: int,
+                 roles: list[str] | None = None):
         self.model = model
         self.width = width
+        self.roles = roles
+        self.guessed = False
         self.state = model.state_dict()
         self.uf = _UnionFind()
         self.axes: list[tuple[Axis, Any]] = []
@@ -380,6 +383,9 @@ class _Builder:
         unit.stream = self.reads(n_in, ev.name)
         qk, vo = self._head_units(unit, n_out, unit.name)
         roles = _qkv_roles(unit.qkv)
+        if roles is None:
+            roles = self.roles or ["q", "k", "v"]
+            self.guessed = True
         for e, role in zip(unit.qkv, roles, strict=True):
             i_in, _, a_in, a_out = self._shape(e)
             self.tag(f"{e.name}.weight", a_in, unit.stream)
@@ -509,10 +515,11 @@ class _Builder:
                                {}, shapes, heads, derived)
 
 
-def _qkv_roles(events: list[_Event]) -> list[str]:
-    """Which of three projections reading one input are q, k, v: by their names when these say
-    it (query/key/value, q_proj, to_q, ...), else in call order. (q and k share a permutation;
-    a wrong guess of v is caught by the function check.)"""
+def _qkv_roles(events: list[_Event]) -> list[str] | None:
+    """Which of three projections reading one input are q, k, v, by their names when these say
+    it (query/key/value, q_proj, to_q, ...); None when they do not (the builder then takes call
+    order, and `transformer_spec` tries the value in the other places if the function check
+    fails; q and k share a permutation, so only the value's place matters)."""
     def role(name: str) -> str | None:
         leaf = name.rsplit(".", 1)[-1].lower()
         for r, words in (("q", ("query", "q_proj", "to_q", "q", "wq", "q_lin")),
@@ -522,7 +529,7 @@ def _qkv_roles(events: list[_Event]) -> list[str]:
                 return r
         return None
     roles = [role(e.name) for e in events]
-    return roles if sorted(r or "" for r in roles) == ["k", "q", "v"] else ["q", "k", "v"]
+    return roles if sorted(r or "" for r in roles) == ["k", "q", "v"] else None
 
 
 def attention_modules(model: nn.Module, num_heads: int | Mapping[str, int] | None = None
@@ -579,7 +586,34 @@ def transformer_spec(model: nn.Module, example_input: Any = None, *,
                           "nn.MultiheadAttention and no module with a head count); pass "
                           "num_heads= or spec=")
     width = _stream_width(model, events, attention)
-    b = _Builder(model, attention, width)
+    spec, guessed = _build(model, events, attention, width, None)
+    if not check:
+        return spec
+    try:
+        check_spec(model, spec, example_input)
+    except ConfigError:
+        if not guessed:
+            raise
+        # Unnamed q/k/v projections were taken in call order; try the value in the other
+        # two places before giving up.
+        for v_at in (0, 1):
+            order = ["q", "k"]
+            order.insert(v_at, "v")
+            other, _ = _build(model, events, attention, width, order)
+            try:
+                check_spec(model, other, example_input)
+                return other
+            except ConfigError:
+                continue
+        raise
+    return spec
+
+
+def _build(model: nn.Module, events: list[_Event], attention: Mapping[str, int], width: int,
+           roles: list[str] | None) -> tuple[PermutationSpec, bool]:
+    """The spec from recorded events, and whether some q/k/v roles were guessed from call
+    order (`roles` overrides those guesses)."""
+    b = _Builder(model, attention, width, roles)
     layers = set()
     for ev in events:
         layers.add(ev.name)
@@ -603,10 +637,7 @@ def transformer_spec(model: nn.Module, example_input: Any = None, *,
                           "projection after its query/key/value (pass spec=)")
     b.loose_parameters(width, layers | set(attention))
     b.tie()
-    spec = b.spec()
-    if check:
-        check_spec(model, spec, example_input)
-    return spec
+    return b.spec(), b.guessed
 
 
 def example_input_for(model: nn.Module) -> Any:
