@@ -44,7 +44,6 @@ from basinmerge.align.matching import (
 )
 from basinmerge.align.permute import (
     Perm,
-    apply_permutation,
     check_permutation,
     check_state,
     fill_derived,
@@ -431,4 +430,4 @@ def structured_activation_matching(model_a: nn.Module, model_b: nn.Module, data,
 
 __all__ = ["SplitView", "assign", "batches", "head_groups", "split_view", "transformer_spec_from_data",
            "structured_activation_matching", "structured_weight_matching", "two_level_assignment",
-           "unit_correlations", "apply_permutation"]
+           "unit_correlations"]
