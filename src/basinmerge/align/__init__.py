@@ -18,7 +18,9 @@ Building blocks: `PermutationSpec` (`builtin_spec`, `spec_for`), `apply_permutat
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,10 +57,17 @@ from basinmerge.align.spec import (
     spec_for,
     trace_units,
 )
+from basinmerge.align.transformer import (
+    check_same_structure,
+    is_transformer,
+    transformer_spec,
+)
+from basinmerge.align.transformer_matching import two_level_assignment
 from basinmerge.errors import ConfigError
 from basinmerge.state import as_state_dict, check_compatible
 
 METHODS = ("weight", "activation", "ste")
+INITS = ("identity", "activation")
 
 __all__ = [
     "METHODS", "ACTIVATION_METHODS", "PermutationSpec", "Perm", "MatchingTrace", "STETrace",
@@ -67,39 +76,82 @@ __all__ = [
     "identity_permutation", "inverse_permutation", "is_identity", "merge_many", "midpoint_loss",
     "model_inputs", "objective", "parameter_keys", "random_permutation", "repair",
     "repair_points", "reset_bn_stats", "resolve_spec", "spec_for", "ste_matching", "trace_units",
-    "weight_matching", "weight_matching_reference",
+    "weight_matching", "weight_matching_reference", "INITS", "check_same_structure",
+    "is_transformer", "transformer_spec", "two_level_assignment",
 ]
 
 
 def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None, *,
                      spec: PermutationSpec | None = None, seed: int = 0, max_iter: int = 100,
                      activation_method: str = "corr", num_examples: int | None = 2000,
-                     steps: int = 100, lr: float = 1e-3, batch_size: int = 128
+                     steps: int = 100, lr: float = 1e-3, batch_size: int = 128,
+                     init: str = "identity", restarts: int = 0
                      ) -> tuple[Perm, PermutationSpec, dict]:
     """The permutation of B's units that aligns B to A, its spec, and what the method reported.
 
     method ``weight`` needs no data; ``activation`` needs inputs, ``ste`` labelled data
-    (a Dataset or (x, y)). The spec is the hand-written one for library models, else traced
-    (which needs `data` for an example input), unless given."""
+    (a Dataset or (x, y)). The spec is the hand-written one for library models, the
+    transformer spec for transformers (checked to have the same heads in B), else traced
+    (which needs `data` for an example input), unless given. Data for transformers may be a
+    dict of named input tensors (``input_ids``, ``attention_mask``).
+
+    Weight matching options: ``init="activation"`` starts it from activation matching (needs
+    `data`); ``restarts=r`` also runs it from r random permutations and keeps the run with the
+    highest objective (the report lists every run's final objective)."""
     if method not in METHODS:
         raise ConfigError(f"unknown alignment method '{method}'; choose one of {', '.join(METHODS)}")
+    if init not in INITS:
+        raise ConfigError(f"unknown weight matching init '{init}'; choose one of {', '.join(INITS)}")
+    if restarts < 0:
+        raise ConfigError(f"restarts must be >= 0, got {restarts}")
     check_compatible([as_state_dict(model_a), as_state_dict(model_b)], ["model A", "model B"])
-    if method != "weight" and data is None:
-        raise ConfigError(f"alignment method '{method}' needs data (e.g. the training split)")
-    example = model_inputs(data, 2) if data is not None else None
+    if (method != "weight" or init == "activation") and data is None:
+        what = f"alignment method '{method}'" if method != "weight" else "init='activation'"
+        raise ConfigError(f"{what} needs data (e.g. the training split)")
+    example = _example(data)
+    given = spec is not None
     spec = resolve_spec(model_a, example, spec)
+    if spec.structured and not given:
+        check_same_structure(spec, resolve_spec(model_b, example))
     if method == "weight":
         pa = {k: v.detach() for k, v in model_a.named_parameters()}
         pb = {k: v.detach() for k, v in model_b.named_parameters()}
-        perm, trace = weight_matching(spec, pa, pb, max_iter=max_iter, seed=seed)
-        return perm, spec, {"method": "weight", **trace.to_dict()}
+        init_perm = None
+        if init == "activation":
+            init_perm = activation_matching(model_a, model_b, data, activation_method, spec=spec,
+                                            num_examples=num_examples)
+        perm, trace = weight_matching(spec, pa, pb, max_iter=max_iter, seed=seed,
+                                      init_perm=init_perm)
+        finals = [trace.objective[-1]]
+        for r in range(1, restarts + 1):
+            p_r, t_r = weight_matching(spec, pa, pb, max_iter=max_iter, seed=seed + r,
+                                       init_perm=random_permutation(spec, seed + r))
+            finals.append(t_r.objective[-1])
+            if t_r.objective[-1] > trace.objective[-1]:
+                perm, trace = p_r, t_r
+        info = {"method": "weight", "init": init, **trace.to_dict()}
+        if restarts:
+            info.update(restart_objectives=finals, restart=int(np.argmax(finals)))
+        return perm, spec, info
     if method == "activation":
         perm = activation_matching(model_a, model_b, data, activation_method, spec=spec,
                                    num_examples=num_examples)
         return perm, spec, {"method": "activation", "statistic": activation_method}
-    perm, trace = ste_matching(model_a, model_b, data, steps=steps, lr=lr, spec=spec,
-                               batch_size=batch_size, seed=seed, max_iter=max_iter)
-    return perm, spec, {"method": "ste", **trace.to_dict()}
+    if spec.structured:
+        raise ConfigError("alignment method 'ste' does not support transformers yet; use "
+                          "'weight' or 'activation'")
+    perm, ste_trace = ste_matching(model_a, model_b, data, steps=steps, lr=lr, spec=spec,
+                                   batch_size=batch_size, seed=seed, max_iter=max_iter)
+    return perm, spec, {"method": "ste", **ste_trace.to_dict()}
+
+
+def _example(data):
+    """Two examples of `data` (for building or tracing a spec), or None."""
+    if data is None:
+        return None
+    if isinstance(data, Mapping):
+        return {k: v[:2] for k, v in data.items()}
+    return model_inputs(data, 2)
 
 
 def permuted_copy(model: nn.Module, spec: PermutationSpec, perm: Perm) -> nn.Module:

@@ -361,6 +361,10 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     t_start = time.perf_counter()
     if max_iter < 1:
         raise ConfigError(f"max_iter must be >= 1, got {max_iter}")
+    if spec.structured:  # transformer specs: head-structured / derived permutations
+        from basinmerge.align.transformer_matching import structured_weight_matching
+
+        return structured_weight_matching(spec, params_a, params_b, max_iter, seed, init_perm, dtype)
     keys = _matched_params(spec, params_a, params_b)
     perm = check_permutation(spec, init_perm) if init_perm is not None else identity_permutation(spec)
     trace = MatchingTrace()
@@ -443,6 +447,12 @@ def weight_matching_reference(spec: PermutationSpec, params_a: Mapping[str, torc
 # --------------------------------------------------------------------------- activation matching
 
 ACTIVATION_METHODS = ("corr", "ols")
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    from basinmerge.align.transformer import is_transformer
+
+    return is_transformer(model)
 
 
 def _observation_points(model: nn.Module, spec: PermutationSpec, perms: Sequence[str]):
@@ -581,6 +591,15 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, data, method: st
     if method not in ACTIVATION_METHODS:
         raise ConfigError(f"unknown activation matching method '{method}'; choose one of "
                           f"{', '.join(ACTIVATION_METHODS)}")
+    if spec is not None and spec.structured or spec is None and _is_transformer(model_a):
+        from basinmerge.align.transformer_matching import (
+            structured_activation_matching,
+            transformer_spec_from_data,
+        )
+
+        spec = spec or transformer_spec_from_data(model_a, data)
+        return structured_activation_matching(model_a, model_b, data, method, spec=spec,
+                                              num_examples=num_examples)
     x = model_inputs(data, num_examples)
     spec = resolve_spec(model_a, adapter.take_inputs(x, slice(0, 2)), spec)
     state_a, state_b = as_state_dict(model_a), as_state_dict(model_b)

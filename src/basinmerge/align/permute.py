@@ -24,9 +24,52 @@ def identity_permutation(spec: PermutationSpec) -> Perm:
 
 
 def random_permutation(spec: PermutationSpec, seed: int = 0) -> Perm:
-    """A uniformly random permutation for every permutation of the spec (deterministic in seed)."""
+    """A uniformly random permutation for every permutation of the spec (deterministic in seed).
+
+    Head-structured permutations (``spec.heads``) get one random order of the heads per group
+    and a random order of the units inside every head; derived ones follow their sources."""
     g = torch.Generator().manual_seed(int(seed))
-    return {p: torch.randperm(n, generator=g) for p, n in spec.sizes.items()}
+    if not spec.structured:
+        return {p: torch.randperm(n, generator=g) for p, n in spec.sizes.items()}
+    head_orders: dict[str, torch.Tensor] = {}
+    out: Perm = {}
+    for p in spec.free_perms:
+        n = spec.sizes[p]
+        if p not in spec.heads:
+            out[p] = torch.randperm(n, generator=g)
+            continue
+        group, d = spec.heads[p]
+        if group not in head_orders:
+            head_orders[group] = torch.randperm(n // d, generator=g)
+        out[p] = head_structured(head_orders[group],
+                                 [torch.randperm(d, generator=g) for _ in range(n // d)])
+    fill_derived(spec, out)
+    return out
+
+
+def head_structured(head_order: torch.Tensor, within: list[torch.Tensor]) -> torch.Tensor:
+    """The index vector that puts head ``head_order[h]`` in head slot h, its units in the order
+    ``within[h]`` (d units per head)."""
+    d = len(within[0]) if within else 1
+    return torch.cat([int(g) * d + w for g, w in zip(head_order, within, strict=True)])
+
+
+def head_order_of(v: torch.Tensor, d: int) -> torch.Tensor | None:
+    """Which head each head slot of index vector `v` takes, or None if `v` splits a head."""
+    rows = v.reshape(-1, d) // d
+    heads = rows[:, 0]
+    return heads if bool((rows == heads[:, None]).all()) else None
+
+
+def fill_derived(spec: PermutationSpec, perm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Set every derived permutation of `perm` from its sources (in place; returned)."""
+    for p, sources in spec.derived.items():
+        parts, offset = [], 0
+        for q in sources:
+            parts.append(perm[q] + offset)
+            offset += spec.sizes[q]
+        perm[p] = torch.cat(parts)
+    return perm
 
 
 def inverse_permutation(perm: Mapping[str, torch.Tensor]) -> Perm:
@@ -44,18 +87,37 @@ def is_identity(perm: Mapping[str, torch.Tensor]) -> bool:
 
 
 def check_permutation(spec: PermutationSpec, perm: Mapping[str, torch.Tensor]) -> Perm:
-    """Validate `perm` against `spec` (names, sizes, bijectivity); returns it as LongTensors."""
-    missing = [p for p in spec.sizes if p not in perm]
+    """Validate `perm` against `spec` (names, sizes, bijectivity; whole heads moving together
+    for head-structured permutations); returns it as LongTensors, derived permutations filled
+    in (a given one must agree with its sources)."""
+    missing = [p for p in spec.sizes if p not in perm and p not in spec.derived]
     extra = [p for p in perm if p not in spec.sizes]
     if missing or extra:
         what = f"lacks '{missing[0]}'" if missing else f"has unknown '{extra[0]}'"
         raise ConfigError(f"permutation does not fit the spec: it {what}")
     out: Perm = {}
-    for p, n in spec.sizes.items():
+    for p in spec.free_perms:
+        n = spec.sizes[p]
         v = torch.as_tensor(perm[p], dtype=torch.long).reshape(-1).cpu()
         if v.numel() != n or not bool((torch.sort(v).values == torch.arange(n)).all()):
             raise ConfigError(f"permutation '{p}' is not a permutation of {n} units")
         out[p] = v
+    groups: dict[str, tuple[str, torch.Tensor]] = {}
+    for p, (group, d) in spec.heads.items():
+        order = head_order_of(out[p], d)
+        if order is None:
+            raise ConfigError(f"permutation '{p}' splits an attention head (heads of {d} units "
+                              "must move whole)")
+        if group in groups and not torch.equal(groups[group][1], order):
+            raise ConfigError(f"permutations '{groups[group][0]}' and '{p}' move the heads of "
+                              f"'{group}' differently")
+        groups.setdefault(group, (p, order))
+    fill_derived(spec, out)
+    for p in spec.derived:
+        if p in perm and not torch.equal(torch.as_tensor(perm[p], dtype=torch.long).reshape(-1).cpu(),
+                                         out[p]):
+            raise ConfigError(f"permutation '{p}' disagrees with its sources "
+                              f"{', '.join(spec.derived[p])}")
     return out
 
 

@@ -53,6 +53,14 @@ class PermutationSpec:
     - ``blocks[(key, axis)]``: for an axis holding ``size * block`` entries (a linear layer
       reading a flattened conv output), the block length; absent means 1.
     - ``shapes[key]``: the tensor shapes the spec was built for.
+    - ``heads[p] = (group, d)`` (transformers): ``p`` permutes ``H * d`` units that form H
+      attention heads of d contiguous units; it may only move whole heads (any order of the d
+      units inside each), and every permutation of one ``group`` moves the heads the same way
+      (a head's query/key dims and its value/output dims). Empty for other models.
+    - ``derived[p] = (q, r, ...)``: ``p`` is not free but the concatenation of ``q``, ``r``, ...
+      (each offset by the sizes before it), e.g. a fused QKV projection's output axis
+      ``(P_qk, P_qk, P_vo)``. Permutation dicts still hold an entry for ``p``
+      (`permute.check_permutation` fills it in).
     """
 
     perm_to_axes: dict[str, list[Axis]]
@@ -60,10 +68,23 @@ class PermutationSpec:
     sizes: dict[str, int]
     blocks: dict[Axis, int] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    heads: dict[str, tuple[str, int]] = field(default_factory=dict)
+    derived: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def perms(self) -> list[str]:
         return list(self.perm_to_axes)
+
+    @property
+    def free_perms(self) -> list[str]:
+        """The permutations that are chosen freely (all but the `derived` ones)."""
+        return [p for p in self.sizes if p not in self.derived]
+
+    @property
+    def structured(self) -> bool:
+        """True when some permutation is head-structured or derived (a transformer spec):
+        plain one-LAP-per-permutation matching does not apply."""
+        return bool(self.heads or self.derived)
 
     def block(self, key: str, axis: int) -> int:
         return self.blocks.get((key, axis), 1)
@@ -252,7 +273,9 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
         graph = _LeafTracer().trace(model)
     except Exception as e:  # fx raises many kinds for data-dependent control flow
         raise ConfigError(f"cannot trace {type(model).__name__} with torch.fx: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (for a "
+                          "transformer use basinmerge.align.transformer_spec(model, example, "
+                          "num_heads=...), or pass spec=)") from e
     gm = fx.GraphModule(model, graph)
     param = next(iter(model.parameters()), None)
     if param is not None:
@@ -544,18 +567,28 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     """Derive the permutation spec of `model` from a torch.fx trace (see the module docstring).
 
     `example_input` is one batch of inputs (two examples suffice); it fixes the shapes needed to
-    expand a channel permutation over the spatial block of a flatten."""
+    expand a channel permutation over the spatial block of a flatten. Transformers (which
+    torch.fx cannot trace) get `basinmerge.align.transformer.transformer_spec` instead."""
+    from basinmerge.align.transformer import is_transformer, transformer_spec
+
+    if is_transformer(model):
+        return transformer_spec(model, example_input)
     return trace_units(model, example_input).spec
 
 
 def resolve_spec(model: nn.Module, example_input: torch.Tensor | None = None,
                  spec: PermutationSpec | None = None) -> PermutationSpec:
     """The spec to use for `model`: `spec` if given, the hand-written one for library models,
-    else a traced one (which needs `example_input`)."""
+    the transformer spec for transformers (`basinmerge.align.transformer`; HF models need no
+    example input), else a traced one (which needs `example_input`)."""
     if spec is not None:
         return spec
     if has_builtin_spec(model):
         return builtin_spec(model)
+    from basinmerge.align.transformer import is_transformer, transformer_spec
+
+    if is_transformer(model):
+        return transformer_spec(model, example_input)
     if example_input is None:
         raise ConfigError(f"{type(model).__name__} has no hand-written permutation spec; pass "
                           "spec= or data so the model can be traced")

@@ -172,3 +172,32 @@ def rebasin_cmd(
     print_result(result)
     write_result(result, out)
     console.print(f"wrote {out}/result.md ({result.seconds:.0f} s)")
+
+
+@experiment_app.command("transformers")
+def transformers_cmd(
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP + " (the ViTs'; "
+                                "the language models read the Python standard library's source)"),
+    scale: str = typer.Option("quick", "--scale", help="smoke (seconds), quick (~15 min on 2 CPU "
+                              "cores), full (for a GPU)."),
+    seeds: int = typer.Option(None, "--seeds", help="Pairs of models per family (default: 1 "
+                              "smoke and quick, 3 full)."),
+    out: Path = typer.Option(Path("results/transformers"), "--out", "-o", help="Output folder."),
+    root: str | None = DATA_ROOT_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Barriers between independently trained ViTs and GPT-2-style LMs: naive vs weight (with
+    restarts, from activation matching), activation and orthogonal alignment; MergeMany of
+    ViTs; WSA on ViTs."""
+    from basinmerge.experiments import transformers
+    from basinmerge.experiments.common import print_result, write_result
+
+    result = transformers.run(dataset=dataset, scale=scale, seeds=seeds, device=device, root=root)
+    args = ["--dataset", dataset, "--scale", scale]
+    args += ["--seeds", str(seeds)] if seeds is not None else []
+    args += ["--device", device] if device != "cpu" else []
+    args += ["--out", str(out)]
+    result.command = "basinmerge experiment transformers " + " ".join(shlex.quote(a) for a in args)
+    print_result(result)
+    write_result(result, out)
+    console.print(f"wrote {out}/result.md ({result.seconds:.0f} s)")

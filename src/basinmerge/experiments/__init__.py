@@ -9,4 +9,5 @@ SUITES: dict[str, str] = {
     "rebasin": "basinmerge.experiments.rebasin",
     "merging": "basinmerge.experiments.merging",
     "federated": "basinmerge.experiments.federated",
+    "transformers": "basinmerge.experiments.transformers",
 }
