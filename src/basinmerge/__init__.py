@@ -13,11 +13,11 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.1.0"
 
 from basinmerge.errors import (  # noqa: E402
+    BasinmergeError,
     CheckpointError,
     ConfigError,
     DataError,
     IncompatibleModelsError,
-    BasinmergeError,
 )
 
 __all__ = [

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -124,7 +123,10 @@ class MatchingTrace:
 
 def _lap(cost: torch.Tensor) -> np.ndarray:
     """Column assignment maximizing the total of `cost` (rows are already 0..n-1). SciPy works
-    in float64; handing it float64 saves its own (slower) conversion."""
+    in float64; handing it float64 saves its own (slower) conversion. SciPy is imported here,
+    not at module level, so that importing basinmerge (and the CLI) does not pay for it."""
+    from scipy.optimize import linear_sum_assignment
+
     _, cols = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
     return cols
 

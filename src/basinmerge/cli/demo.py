@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from basinmerge import io
-from basinmerge.cli import app
+from basinmerge.cli.app import app
 from basinmerge.console import console
 from basinmerge.experiments.common import print_result, write_result
 

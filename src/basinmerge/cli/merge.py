@@ -11,7 +11,7 @@ import typer
 from basinmerge import io
 from basinmerge import merge as merge_mod
 from basinmerge import train as train_mod
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,

@@ -12,7 +12,7 @@ from torch import nn
 from basinmerge import data as data_mod
 from basinmerge import io, plots
 from basinmerge import scope as scope_mod
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import DATA_ROOT_OPT, DEVICE_OPT, JSON_OPT, print_json, print_table
 from basinmerge.console import console
 from basinmerge.errors import CheckpointError, ConfigError

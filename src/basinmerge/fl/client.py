@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from basinmerge.errors import ConfigError, BasinmergeError
+from basinmerge.errors import BasinmergeError, ConfigError
 from basinmerge.penalties import ProximalPenalty
 from basinmerge.scope import DIVERGENCES, Scope, weight_scope
 from basinmerge.state import StateDict, clone_state, with_state

@@ -55,7 +55,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from basinmerge.console import progress_task
-from basinmerge.errors import ConfigError, BasinmergeError
+from basinmerge.errors import BasinmergeError, ConfigError
 from basinmerge.fl.client import ClientUpdate, Instructions, client_update
 from basinmerge.fl.config import FLConfig, build_model, build_partitions, load_data
 from basinmerge.fl.simulator import (
