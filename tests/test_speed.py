@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
+from basinmerge import io
 from basinmerge.align import spec as spec_mod
+from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from basinmerge.merge import merge, stream_merge
+from basinmerge.merge.stream import FileSource
+from basinmerge.state import all_finite
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -77,8 +84,73 @@ def test_trace_errors_are_not_cached():
         def forward(self, x):
             return torch.cat([self.fc(x), x], dim=1)
 
-    from basinmerge.errors import ConfigError
-
     for _ in range(2):
         with pytest.raises(ConfigError):
             spec_mod.spec_for(Bad(), torch.randn(2, 4))
+
+
+# --------------------------------------------------------------------------- streaming reads
+
+SPECIALS = [0.0, 1.0, -2.5, 6e4, -6e4, 3e38, -3e38, float("nan"), float("inf"), float("-inf")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(SPECIALS) | st.floats(-1e3, 1e3), min_size=0, max_size=40),
+       st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+def test_all_finite_agrees_with_isfinite(values, dtype):
+    """The cheap check (a sum, then the exact test only when the sum is not finite) gives the
+    exact answer, including finite values whose sum overflows (6e4 in float16, 3e38)."""
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(t) == bool(torch.isfinite(t).all())
+
+
+def _bf16_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"emb": torch.randn(64, 8, generator=g).bfloat16(),
+            "big": torch.full((40, 4), 6e4).half(),  # finite; its float16 sum would overflow
+            "w": torch.randn(3, 5, generator=g), "n": torch.tensor(seed)}
+
+
+def test_row_span_reads_equal_the_tensors(tmp_path):
+    """FileSource's plain reads return exactly the stored tensors, whole and as row spans."""
+    state = _bf16_state(1)
+    path = io.save_state(state, tmp_path / "a.safetensors")
+    with FileSource([path]) as src:
+        for k, v in state.items():
+            assert torch.equal(src.model_tensor(0, k), v) and src.model_tensor(0, k).dtype == v.dtype
+        assert torch.equal(src.model_tensor(0, "emb", slice(10, 23)), state["emb"][10:23])
+        assert torch.equal(src.model_tensor(0, "emb", slice(60, 64)), state["emb"][60:])
+
+
+@pytest.mark.parametrize("block_mib", [1.0, 2e-4])
+def test_streamed_bf16_merge_equals_in_memory(tmp_path, block_mib):
+    paths = [io.save_state(_bf16_state(i), tmp_path / f"m{i}.safetensors") for i in range(3)]
+    ref = merge([io.load_state(p)[0] for p in paths], "average")
+    out = stream_merge(paths, "average", tmp_path / "o.safetensors", block_mib=block_mib,
+                       device="cpu")
+    got = io.load_state(out)[0]
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
+
+
+@pytest.mark.parametrize(("where", "value", "kind"), [(0, float("inf"), "Inf"),
+                                                      (63 * 8 + 7, float("nan"), "NaN")])
+def test_bad_value_in_a_late_block_is_named(tmp_path, where, value, kind):
+    """A bad value anywhere (here in the first or the last row block of a bf16 tensor read in
+    blocks) stops the merge with the file and key, and leaves no output."""
+    good = io.save_state(_bf16_state(1), tmp_path / "good.safetensors")
+    bad = _bf16_state(2)
+    bad["emb"].view(-1)[where] = value
+    bad_path = io.save_state(bad, tmp_path / "bad.safetensors")
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(IncompatibleModelsError, match=rf"bad\.safetensors: key 'emb' contains {kind}"):
+        stream_merge([good, bad_path], "average", out, block_mib=2e-4)
+    assert not out.exists()
+
+
+def test_truncated_file_is_refused_naming_the_key(tmp_path):
+    good = io.save_state(_bf16_state(1), tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-10])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: key '\w+' runs past the end"):
+        stream_merge([good, cut], "average", tmp_path / "o.safetensors")

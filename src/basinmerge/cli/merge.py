@@ -149,8 +149,11 @@ def merge_cmd(
               "base": str(base) if base is not None else None}
     info: dict = {}
     if can_stream and stream is not False:
-        merge_mod.stream_merge(checkpoints, method, out, base=base, block_mib=block_mib, **opts)
-        merged, meta = io.load(out)
+        merge_mod.stream_merge(checkpoints, method, out, base=base, block_mib=block_mib,
+                               device=device, **opts)
+        merged = meta = None
+        if train is not None:  # only the BN reset and the accuracies need the merged model
+            merged, meta = io.load(out)
     else:
         first, meta = io.load(checkpoints[0])
         if m.needs_data:
@@ -171,9 +174,9 @@ def merge_cmd(
     if train is not None and reset_bn and train_mod.has_batchnorm(merged) and not m.needs_data:
         train_mod.reset_bn_stats(merged, train)
         meta["merge"]["bn_reset"] = True
-    merged.cpu()
-    if not (can_stream and stream is not False) or meta["merge"].get("bn_reset"):
-        io.save(merged, out, {k: v for k, v in meta.items() if k != "model"})
+    if merged is not None and meta is not None and (
+            not (can_stream and stream is not False) or meta["merge"].get("bn_reset")):
+        io.save(merged.cpu(), out, {k: v for k, v in meta.items() if k != "model"})
     _report_gates(info, out, gates_out, as_json)
     rows = []
     if test is not None:
