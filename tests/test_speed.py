@@ -154,3 +154,27 @@ def test_truncated_file_is_refused_naming_the_key(tmp_path):
     cut.write_bytes(data[:-10])
     with pytest.raises(CheckpointError, match=r"cut\.safetensors: key '\w+' runs past the end"):
         stream_merge([good, cut], "average", tmp_path / "o.safetensors")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_tiny_on_cpu(tmp_path):
+    """benchmarks/bench_gpu.py runs end to end in its CPU tiny mode: every part gives rows, none
+    fails, the streamed merges equal the load-everything ones; without CUDA the default run
+    skips with exit 0."""
+    import json
+
+    script = SRC.parent / "benchmarks" / "bench_gpu.py"
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
+    assert not [row for row in rows if "error" in row]
+    assert {row["part"] for row in rows} == {"ceiling", "weight matching", "streaming merge",
+                                             "training epoch"}
+    assert all(row["same_output_as_baseline"] for row in rows if "same_output_as_baseline" in row)
+    assert r.stdout.rstrip().splitlines()[-1].startswith("| ")  # the table comes last
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           timeout=600, env=env)
+        assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1

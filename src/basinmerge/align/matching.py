@@ -116,6 +116,10 @@ class MatchingTrace:
     cost_seconds: float = 0.0
     lap_seconds: float = 0.0
     update_seconds: float = 0.0
+    laps: int = 0  # LAPs solved
+    # FLOPs of one full cost-matrix product (2 n² m) for every LAP solved: with the LAP time,
+    # the floor of a loop that must build each cost matrix it solves.
+    cost_flops: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -322,6 +326,8 @@ class _WeightMatcher:
         t2 = time.perf_counter()
         trace.cost_seconds += t1 - t0
         trace.lap_seconds += t2 - t1
+        trace.laps += 1
+        trace.cost_flops += 2.0 * self.A[p].shape[0] ** 2 * self.A[p].shape[1]
         changed = np.flatnonzero(cols != np.arange(cost.shape[0]))
         gain = None
         t_cost = 0.0
@@ -430,6 +436,9 @@ def weight_matching_reference(spec: PermutationSpec, params_a: Mapping[str, torc
                 t1 = time.perf_counter()
                 cols = _lap(cost)
                 t2 = time.perf_counter()
+                trace.laps += 1
+                trace.cost_flops += 2.0 * n * n * sum(pa[k].numel() // n for k, _ in spec.perm_to_axes[p]
+                                                      if k in pa)
                 old = float(cost[torch.arange(n), perm[p]].sum())
                 new = float(cost[torch.arange(n), torch.as_tensor(cols)].sum())
                 if new > old + ACCEPT_TOL:
