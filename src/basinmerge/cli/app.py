@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import typer
 
-from basinmerge import __version__
 from basinmerge.console import set_quiet
 
 app = typer.Typer(
@@ -24,6 +23,8 @@ app.add_typer(experiment_app, name="experiment")
 
 def _version_callback(value: bool) -> None:
     if value:
+        from basinmerge import __version__
+
         typer.echo(f"basinmerge {__version__}")
         raise typer.Exit()
 
