@@ -196,21 +196,9 @@ def matching_parts(device: torch.device, tiny: bool, rate_cpu: float, rate_dev: 
 
 
 def _llama_checkpoints(folder: Path, k: int, tiny: bool) -> tuple[list[Path], Path, int]:
-    from basinmerge.io import save_state
+    from benchmarks.bench_merge import make_checkpoints
 
-    d, ff, layers, vocab = (64, 176, 2, 1000) if tiny else (512, 1408, 8, 32000)
-    paths = []
-    for i in range(k + 1):
-        g = torch.Generator().manual_seed(i)
-        s = {"embed.weight": torch.randn(vocab, d, generator=g).bfloat16()}
-        for layer in range(layers):
-            for n, sh in (("q", (d, d)), ("k", (d, d)), ("v", (d, d)), ("o", (d, d)),
-                          ("gate", (ff, d)), ("up", (ff, d)), ("down", (d, ff))):
-                s[f"layers.{layer}.{n}.weight"] = (torch.randn(*sh, generator=g) * 0.02).bfloat16()
-            s[f"layers.{layer}.norm.weight"] = torch.ones(d).bfloat16()
-        s["lm_head.weight"] = torch.randn(vocab, d, generator=g).bfloat16()
-        paths.append(save_state(s, folder / f"m{i}.safetensors"))
-    return paths[1:], paths[0], paths[1].stat().st_size
+    return make_checkpoints(folder, k, 2, 64, 176, 1000) if tiny else make_checkpoints(folder, k, 8)
 
 
 def streaming_part(device: torch.device, tiny: bool) -> list[dict]:
@@ -404,5 +392,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "src"))
+    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     sys.exit(main())

@@ -42,24 +42,25 @@ class OutputMismatch(RuntimeError):
     """A fast path's output differs from its baseline's."""
 
 
-def make_checkpoints(folder: Path, k: int, layers: int) -> tuple[list[Path], Path, int]:
+def make_checkpoints(folder: Path, k: int, layers: int, dim: int = DIM, ff: int = FF,
+                     vocab: int = VOCAB) -> tuple[list[Path], Path, int]:
     """K Llama-shaped bf16 checkpoints and a base (embedding, attention q/k/v/o, gated MLP,
     norms, output head); returns (paths, base, bytes of one)."""
     import torch
 
     from basinmerge.io import save_state
 
-    d, ff = DIM, FF
+    d = dim
     paths = []
     for i in range(k + 1):
         g = torch.Generator().manual_seed(i)
-        s = {"embed.weight": torch.randn(VOCAB, d, generator=g).bfloat16()}
+        s = {"embed.weight": torch.randn(vocab, d, generator=g).bfloat16()}
         for layer in range(layers):
             for name, shape in (("q", (d, d)), ("k", (d, d)), ("v", (d, d)), ("o", (d, d)),
                                 ("gate", (ff, d)), ("up", (ff, d)), ("down", (d, ff))):
                 s[f"layers.{layer}.{name}.weight"] = (torch.randn(*shape, generator=g) * 0.02).bfloat16()
             s[f"layers.{layer}.norm.weight"] = torch.ones(d).bfloat16()
-        s["lm_head.weight"] = torch.randn(VOCAB, d, generator=g).bfloat16()
+        s["lm_head.weight"] = torch.randn(vocab, d, generator=g).bfloat16()
         paths.append(save_state(s, folder / f"ckpt{i}.safetensors"))
         del s
     return paths[1:], paths[0], paths[1].stat().st_size
