@@ -178,3 +178,18 @@ def test_gpu_benchmark_tiny_on_cpu(tmp_path):
         r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                            timeout=600, env=env)
         assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1
+
+
+def test_cli_streams_bare_state_files_without_reloading(tmp_path):
+    """`basinmerge merge` on plain state_dict files (no architecture in their metadata, as from
+    any other library) streams them and writes the same bits as the API, without loading the
+    merged output back as a model."""
+    from basinmerge.cli import main
+
+    paths = [io.save_state(_bf16_state(i), tmp_path / f"m{i}.safetensors") for i in range(3)]
+    api = stream_merge(paths, "average", tmp_path / "api.safetensors")
+    with pytest.raises(SystemExit) as e:
+        main(["--quiet", "merge", *map(str, paths), "--out", str(tmp_path / "cli.safetensors")])
+    assert e.value.code in (0, None)
+    a, c = io.load_state(api)[0], io.load_state(tmp_path / "cli.safetensors")[0]
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
