@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cpu_threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "device": str(device), "tiny": args.tiny,
-            "load_avg": os.getloadavg()[0], "allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+            "load_avg": os.getloadavg()[0],
+            "allow_tf32": bool(getattr(torch.backends.cuda.matmul, "allow_tf32", False))}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     print(f"bench_gpu: {info}", flush=True)
