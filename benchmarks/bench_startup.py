@@ -17,6 +17,7 @@ Run: ``.venv/bin/python -m benchmarks bench_startup``
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -45,10 +46,15 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
 
 
-def _time_once(cmd: list[str]) -> tuple[float, int]:
+def _time_once(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds (user + system) of the child, exit code)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, check=False)
-    return time.perf_counter() - t0, r.returncode
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, r.returncode
 
 
 def _trace_times() -> tuple[float, float, bool]:
@@ -83,11 +89,13 @@ def run() -> str:
     cmds = _commands()
     load_before = os.getloadavg()[0]
     best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
     codes: dict[str, int] = {}
     for _ in range(REPEATS):
         for name, cmd in cmds.items():
-            t, rc = _time_once(cmd)
+            t, cpu, rc = _time_once(cmd)
             best[name] = min(t, best.get(name, t))
+            best_cpu[name] = min(cpu, best_cpu.get(name, cpu))
             codes[name] = rc
     load_after = os.getloadavg()[0]
     if codes["basinmerge --help"] != 0 or codes["basinmerge merge (argument error)"] != 2:
@@ -99,23 +107,28 @@ def run() -> str:
     first, again, same = _trace_times()
     if not same:
         raise OutputMismatch("bench_startup: the cached trace differs from the first")
-    base = best["import torch, safetensors.torch (baseline)"]
-    rows = [f"| {name} | {t:.2f} | {t / base:.2f} | {codes[name]} |" for name, t in best.items()]
+    key = "import torch, safetensors.torch (baseline)"
+    base, base_cpu = best[key], best_cpu[key]
+    rows = [f"| {name} | {t:.2f} | {t / base:.2f} | {best_cpu[name]:.2f} | "
+            f"{best_cpu[name] / base_cpu:.2f} | {codes[name]} |" for name, t in best.items()]
     worst = max(t / base for name, t in best.items() if name.startswith("basinmerge"))
+    worst_cpu = max(t / base_cpu for name, t in best_cpu.items() if name.startswith("basinmerge"))
     lines = [
         "## Start-up: the CLI against `import torch`",
         "",
         "Command: `.venv/bin/python -m benchmarks bench_startup`",
         "",
-        f"Fresh processes, fastest of {REPEATS} interleaved runs each (one torch thread). Load "
-        f"average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on "
-        f"{os.cpu_count()} cores.",
+        f"Fresh processes, fastest of {REPEATS} interleaved runs each (one torch thread); wall "
+        "time and the child's CPU time (user + system, from `getrusage(RUSAGE_CHILDREN)`), which "
+        "a busy shared machine disturbs far less than the wall clock. Load average (1 min) "
+        f"before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores.",
         "",
-        "| command | seconds | ratio to import torch | exit code |",
-        "|---|---|---|---|",
+        "| command | wall s | wall ratio to import torch | CPU s | CPU ratio | exit code |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Aim: within 1.2x of `import torch`: {'met' if worst <= 1.2 else 'not met'} "
+        f"Aim: within 1.2x of `import torch`: {'met' if worst_cpu <= 1.2 else 'not met'} on CPU "
+        f"time (worst {worst_cpu:.2f}x), {'met' if worst <= 1.2 else 'not met'} on wall time "
         f"(worst {worst:.2f}x). Heavy packages loaded by `import basinmerge.cli`: "
         f"{loaded or 'none'} (of {', '.join(HEAVY)}). Before this version (issue 16) `--help` "
         "took 1.66x: `basinmerge.plots` imported matplotlib (0.35 s) and "

@@ -8,6 +8,7 @@ A state_dict here is a ``dict[str, torch.Tensor]`` with the keys of ``model.stat
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -69,7 +70,7 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0:
         return True
     s = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
-    return bool(torch.isfinite(s)) or bool(torch.isfinite(t).all())
+    return math.isfinite(float(s)) or bool(torch.isfinite(t).all())
 
 
 def bad_value_kind(t: torch.Tensor) -> str:
