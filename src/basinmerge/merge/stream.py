@@ -83,13 +83,13 @@ def read_entries(path: str | os.PathLike) -> dict[str, Entry]:
             entries[k] = Entry(v["dtype"], shape, a, b)
     except (KeyError, TypeError, IndexError, ValueError) as e:
         raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
-    for k, e in entries.items():
-        if e.dtype in DTYPES:
-            want = math.prod(e.shape) * DTYPES[e.dtype].itemsize
-            if e.end - e.start != want:
-                raise CheckpointError(f"{path}: key '{k}' has {e.end - e.start} bytes, its dtype "
-                                      f"and shape need {want}")
-        if e.end > size:
+    for k, ent in entries.items():
+        if ent.dtype in DTYPES:
+            want = math.prod(ent.shape) * DTYPES[ent.dtype].itemsize
+            if ent.end - ent.start != want:
+                raise CheckpointError(f"{path}: key '{k}' has {ent.end - ent.start} bytes, its "
+                                      f"dtype and shape need {want}")
+        if ent.end > size:
             raise CheckpointError(f"{path}: key '{k}' runs past the end of the file (truncated?)")
     return entries
 
@@ -123,7 +123,7 @@ class _TensorFile:
         if nbytes:
             if self._f is None:
                 self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-            buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            buf = out.reshape(-1).view(torch.uint8).numpy().data  # a writable memoryview
             self._f.seek(offset)
             got = 0
             while got < nbytes:
