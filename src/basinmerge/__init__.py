@@ -5,14 +5,7 @@ baselines, linear-interpolation analysis and federated learning, on a functional
 PyTorch state_dicts.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("basinmerge")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.1.0"
-
-from basinmerge.errors import (  # noqa: E402
+from basinmerge.errors import (
     BasinmergeError,
     CheckpointError,
     ConfigError,
@@ -30,3 +23,18 @@ __all__ = [
     "IncompatibleModelsError",
     "NonFiniteError",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """`__version__`, read from the installed metadata on first use (importing
+    `importlib.metadata` costs tens of milliseconds that `basinmerge --help` should not pay)."""
+    if name != "__version__":
+        raise AttributeError(f"module 'basinmerge' has no attribute '{name}'")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        value = version("basinmerge")
+    except PackageNotFoundError:  # running from a source tree without installation
+        value = "0.1.0"
+    globals()["__version__"] = value
+    return value

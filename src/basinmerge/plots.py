@@ -5,11 +5,28 @@ The Agg backend is used, so no display is needed.
 
 from __future__ import annotations
 
-import matplotlib
+from typing import Any
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """matplotlib.pyplot with the Agg backend, imported on first use (importing matplotlib costs
+    about 0.3 s, which commands that draw nothing should not pay)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
+
+class _LazyPyplot:
+    """Stands for `matplotlib.pyplot` in this module; imports it on the first attribute read."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_pyplot(), name)
+
+
+plt: Any = _LazyPyplot()
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 3.6):

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from basinmerge import adapter
@@ -82,10 +81,16 @@ def _unit_layout(shape: Sequence[int], spec: PermutationSpec, key: str, axis: in
     return expanded, src, moved_dim
 
 
+def _unit_major(w: torch.Tensor, spec: PermutationSpec, key: str, axis: int) -> torch.Tensor:
+    """`w` with the units of `axis` moved to the front (blocks kept with their unit): a view."""
+    expanded, src, _ = _unit_layout(w.shape, spec, key, axis)
+    return w.reshape(expanded).movedim(src, 0)
+
+
 def unit_matrix(w: torch.Tensor, spec: PermutationSpec, key: str, axis: int) -> torch.Tensor:
     """`w` as a (units of `axis`, everything else) matrix (blocks kept with their unit)."""
-    expanded, src, _ = _unit_layout(w.shape, spec, key, axis)
-    return w.reshape(expanded).movedim(src, 0).reshape(expanded[src], -1)
+    moved = _unit_major(w, spec, key, axis)
+    return moved.reshape(moved.shape[0], -1)
 
 
 def objective(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch.Tensor],
@@ -113,6 +118,10 @@ class MatchingTrace:
     cost_seconds: float = 0.0
     lap_seconds: float = 0.0
     update_seconds: float = 0.0
+    laps: int = 0  # LAPs solved
+    # FLOPs of one full cost-matrix product (2 n² m) for every LAP solved: with the LAP time,
+    # the floor of a loop that must build each cost matrix it solves.
+    cost_flops: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -120,7 +129,10 @@ class MatchingTrace:
 
 def _lap(cost: torch.Tensor) -> np.ndarray:
     """Column assignment maximizing the total of `cost` (rows are already 0..n-1). SciPy works
-    in float64; handing it float64 saves its own (slower) conversion."""
+    in float64; handing it float64 saves its own (slower) conversion. SciPy is imported here,
+    not at module level, so that importing basinmerge (and the CLI) does not pay for it."""
+    from scipy.optimize import linear_sum_assignment
+
     _, cols = linear_sum_assignment(cost.detach().to("cpu", torch.float64).numpy(), maximize=True)
     return cols
 
@@ -159,7 +171,9 @@ class _WeightMatcher:
         self.members: dict[str, list[_Member]] = {}
         self.by_key: dict[str, list[_Member]] = {}
         keyset = set(keys)
-        start_identity = all(bool((v == torch.arange(len(v))).all()) for v in perm.values())
+        self.start_identity = all(bool((v == torch.arange(len(v))).all()) for v in perm.values())
+        self._params_a, self._params_b = params_a, params_b
+        self._b_started: dict[str, torch.Tensor] = {}
         for p, axes in spec.perm_to_axes.items():
             axes = [(k, a) for k, a in axes if k in keyset]
             if not axes:
@@ -173,15 +187,14 @@ class _WeightMatcher:
                 mems.append(_Member(k, a, p, cols, cols + m, moved, dims))
                 cols += m
             device = params_a[axes[0][0]].device
-            a_buf = torch.empty(n, cols, dtype=dtype, device=device)
-            b_buf = torch.empty(n, cols, dtype=dtype, device=device)
+            self.A[p] = torch.empty(n, cols, dtype=dtype, device=device)
+            self.B[p] = torch.empty(n, cols, dtype=dtype, device=device)
+            self.members[p] = mems
             for mem in mems:
-                a_buf[:, mem.c0:mem.c1] = unit_matrix(params_a[mem.key], spec, mem.key, mem.axis)
-                wb = params_b[mem.key] if start_identity else permute_tensor(
-                    spec, self.perm, mem.key, params_b[mem.key])
-                b_buf[:, mem.c0:mem.c1] = unit_matrix(wb, spec, mem.key, mem.axis)
+                # One strided copy per tensor and side, straight into its column block.
+                self._view(mem, "A").copy_(_unit_major(params_a[mem.key], spec, mem.key, mem.axis))
+                self._view(mem, "B").copy_(_unit_major(self._b_start(mem.key), spec, mem.key, mem.axis))
                 self.by_key.setdefault(mem.key, []).append(mem)
-            self.A[p], self.B[p], self.members[p] = a_buf, b_buf, mems
         self.active = list(self.members)
         self.coupled = {p for p, mems in self.members.items()
                         if len({m.key for m in mems}) < len(mems)}
@@ -196,6 +209,22 @@ class _WeightMatcher:
         # and inflated by 0.1% to stay upper bounds.
         self.a_norm = {p: self._row_norms(self.A[p]) for p in self.active}
         self.b_norm = {p: self._row_norms(self.B[p]) for p in self.active}
+
+    def _b_start(self, key: str) -> torch.Tensor:
+        """B's tensor `key` under the starting permutation (computed once per key)."""
+        if self.start_identity:
+            return self._params_b[key]
+        if key not in self._b_started:
+            self._b_started[key] = permute_tensor(self.spec, self.perm, key, self._params_b[key])
+        return self._b_started[key]
+
+    def start_objective(self) -> float:
+        """Σ ⟨A_k, π(B)_k⟩ over every key that carries a permutation at the starting permutation,
+        exactly in float64, from the original (contiguous) tensors."""
+        total = objective({k: self._params_a[k] for k in self.by_key},
+                          {k: self._b_start(k) for k in self.by_key})
+        self._b_started.clear()
+        return total
 
     @staticmethod
     def _row_norms(buf: torch.Tensor) -> np.ndarray:
@@ -316,6 +345,8 @@ class _WeightMatcher:
         t2 = time.perf_counter()
         trace.cost_seconds += t1 - t0
         trace.lap_seconds += t2 - t1
+        trace.laps += 1
+        trace.cost_flops += 2.0 * self.A[p].shape[0] ** 2 * self.A[p].shape[1]
         changed = np.flatnonzero(cols != np.arange(cost.shape[0]))
         gain = None
         t_cost = 0.0
@@ -372,7 +403,7 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         matcher = _WeightMatcher(spec, params_a, params_b, keys, perm, dtype)
         fixed = [k for k in keys if k not in matcher.by_key]
         # The unpermuted tensors' share is constant; accepted gains are added as they come.
-        total = objective(params_a, params_b, fixed) + matcher.objective()
+        total = objective(params_a, params_b, fixed) + matcher.start_objective()
         trace.objective.append(total)
         trace.setup_seconds = time.perf_counter() - t_start
         rng = np.random.default_rng(seed)
@@ -428,6 +459,9 @@ def weight_matching_reference(spec: PermutationSpec, params_a: Mapping[str, torc
                 t1 = time.perf_counter()
                 cols = _lap(cost)
                 t2 = time.perf_counter()
+                trace.laps += 1
+                trace.cost_flops += 2.0 * n * n * sum(pa[k].numel() // n for k, _ in spec.perm_to_axes[p]
+                                                      if k in pa)
                 old = float(cost[torch.arange(n), perm[p]].sum())
                 new = float(cost[torch.arange(n), torch.as_tensor(cols)].sum())
                 if new > old + ACCEPT_TOL:

@@ -24,8 +24,10 @@ whose output units the permutation orders, so specs built either way compare equ
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -556,11 +558,36 @@ class _SpecBuilder:
         return TracedUnits(spec, producers, users)
 
 
-def trace_units(model: nn.Module, example_input: torch.Tensor) -> TracedUnits:
-    """Trace `model` once and derive its spec and its hidden layers (see `TracedUnits`)."""
+_TRACE_CACHE: OrderedDict[tuple, TracedUnits] = OrderedDict()
+_TRACE_CACHE_SIZE = 32
+
+
+def _trace_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
+    """What a trace depends on: the model's class, its module tree with each module's settings
+    (`repr`), its tensors' names, shapes and dtypes, and the input's shape past the batch axis."""
+    tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
+    return (type(model), repr(model), tensors, tuple(example_input.shape[1:]), example_input.dtype)
+
+
+def trace_units(model: nn.Module, example_input: torch.Tensor, *, cache: bool = True) -> TracedUnits:
+    """Trace `model` once and derive its spec and its hidden layers (see `TracedUnits`).
+
+    Results are cached within the process per model class, module settings, tensor shapes and
+    input shape (a trace costs from a tenth of a second to seconds; the weights' values do not
+    matter to it), and a copy is returned. A model whose forward depends on plain attributes
+    that its `repr` does not show should pass ``cache=False``."""
+    key = _trace_key(model, example_input) if cache else None
+    if key is not None and key in _TRACE_CACHE:
+        _TRACE_CACHE.move_to_end(key)
+        return copy.deepcopy(_TRACE_CACHE[key])
     builder = _SpecBuilder(model, trace(model, example_input))
     builder.run()
-    return builder.result()
+    units = builder.result()
+    if key is not None:
+        _TRACE_CACHE[key] = copy.deepcopy(units)
+        while len(_TRACE_CACHE) > _TRACE_CACHE_SIZE:
+            _TRACE_CACHE.popitem(last=False)
+    return units
 
 
 def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:

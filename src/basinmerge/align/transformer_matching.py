@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
 
@@ -57,6 +56,13 @@ from basinmerge.state import as_state_dict, check_compatible, module_mode
 # --------------------------------------------------------------------------- two-level LAP
 
 
+
+def _lsa(cost, maximize: bool = True):
+    """scipy's LAP, imported on first use (importing scipy costs `basinmerge --help` time)."""
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(cost, maximize=maximize)
+
 def two_level_assignment(costs: Sequence[torch.Tensor], d: int
                          ) -> tuple[list[torch.Tensor], float, float]:
     """Head-structured assignment maximizing ``Σ_c Σ_i costs[c][i, σ_c(i)]`` where every σ_c
@@ -75,11 +81,11 @@ def two_level_assignment(costs: Sequence[torch.Tensor], d: int
         found = {}
         for i in range(h):
             for j in range(h):
-                _, cols = linear_sum_assignment(blocks[i, j], maximize=True)
+                _, cols = _lsa(blocks[i, j], maximize=True)
                 score[i, j] += blocks[i, j][np.arange(d), cols].sum()
                 found[(i, j)] = cols
         inner.append(found)
-    _, heads = linear_sum_assignment(score, maximize=True)
+    _, heads = _lsa(score, maximize=True)
     sigmas = []
     for found in inner:
         sigmas.append(torch.as_tensor(np.concatenate([heads[i] * d + found[(i, heads[i])]

@@ -3,8 +3,9 @@
 Errors a user can cause are printed as one line (``error: ...``) with a non-zero exit code; the
 traceback is shown only with ``--debug`` (or ``BASINMERGE_DEBUG=1``).
 
-Each command group lives in its own module below and registers itself on `app` (or on
-`experiment_app` for the study suites) when imported at the bottom of this file.
+The typer apps live in `basinmerge.cli.app`; each command group lives in its own module and
+registers itself there (on `app`, or on `experiment_app` for the study suites) when imported at
+the bottom of this file.
 """
 
 from __future__ import annotations
@@ -12,42 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
 from rich.markup import escape
 
-from basinmerge import __version__, threads
-from basinmerge.console import err_console, set_quiet
-
-app = typer.Typer(
-    name="basinmerge",
-    help="Merge neural networks: weight scope alignment, permutation alignment, soft merging, "
-         "merge baselines, interpolation analysis and federated learning.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-experiment_app = typer.Typer(help="Run a study suite; each writes JSON, markdown and PNG to --out.",
-                             no_args_is_help=True)
-app.add_typer(experiment_app, name="experiment")
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        typer.echo(f"basinmerge {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
-                                 help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-) -> None:
-    # --debug is read by `main` from the arguments themselves; it is not stored in os.environ,
-    # which would make every later in-process call (tests, notebooks) show tracebacks too.
-    if quiet:
-        set_quiet(True)
+from basinmerge import threads
+from basinmerge.cli.app import app, experiment_app
+from basinmerge.console import err_console
 
 
 def _debug_requested(argv: list[str]) -> bool:
@@ -93,5 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-# Command groups register themselves on import.
+# Command groups register themselves on import (on the apps of `basinmerge.cli.app`).
 from basinmerge.cli import align, connectivity, core, demo, fl, merge, recipe, scope  # noqa: E402,F401,I001
+
+__all__ = ["app", "experiment_app", "main"]

@@ -15,7 +15,7 @@ import typer
 from basinmerge import checks, io
 from basinmerge import train as train_mod
 from basinmerge.align import METHODS, find_permutation, objective, permuted_copy
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,

@@ -10,7 +10,7 @@ import typer
 from torch import nn
 
 from basinmerge import checks, connectivity, io, plots
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,

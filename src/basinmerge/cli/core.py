@@ -9,7 +9,7 @@ import typer
 from basinmerge import checks, io, models, wsa
 from basinmerge import data as data_mod
 from basinmerge import train as train_mod
-from basinmerge.cli import app
+from basinmerge.cli.app import app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,

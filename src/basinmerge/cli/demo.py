@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from basinmerge import io
-from basinmerge.cli import app
+from basinmerge.cli.app import app
 from basinmerge.cli.common import FORCE_OPT, check_run_out, command_line, on_interrupt
 from basinmerge.console import console
 from basinmerge.errors import ConfigError

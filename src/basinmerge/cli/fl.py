@@ -12,7 +12,7 @@ import torch
 import typer
 
 from basinmerge import io
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import DATA_ROOT_OPT, DATASET_HELP, DEVICE_OPT, parse_kv, print_table
 from basinmerge.console import console, err_console
 from basinmerge.errors import ConfigError

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,

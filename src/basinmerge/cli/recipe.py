@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from basinmerge.cli import app
+from basinmerge.cli.app import app
 from basinmerge.console import console
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from basinmerge import checks, io, plots
 from basinmerge import data as data_mod
 from basinmerge import scope as scope_mod
-from basinmerge.cli import app, experiment_app
+from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DEVICE_OPT,

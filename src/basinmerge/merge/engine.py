@@ -278,7 +278,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
         if streamed:
             assert tmp is not None and target is not None  # streaming needs `out` (checked above)
             tmp = tmp / io.HF_SAFETENSORS if target.fmt == "hf" else tmp
-            stream_merge(files, method, tmp, base=base, block_mib=block_mib,
+            stream_merge(files, method, tmp, base=base, block_mib=block_mib, device=device,
                          meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
             has_bn = bool(bn_keys(source.keys()))
             wanted = (has_bn and data is not None and reset_bn is not False) or eval_data is not None
@@ -305,6 +305,8 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
         if out is not None and info.get("gates") is not None:
             gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
             io.write_json(gates_path, info["gates"].to_dict())
+    if isinstance(source, FileSource):
+        source.close()  # its file handles (the merge itself opened its own)
     if bn == "averaged":
         warnings.append(BN_NOTE_DATA_FREE)
     timings["total"] = time.perf_counter() - t0

@@ -1,22 +1,27 @@
-"""Streaming merge of safetensors checkpoints: tensor by tensor, memory-mapped.
+"""Streaming merge of safetensors checkpoints: tensor by tensor, block by block.
 
 `stream_merge(paths, method, out, base=...)` runs a data-free method (every method registered
-with a per-key kernel: `streamable()`) over files without loading whole models: for each key
-it opens every file with `basinmerge.io.StateReader`, takes that one tensor (memory-mapped),
-merges it with the very kernel the in-memory function uses, writes the result straight into
-the output file and lets go of the inputs. Files are reopened per key on purpose: the pages a
-memory-mapped file has touched stay resident (and count in the process's RSS) as long as the
-file is open, so one long-lived reader per model would end up holding every model.
+with a per-key kernel: `streamable()`) over checkpoints without loading whole models. A
+checkpoint is a safetensors file or an HF model folder, single file or sharded
+(`basinmerge.io.tensor_index` says which file holds each key). Each file's
+header gives every tensor's byte offsets (`read_entries`); a tensor, or a span of its rows, is
+read with one plain ``readinto`` into a fresh tensor (no memory map: nothing stays resident
+once a block is dropped, so each file is opened once for the whole merge), merged with the
+very kernel the in-memory function uses, and written straight into the output file.
 
 Coordinate-wise kernels (average, weighted, median, trimmed mean, task arithmetic, TIES with
-the global per-model threshold) are fed row blocks of at most `block_mib` MiB per model, read
-with safetensors' slicing, so the working set is a few times K blocks whatever the tensor
-sizes; TIES's global thresholds are found by radix selection over the same blocks (see
-`basinmerge.merge.task`), without a model-sized buffer. Per-tensor kernels (DARE, per-tensor
-TIES trimming, DELLA, Breadcrumbs, Model Stock, SLERP: their masks, thresholds, norms or angles
-are per tensor) get whole tensors, so their peak is a few times K times the largest tensor. The output is written incrementally in the safetensors format to a
-temporary file and renamed into place; the result is bit for bit the in-memory merge of the
-same files.
+the global per-model threshold) are fed row blocks of at most `block_mib` MiB per model, so the
+working set is a few times K blocks whatever the tensor sizes; TIES's global thresholds are
+found by radix selection over the same blocks (see `basinmerge.merge.task`), without a
+model-sized buffer. Per-tensor kernels (DARE, per-tensor TIES trimming, DELLA, Breadcrumbs,
+Model Stock, SLERP: their masks, thresholds, norms or angles are per tensor) get whole tensors,
+so their peak is a few times K times the largest tensor.
+
+Every block of every input is checked for NaN/Inf the first time it is read, by one sum (a sum
+is finite only if every term is; the exact per-element test runs only when it is not, see
+`basinmerge.state.all_finite`), and a bad value stops the merge naming the file and key. The
+output is written incrementally in the safetensors format to a temporary file and renamed into
+place; the result is bit for bit the in-memory merge of the same files.
 """
 
 from __future__ import annotations
@@ -28,16 +33,16 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from basinmerge import io
 from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from basinmerge.io import META_KEY, StateReader, atomic_path, read_header  # noqa: F401 - read_header: its old home
+from basinmerge.io import META_KEY, atomic_path, read_header  # noqa: F401 - read_header: its old home
 from basinmerge.merge._common import merged_items
 from basinmerge.merge.registry import all_methods, get_method
-from basinmerge.state import check_compatible
+from basinmerge.state import all_finite, bad_value_kind, check_compatible
 
 # safetensors dtype names
 DTYPES: dict[str, torch.dtype] = {
@@ -49,6 +54,91 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
+class Entry(NamedTuple):
+    """One tensor of a safetensors file: dtype name, shape, and its bytes' absolute offsets."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_entries(path: str | os.PathLike) -> dict[str, Entry]:
+    """Key -> `Entry` from a safetensors header, in the file's data order, without reading any
+    tensor; offsets that do not fit the dtype and shape, or run past the end of the file
+    (a truncated download), are refused naming the key."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100_000_000:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: checkpoint file not found") from e
+    except (OSError, struct.error, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    try:
+        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        entries = {}
+        for k, v in items:
+            shape = tuple(int(d) for d in v["shape"])
+            a, b = (8 + n + int(o) for o in v["data_offsets"])
+            entries[k] = Entry(v["dtype"], shape, a, b)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
+    for k, ent in entries.items():
+        if ent.dtype in DTYPES:
+            want = math.prod(ent.shape) * DTYPES[ent.dtype].itemsize
+            if ent.end - ent.start != want:
+                raise CheckpointError(f"{path}: key '{k}' has {ent.end - ent.start} bytes, its "
+                                      f"dtype and shape need {want}")
+        if ent.end > size:
+            raise CheckpointError(f"{path}: key '{k}' runs past the end of the file (truncated?)")
+    return entries
+
+
+class _TensorFile:
+    """One safetensors file read with plain ``readinto`` calls into fresh tensors: whole
+    tensors, or spans of rows, each one contiguous read. Unlike a memory map, nothing read stays
+    resident once the caller drops the tensor, so the file can stay open for the whole merge."""
+
+    def __init__(self, path: Path, entries: dict[str, Entry]):
+        self.path, self.entries = path, entries
+        self._f: Any = None
+
+    def read(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        e = self.entries[key]
+        dtype = DTYPES[e.dtype]
+        shape = e.shape
+        offset, nbytes = e.start, e.end - e.start
+        if rows is not None and shape:
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            a, b, _ = rows.indices(shape[0])
+            shape = (max(b - a, 0), *shape[1:])
+            offset, nbytes = offset + a * row_bytes, max(b - a, 0) * row_bytes
+        out = torch.empty(shape, dtype=dtype)
+        if nbytes:
+            if self._f is None:
+                self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+            buf = out.reshape(-1).view(torch.uint8).numpy().data  # a writable memoryview
+            self._f.seek(offset)
+            got = 0
+            while got < nbytes:
+                n = self._f.readinto(buf[got:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: key '{key}' cannot be read (file truncated)")
+                got += n
+        return out
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
 class _Spec:
     """A tensor's dtype and shape from a header, for `basinmerge.state.check_compatible`."""
 
@@ -57,22 +147,28 @@ class _Spec:
 
 
 class FileSource:
-    """K safetensors checkpoints (and an optional base) as a `TensorSource`, read one key at a
-    time. A checkpoint is a safetensors file or an HF model folder, single file or sharded
-    (`basinmerge.io.tensor_index` says which file holds each key).
+    """K safetensors checkpoints (files or HF model folders, single or sharded) and an optional
+    base as a `TensorSource`, read one key (or one
+    span of rows) at a time with plain contiguous reads; close it (or use it in a ``with``) to
+    release the file handles.
 
-    Every tensor is checked for NaN/Inf the first time it is read."""
+    Every float tensor block is checked for NaN/Inf the first time it is read, by a sum (see
+    `basinmerge.state.all_finite`); the error names the file and the key. `device`: where the
+    blocks are handed to the kernels (the check runs there too)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], base: str | os.PathLike | None = None):
+    def __init__(self, paths: Sequence[str | os.PathLike], base: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None):
         self.paths = [Path(p) for p in paths]
         self.base_path = Path(base) if base is not None else None
         self.names = [str(p) for p in self.paths]
+        self.device = torch.device(device) if device is not None else None
         self.indexes = [io.tensor_index(p) for p in self.paths]
         self.base_index = io.tensor_index(self.base_path) if self.base_path is not None else None
         self.headers = [{k: (dt, shape) for k, (_, dt, shape) in ix.items()} for ix in self.indexes]
         base_header = (None if self.base_index is None else
                        {k: (dt, shape) for k, (_, dt, shape) in self.base_index.items()})
         self._check(base_header)
+        self._open: dict[Path, _TensorFile] = {}  # one reader per file, shared by the keys it holds
         self._checked: set[tuple[int, str, int | None]] = set()
         self.meta = {k: v for k, v in io.read_meta(self.paths[0]).items()
                      if k not in io.FORMAT_KEYS}
@@ -113,24 +209,44 @@ class FileSource:
     def has_base(self) -> bool:
         return self.base_path is not None
 
-    def _read(self, idx: int, index: dict, name: str, key: str, rows: slice | None) -> torch.Tensor:
-        with StateReader(index[key][0]) as r:
-            t = r.get(key, rows)
+    def _file(self, idx: int, key: str) -> _TensorFile:
+        """The file that holds `key` of model `idx` (-1: the base), opened once."""
+        index = self.base_index if idx < 0 else self.indexes[idx]
+        assert index is not None
+        path = Path(index[key][0])
+        f = self._open.get(path)
+        if f is None:
+            f = self._open[path] = _TensorFile(path, read_entries(path))
+        return f
+
+    def _read(self, idx: int, name: str, key: str, rows: slice | None) -> torch.Tensor:
+        t = self._file(idx, key).read(key, rows)
+        if self.device is not None:
+            t = t.to(self.device)
         part = (idx, key, None if rows is None else rows.start)
         if part not in self._checked:
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                bad = "NaN" if torch.isnan(t).any() else "Inf"
-                raise IncompatibleModelsError(f"{name}: key '{key}' contains {bad} values")
+            if t.is_floating_point() and not all_finite(t):
+                raise IncompatibleModelsError(f"{name}: key '{key}' contains {bad_value_kind(t)} values")
             self._checked.add(part)
         return t
 
     def model_tensor(self, k: int, key: str, rows: slice | None = None) -> torch.Tensor:
-        return self._read(k, self.indexes[k], self.names[k], key, rows)
+        return self._read(k, self.names[k], key, rows)
 
     def base_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor | None:
-        if self.base_index is None:
+        if self.base_path is None:
             return None
-        return self._read(-1, self.base_index, f"base {self.base_path}", key, rows)
+        return self._read(-1, f"base {self.base_path}", key, rows)
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_safetensors_stream(path: str | os.PathLike,
@@ -183,13 +299,15 @@ def streamable() -> list[str]:
 
 def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.PathLike, *,
                  base: str | os.PathLike | None = None, meta: dict | None = None,
-                 block_mib: float = 1.0, **options: Any) -> Path:
+                 block_mib: float = 1.0, device: str | torch.device | None = None,
+                 **options: Any) -> Path:
     """Merge safetensors files with a data-free method, streaming, into `out` (atomically).
 
     `block_mib`: the most MiB of one tensor read from each model at a time by a
-    coordinate-wise method. The output's metadata is the first model's (so
-    `basinmerge.io.load` rebuilds it) plus a ``merge`` record (method, options, inputs) and
-    anything in `meta`."""
+    coordinate-wise method. `device`: where the kernels run (``"cuda"``: blocks are copied
+    there and the results back; the output is the same). The output's metadata is the first
+    model's (so `basinmerge.io.load` rebuilds it) plus a ``merge`` record (method, options,
+    inputs) and anything in `meta`."""
     if not block_mib > 0:
         raise ConfigError(f"block_mib must be positive, got {block_mib}")
     block_bytes = max(1, int(block_mib * 2**20))
@@ -198,14 +316,14 @@ def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.
         raise ConfigError(f"method '{method}' cannot stream; streaming methods: {', '.join(streamable())}")
     options = m.check(options, has_base=base is not None, num_models=len(paths))
     needs_base = m.needs_base
-    source = FileSource(paths, base if needs_base else None)
-    kernel_opts = dict(options)
-    if "block_bytes" in inspect.signature(m.kernel).parameters:
-        kernel_opts["block_bytes"] = block_bytes
-    kernel = m.kernel(source, **kernel_opts)
-    record = {"method": method, "options": options, "inputs": source.names,
-              "base": str(base) if needs_base else None, "streamed": True}
-    full_meta = {**source.meta, **(meta or {}), "merge": record}
-    specs = [(k, DTYPES[dt], shape) for k, (dt, shape) in source.headers[0].items()]
-    return write_safetensors_stream(out, specs, merged_items(source, kernel, block_bytes),
-                                    {"format": "pt", META_KEY: json.dumps(full_meta, default=str)})
+    with FileSource(paths, base if needs_base else None, device=device) as source:
+        kernel_opts = dict(options)
+        if "block_bytes" in inspect.signature(m.kernel).parameters:
+            kernel_opts["block_bytes"] = block_bytes
+        kernel = m.kernel(source, **kernel_opts)
+        record = {"method": method, "options": options, "inputs": source.names,
+                  "base": str(base) if needs_base else None, "streamed": True}
+        full_meta = {**source.meta, **(meta or {}), "merge": record}
+        specs = [(k, DTYPES[dt], shape) for k, (dt, shape) in source.headers[0].items()]
+        return write_safetensors_stream(out, specs, merged_items(source, kernel, block_bytes),
+                                        {"format": "pt", META_KEY: json.dumps(full_meta, default=str)})

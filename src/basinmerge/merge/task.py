@@ -109,8 +109,9 @@ def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], rank: int, wide: 
             bits = t.to(fdt).reshape(-1).view(idt)
             if shift + 16 < nbits:
                 bits = bits[(bits >> (shift + 16)) == prefix]
-            hist += torch.bincount(((bits >> shift) & 0xFFFF).long(), minlength=1 << 16)
-        cum = hist.cumsum(0)
+            counts = torch.bincount(((bits >> shift) & 0xFFFF).long(), minlength=1 << 16)
+            hist = hist.to(counts.device).add_(counts)  # counted where the chunks are (GPU too)
+        cum = hist.cpu().cumsum(0)
         if int(cum[-1]) < remaining:
             raise ValueError(f"rank {rank} exceeds the number of values")
         digit = int(torch.searchsorted(cum, torch.tensor([remaining]))[0])
@@ -206,7 +207,7 @@ def dare_delta_fn(drop: float, seed: int = 0) -> DeltaFn:
 
     def fn(key: str, k: int, tau: torch.Tensor) -> torch.Tensor:
         g = torch.Generator().manual_seed(zlib.crc32(f"{int(seed)}/{k}/{key}".encode()))
-        keep = torch.rand(tau.shape, generator=g) >= drop
+        keep = (torch.rand(tau.shape, generator=g) >= drop).to(tau.device)  # same mask on any device
         return torch.where(keep, tau / (1.0 - drop), torch.zeros_like(tau))
 
     return fn

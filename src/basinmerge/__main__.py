@@ -1,0 +1,5 @@
+"""`python -m basinmerge`: the command line."""
+
+from basinmerge.cli import main
+
+main()
