@@ -48,7 +48,8 @@ _FIXED = ("fixed",)
 
 
 # --------------------------------------------------------------------------- feeding models
-# TODO(adapter): the tf-core helper's basinmerge.adapter does this for every method; switch.
+# Spec discovery records hidden states of any transformer, headless ones too, so it reads
+# ``last_hidden_state`` where `basinmerge.adapter.logits_of` (which methods use) wants logits.
 
 
 def forward(model: nn.Module, batch: Any) -> Any:
@@ -60,17 +61,20 @@ def forward(model: nn.Module, batch: Any) -> Any:
 
 
 def output_tensor(out: Any) -> torch.Tensor:
-    """The main output tensor: a tensor itself, ``.logits`` / ``.last_hidden_state`` of an
-    output object, or the first element of a tuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for name in ("logits", "last_hidden_state"):
-        value = out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ConfigError(f"cannot find the output tensor in a {type(out).__name__}")
+    """The main output tensor: the logits (`basinmerge.adapter.logits_of`), else the
+    ``last_hidden_state`` of a headless model's output object."""
+    from basinmerge.adapter import logits_of
+
+    hidden = out.get("last_hidden_state") if isinstance(out, Mapping) else \
+        getattr(out, "last_hidden_state", None)
+    has_logits = (out.get("logits") if isinstance(out, Mapping)
+                  else getattr(out, "logits", None)) is not None
+    if isinstance(hidden, torch.Tensor) and not has_logits:
+        return hidden
+    try:
+        return logits_of(out)
+    except ConfigError:
+        raise ConfigError(f"cannot find the output tensor in a {type(out).__name__}") from None
 
 
 def example_input(model: nn.Module, batch_size: int = 2, length: int = 8) -> Any:

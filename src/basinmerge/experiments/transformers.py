@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from basinmerge import adapter, plots
 from basinmerge import data as data_mod
-from basinmerge import plots
 from basinmerge.align import align, merge_many
 from basinmerge.connectivity import BARRIER_COLUMNS, Curve, barriers
 from basinmerge.console import progress_task
@@ -158,9 +158,7 @@ def _windows(stream: torch.Tensor, n: int, ctx: int, gen: torch.Generator) -> to
 
 
 def _logits(model: nn.Module, x: torch.Tensor, lm: bool) -> torch.Tensor:
-    # TODO(adapter): basinmerge.adapter (tf-core) reads .logits for every method; switch.
-    out = model(input_ids=x) if lm else model(pixel_values=x)
-    return out.logits
+    return adapter.forward(model, {"input_ids": x} if lm else {"pixel_values": x})
 
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lm: bool) -> tuple:
