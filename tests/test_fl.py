@@ -677,7 +677,7 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path):
             proc.wait()
     assert proc.returncode == 130
     lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted: round ")
+    assert len(lines) == 1 and lines[0].startswith("interrupted; round ")
     assert lines[0].endswith(f"resume with: basinmerge fl --resume {run}")
     done = read_meta(ckpt)["round"]
     assert 1 <= done < 6

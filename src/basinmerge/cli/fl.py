@@ -13,8 +13,15 @@ import typer
 
 from basinmerge import io
 from basinmerge.cli.app import app, experiment_app
-from basinmerge.cli.common import DATA_ROOT_OPT, DATASET_HELP, DEVICE_OPT, parse_kv, print_table
-from basinmerge.console import console, err_console
+from basinmerge.cli.common import (
+    DATA_ROOT_OPT,
+    DATASET_HELP,
+    DEVICE_OPT,
+    on_interrupt,
+    parse_kv,
+    print_table,
+)
+from basinmerge.console import console
 from basinmerge.errors import ConfigError
 from basinmerge.fl.strategy import strategy_help, strategy_names
 
@@ -77,21 +84,20 @@ def _check_out(folder: Path, resume: bool, force: bool) -> None:
                           "folder)")
 
 
-def _interrupted(folder: Path, backend: str) -> None:
-    """One line: what was saved and the exact command to resume; exit 130."""
+def _interrupt_note(folder: Path, backend: str) -> str:
+    """What a Ctrl-C says (after "interrupted; ", printed by `basinmerge.cli.main`, exit 130):
+    what was saved and the exact command to resume."""
     from basinmerge.fl.outputs import CHECKPOINT
 
     ckpt = folder / CHECKPOINT
     done = io.read_meta(ckpt).get("round") if ckpt.is_file() else None
-    if backend != "embedded" or done is None:
-        line = (f"interrupted: the {backend} run was stopped; nothing to resume (its rounds so "
-                f"far are in {folder}/rounds.json if any)" if backend != "embedded" else
-                "interrupted before the first checkpoint; nothing was saved")
-    else:
-        line = (f"interrupted: round {done} is saved in {ckpt}; resume with: basinmerge fl "
-                f"--resume {shlex.quote(str(folder))}")
-    err_console.print(line, highlight=False, soft_wrap=True, markup=False)
-    raise typer.Exit(130)
+    if backend != "embedded":
+        return (f"the {backend} run was stopped; nothing to resume (its rounds so far are in "
+                f"{folder}/rounds.json if any)")
+    if done is None:
+        return "stopped before the first checkpoint; nothing was saved"
+    return (f"round {done} is saved in {ckpt}; resume with: basinmerge fl "
+            f"--resume {shlex.quote(str(folder))}")
 
 
 @app.command("fl", epilog="Strategies and their --opt options:\n\n" +
@@ -176,26 +182,24 @@ def fl_cmd(
                                      f"{cfg.scheme} partition (alpha={cfg.alpha:g})"),
                    folder / "partition.png")
     t0 = time.perf_counter()
-    try:
-        if backend == "flower":
-            from basinmerge.fl.flower_app import run_flower
+    on_interrupt(lambda: _interrupt_note(folder, backend))  # Ctrl-C: what was saved
+    if backend == "flower":
+        from basinmerge.fl.flower_app import run_flower
 
-            result = run_flower(cfg, out=folder, progress=True,
-                                timeout=client_timeout if client_timeout is not None else 3600.0)
-        elif backend == "flower-deployment":
-            from basinmerge.fl.deployment import run_deployment
+        result = run_flower(cfg, out=folder, progress=True,
+                            timeout=client_timeout if client_timeout is not None else 3600.0)
+    elif backend == "flower-deployment":
+        from basinmerge.fl.deployment import run_deployment
 
-            result = run_deployment(cfg, out=folder)
-        else:
-            result = fl.simulate(model_net, train, test, parts, cfg.make_strategy(),
-                                 cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed,
-                                 out=folder, resume=resume is not None, config=cfg.identity(),
-                                 client_timeout=client_timeout, device=device)
-            finish_outputs(folder, model_net, result.state, result.history,
-                           {"federated": cfg.to_dict(), "backend": "embedded"},
-                           title=cfg.strategy)
-    except KeyboardInterrupt:
-        _interrupted(folder, backend)
+        result = run_deployment(cfg, out=folder)
+    else:
+        result = fl.simulate(model_net, train, test, parts, cfg.make_strategy(),
+                             cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed,
+                             out=folder, resume=resume is not None, config=cfg.identity(),
+                             client_timeout=client_timeout, device=device)
+        finish_outputs(folder, model_net, result.state, result.history,
+                       {"federated": cfg.to_dict(), "backend": "embedded"},
+                       title=cfg.strategy)
     seconds = time.perf_counter() - t0
     dropped = sum(len(r.get("dropped", {})) for r in result.history)
     rejected = sum(len(r.get("rejected", {})) for r in result.history)
