@@ -143,6 +143,26 @@ def align_cmd(
     console.print(f"saved {out}")
 
 
+def _study(name: str, run, *, dataset: str, scale: str, seeds: int | None, device: str,
+           out: Path, force: bool) -> None:
+    """Run a study suite whose options are --dataset/--scale/--seeds/--device: the output
+    folder checked first, Ctrl-C explained, the exact command recorded in the result."""
+    from basinmerge.experiments.common import print_result, write_result
+
+    check_run_out(out, force)
+    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
+                 f"{command_line()}")
+    result = run()
+    args = ["--dataset", dataset, "--scale", scale]
+    args += ["--seeds", str(seeds)] if seeds is not None else []
+    args += ["--device", device] if device != "cpu" else []
+    args += ["--out", str(out)]
+    result.command = f"basinmerge experiment {name} " + " ".join(shlex.quote(a) for a in args)
+    print_result(result)
+    write_result(result, out)
+    console.print(f"wrote {out}/result.md ({result.seconds:.0f} s)")
+
+
 @experiment_app.command("rebasin")
 def rebasin_cmd(
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),
@@ -158,20 +178,10 @@ def rebasin_cmd(
     """Barriers between independently trained models: naive vs weight, activation and STE
     matching, each with and without BN reset / REPAIR; barrier against width; MergeMany."""
     from basinmerge.experiments import rebasin
-    from basinmerge.experiments.common import print_result, write_result
 
-    check_run_out(out, force)
-    on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
-                 f"{command_line()}")
-    result = rebasin.run(dataset=dataset, scale=scale, seeds=seeds, device=device, root=root)
-    args = ["--dataset", dataset, "--scale", scale]
-    args += ["--seeds", str(seeds)] if seeds is not None else []
-    args += ["--device", device] if device != "cpu" else []
-    args += ["--out", str(out)]
-    result.command = "basinmerge experiment rebasin " + " ".join(shlex.quote(a) for a in args)
-    print_result(result)
-    write_result(result, out)
-    console.print(f"wrote {out}/result.md ({result.seconds:.0f} s)")
+    _study("rebasin", lambda: rebasin.run(dataset=dataset, scale=scale, seeds=seeds,
+                                          device=device, root=root),
+           dataset=dataset, scale=scale, seeds=seeds, device=device, out=out, force=force)
 
 
 @experiment_app.command("transformers")
@@ -185,19 +195,13 @@ def transformers_cmd(
     out: Path = typer.Option(Path("results/transformers"), "--out", "-o", help="Output folder."),
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
+    force: bool = FORCE_OPT,
 ) -> None:
     """Barriers between independently trained ViTs and GPT-2-style LMs: naive vs weight (with
     restarts, from activation matching), activation and orthogonal alignment; MergeMany of
     ViTs; WSA on ViTs."""
     from basinmerge.experiments import transformers
-    from basinmerge.experiments.common import print_result, write_result
 
-    result = transformers.run(dataset=dataset, scale=scale, seeds=seeds, device=device, root=root)
-    args = ["--dataset", dataset, "--scale", scale]
-    args += ["--seeds", str(seeds)] if seeds is not None else []
-    args += ["--device", device] if device != "cpu" else []
-    args += ["--out", str(out)]
-    result.command = "basinmerge experiment transformers " + " ".join(shlex.quote(a) for a in args)
-    print_result(result)
-    write_result(result, out)
-    console.print(f"wrote {out}/result.md ({result.seconds:.0f} s)")
+    _study("transformers", lambda: transformers.run(dataset=dataset, scale=scale, seeds=seeds,
+                                                    device=device, root=root),
+           dataset=dataset, scale=scale, seeds=seeds, device=device, out=out, force=force)
