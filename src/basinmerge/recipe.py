@@ -22,7 +22,14 @@ A recipe (every field but `models`, `method` and `output` is optional)::
     block_mib: 1.0
     dtype: null                     # float32 / float16 / bfloat16: cast the output
     device: cpu
+    strict: false                   # true: a member flagged by the merge guard stops the merge
     output: {path: merged, format: auto, force: false, max_shard_mib: 4096}
+
+A merge recipe runs through the merge engine (`basinmerge.merge.engine.merge_checkpoints`),
+the same as ``basinmerge merge``: loading, streaming, alignment, the member guard (its
+warnings are in `Recipe.merge()`'s result), the BatchNorm policy (without `data` the running
+statistics are averaged and the result warns), REPAIR, the dtype cast and the atomic output
+all happen there. ``method: null`` aligns the second model onto the first and writes it.
 
 `format: auto` writes the inputs' form (`basinmerge.io.save_like`: an HF folder in gives an HF
 folder out, ...). With `overrides`, the keys are split into groups (the tensors each override
@@ -263,7 +270,7 @@ def _run(recipe: Recipe) -> tuple[Path, MergeResult | None]:
     align = None
     if recipe.align is not None:
         align = EngineAlignment(recipe.align.method, recipe.align.options,
-                           _dataset(Data(dataset=recipe.align.data))
+                           _dataset(Data(dataset=recipe.align.data, examples=2000))
                            if recipe.align.data is not None else None)
     out_format = None if recipe.output.format == "auto" else recipe.output.format
     meta = {"recipe": recipe.to_dict()}

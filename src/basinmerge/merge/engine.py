@@ -404,7 +404,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
             has_bn = bool(bn_keys(state))
         timings["merge"] = time.perf_counter() - t
         if repair:
-            assert models is not None
+            assert models is not None and state is not None  # REPAIR merges in memory
             bn, state = _repair(models, state, opts, data, reset_bn, has_bn, timings)
         else:
             bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
@@ -478,6 +478,7 @@ def _open_sources(m: MergeMethod, files: list[Path], base: PathLike | None, name
         source.names = names
         return source, source.meta
     aliases = tied_aliases(members[0]) if members is not None else {}
+    loaded: list[tuple[StateDict, dict]]
     if members is not None:  # each tied tensor once, as the files store it
         loaded = [({k: v.detach().cpu() for k, v in mod.state_dict().items() if k not in aliases},
                    {}) for mod in members]
