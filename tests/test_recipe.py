@@ -451,7 +451,7 @@ def test_engine_extras_are_checked_before_any_work(tmp_path, kwargs, message):
     assert not out.exists()
 
 
-def test_recipe_gets_the_member_guard_and_the_bn_policy(tmp_path):
+def test_recipe_gets_the_member_guard_and_the_bn_policy(tmp_path, capsys):
     from basinmerge.errors import IncompatibleModelsError
     from basinmerge.merge.engine import BN_NOTE_DATA_FREE
 
@@ -471,7 +471,31 @@ def test_recipe_gets_the_member_guard_and_the_bn_policy(tmp_path):
     assert [m.name for m in res.members if m.flagged] == [paths[3]]
     assert any(w.startswith(f"member '{paths[3]}'") for w in res.warnings)
     assert res.bn == "averaged" and BN_NOTE_DATA_FREE in res.warnings  # no data: BN not reset
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**spec, "output": {
+        "path": str(tmp_path / "cli.safetensors")}}))
+    code, _, err = _run(["run", str(tmp_path / "r.yaml")], capsys)
+    assert code == 0 and f"member '{paths[3]}'" in err.replace("\n", "") and "averaged" in err
     strict = {**spec, "strict": True, "output": {"path": str(tmp_path / "s.safetensors")}}
     with pytest.raises(IncompatibleModelsError, match="far outside"):
         recipe.validate(strict).run()
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_merge_of_merges_records_its_own_recipe(tmp_path, capsys):
+    """Inputs that carry a recipe (earlier merges) do not lend it to the output, streamed or
+    not: the output records the recipe of the command that wrote it."""
+    base, a, b = _mlps(tmp_path)
+    firsts = []
+    for i, method in enumerate(("average", "median")):
+        firsts.append(tmp_path / f"first{i}.safetensors")
+        code, _, err = _run(["merge", str(a), str(b), "--method", method, "--out",
+                             str(firsts[-1])], capsys)
+        assert code == 0, err
+    for extra in ([], ["--no-stream"]):
+        out = tmp_path / f"second{len(extra)}.safetensors"
+        code, _, err = _run(["merge", *map(str, firsts), "--method", "average", "--out", str(out),
+                             *extra], capsys)
+        assert code == 0, err
+        rec = io.read_meta(out)["recipe"]
+        assert rec["models"] == [str(p) for p in firsts] and rec["method"] == "average"
+        assert io.read_meta(out)["merge"]["inputs"] == [str(p) for p in firsts]
