@@ -410,3 +410,92 @@ def test_recipe_resets_batchnorm_on_its_data(tmp_path):
     off = recipe.validate({**spec, "reset_bn": False,
                            "output": {"path": str(tmp_path / "n.safetensors")}}).run()
     assert torch.equal(io.load_state(off)[0][bn_keys[0]], (sa[bn_keys[0]] + sb[bn_keys[0]]) / 2)
+
+
+# --------------------------------------------------------------------------- one engine
+
+
+def test_engine_overrides_and_dtype_equal_a_merge_by_hand(tmp_path):
+    from basinmerge.merge.engine import merge_checkpoints
+
+    base, a, b = _mlps(tmp_path)
+    res = merge_checkpoints([a, b], "task_arithmetic", base=base, options={"scale": 1.0},
+                            overrides=[("head.*", {"scale": 0.25}), ("*", {"scale": 0.5})],
+                            dtype="float16", out=tmp_path / "o.safetensors")
+    got = io.load_state(res.out)[0]
+    sb, sa, s2 = (io.load_state(p)[0] for p in (base, a, b))
+    for k in sb:  # first matching pattern wins: head.* 0.25, everything else 0.5
+        scale = 0.25 if k.startswith("head.") else 0.5
+        want = (sb[k] + scale * ((sa[k] - sb[k]) + (s2[k] - sb[k]))).to(torch.float16)
+        assert got[k].dtype == torch.float16 and torch.equal(got[k], want), k
+    rec = io.read_meta(res.out)["merge"]
+    assert not res.streamed and rec["dtype"] == "float16"
+    assert [o["pattern"] for o in rec["overrides"]] == ["head.*", "*"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"overrides": [("head.*", {"density": 0.5})]}, "has no option 'density'"),
+    ({"overrides": [("head.*", {"scale": 1.0})], "stream": True}, "per-tensor overrides needs"),
+    ({"dtype": "float8"}, "unknown dtype 'float8'"),
+    ({"align": {"method": "weight", "options": {"nope": 1}}}, "alignment has no option 'nope'"),
+    ({"align": {"method": "activation"}}, "needs data"),
+    ({"repair": True}, "REPAIR needs two models"),
+])
+def test_engine_extras_are_checked_before_any_work(tmp_path, kwargs, message):
+    from basinmerge.merge.engine import merge_checkpoints
+
+    base, a, b = _mlps(tmp_path)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(ConfigError, match=message):
+        merge_checkpoints([a, b], "task_arithmetic", base=base, out=out, **kwargs)
+    assert not out.exists()
+
+
+def test_recipe_gets_the_member_guard_and_the_bn_policy(tmp_path, capsys):
+    from basinmerge.errors import IncompatibleModelsError
+    from basinmerge.merge.engine import BN_NOTE_DATA_FREE
+
+    nets = [models.build("mlp", (1, 8, 8), 10, depth=1, width=8, norm="batch", seed=0)
+            for _ in range(4)]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in nets:
+            for p in n.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        for p in nets[3].parameters():
+            p.mul_(1000)  # a poisoned member
+    paths = [str(io.save(n, tmp_path / f"m{i}.safetensors")) for i, n in enumerate(nets)]
+    spec = {"models": paths, "method": "average",
+            "output": {"path": str(tmp_path / "avg.safetensors")}}
+    res = recipe.validate(spec).merge()
+    assert [m.name for m in res.members if m.flagged] == [paths[3]]
+    assert any(w.startswith(f"member '{paths[3]}'") for w in res.warnings)
+    assert res.bn == "averaged" and BN_NOTE_DATA_FREE in res.warnings  # no data: BN not reset
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**spec, "output": {
+        "path": str(tmp_path / "cli.safetensors")}}))
+    code, _, err = _run(["run", str(tmp_path / "r.yaml")], capsys)
+    assert code == 0 and f"member '{paths[3]}'" in err.replace("\n", "") and "averaged" in err
+    strict = {**spec, "strict": True, "output": {"path": str(tmp_path / "s.safetensors")}}
+    with pytest.raises(IncompatibleModelsError, match="far outside"):
+        recipe.validate(strict).run()
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_a_merge_of_merges_records_its_own_recipe(tmp_path, capsys):
+    """Inputs that carry a recipe (earlier merges) do not lend it to the output, streamed or
+    not: the output records the recipe of the command that wrote it."""
+    base, a, b = _mlps(tmp_path)
+    firsts = []
+    for i, method in enumerate(("average", "median")):
+        firsts.append(tmp_path / f"first{i}.safetensors")
+        code, _, err = _run(["merge", str(a), str(b), "--method", method, "--out",
+                             str(firsts[-1])], capsys)
+        assert code == 0, err
+    for extra in ([], ["--no-stream"]):
+        out = tmp_path / f"second{len(extra)}.safetensors"
+        code, _, err = _run(["merge", *map(str, firsts), "--method", "average", "--out", str(out),
+                             *extra], capsys)
+        assert code == 0, err
+        rec = io.read_meta(out)["recipe"]
+        assert rec["models"] == [str(p) for p in firsts] and rec["method"] == "average"
+        assert io.read_meta(out)["merge"]["inputs"] == [str(p) for p in firsts]

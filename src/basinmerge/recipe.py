@@ -22,7 +22,14 @@ A recipe (every field but `models`, `method` and `output` is optional)::
     block_mib: 1.0
     dtype: null                     # float32 / float16 / bfloat16: cast the output
     device: cpu
+    strict: false                   # true: a member flagged by the merge guard stops the merge
     output: {path: merged, format: auto, force: false, max_shard_mib: 4096}
+
+A merge recipe runs through the merge engine (`basinmerge.merge.engine.merge_checkpoints`),
+the same as ``basinmerge merge``: loading, streaming, alignment, the member guard (its
+warnings are in `Recipe.merge()`'s result), the BatchNorm policy (without `data` the running
+statistics are averaged and the result warns), REPAIR, the dtype cast and the atomic output
+all happen there. ``method: null`` aligns the second model onto the first and writes it.
 
 `format: auto` writes the inputs' form (`basinmerge.io.save_like`: an HF folder in gives an HF
 folder out, ...). With `overrides`, the keys are split into groups (the tensors each override
@@ -34,21 +41,22 @@ in its metadata (``recipe``). `Recipe.to_yaml()` gives the file back; ``basinmer
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from basinmerge import io
 from basinmerge.errors import ConfigError
-from basinmerge.state import as_state_dict
+from basinmerge.state import as_state_dict, check_compatible
+
+if TYPE_CHECKING:
+    from basinmerge.merge.engine import Alignment as EngineAlignment
+    from basinmerge.merge.engine import MergeResult
 
 _STRICT = ConfigDict(extra="forbid")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Override(BaseModel):
@@ -67,6 +75,18 @@ class Alignment(BaseModel):
     spec: Literal["auto"] = "auto"  # the permutation spec, found from the model's structure
     data: str | None = None  # a dataset name (activation / ste); default: the recipe's data
     options: dict[str, Any] = Field(default_factory=dict)  # find_permutation's options
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from basinmerge.merge.engine import alignment_options
+
+        accepted = alignment_options()
+        for k in v:
+            if k not in accepted:
+                raise _FieldError(f"align.options.{k}", f"alignment has no option '{k}'; "
+                                  f"options: {', '.join(accepted)}")
+        return v
 
 
 class Data(BaseModel):
@@ -103,9 +123,19 @@ class Recipe(BaseModel):
     like: str | None = None
     stream: bool | None = None
     block_mib: float = Field(1.0, gt=0)
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: str | None = None  # float32 / float16 / bfloat16 (`engine.DTYPES`)
     device: str = "cpu"
+    strict: bool = False  # a member flagged by the merge guard stops the merge
     output: Output
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        from basinmerge.merge.engine import DTYPES
+
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}'; choose one of: {', '.join(DTYPES)}")
+        return v
 
     @field_validator("method")
     @classmethod
@@ -140,13 +170,16 @@ class Recipe(BaseModel):
                               "(option 'base')")
         if m.needs_data and self.data is None:
             raise _FieldError("data", f"merge method '{self.method}' needs data (option 'data')")
-        if self.repair and (len(self.models) != 2 or self.method not in ("average", "weighted")
+        from basinmerge.merge.engine import REPAIR_METHODS
+
+        if self.repair and (len(self.models) != 2 or self.method not in REPAIR_METHODS
                             or self.data is None):
             raise _FieldError("repair", "REPAIR needs two models, method average or weighted, "
                               "and data")
-        if self.stream and (not m.streams or self.overrides or self.align or self.repair):
+        if self.stream and (not m.streams or self.overrides or self.align or self.repair
+                            or self.dtype):
             raise _FieldError("stream", f"method '{self.method}' cannot stream here (data-free "
-                              "methods, no overrides, no alignment)")
+                              "methods, no overrides, alignment, REPAIR or dtype)")
         return self
 
     # ----------------------------------------------------------------------- API
@@ -162,7 +195,16 @@ class Recipe(BaseModel):
 
     def run(self) -> Path:
         """Merge (or align) as the recipe says and write `output.path`; returns that path."""
-        return _merge(self)[0]
+        return _run(self)[0]
+
+    def merge(self) -> MergeResult:
+        """Run a merge recipe; the merge engine's result (member guard warnings, BatchNorm
+        handling, timings; `MergeResult.out` is the output path)."""
+        if self.method is None:
+            raise ConfigError("this recipe aligns only (method: null); run() it")
+        res = _run(self)[1]
+        assert res is not None
+        return res
 
 
 class _FieldError(ValueError):
@@ -217,158 +259,62 @@ def load(path: str | os.PathLike) -> Recipe:
 # --------------------------------------------------------------------------- running
 
 
-def _groups(keys: list[str], recipe: Recipe) -> list[tuple[list[str], dict[str, Any]]]:
-    """(keys, options) per override (first match wins), then the rest with the base options."""
-    taken: dict[int, list[str]] = {}
-    rest: list[str] = []
-    for k in keys:
-        hit = next((i for i, o in enumerate(recipe.overrides) if fnmatch.fnmatchcase(k, o.pattern)),
-                   None)
-        (taken.setdefault(hit, []) if hit is not None else rest).append(k)
-    out = [(taken[i], {**recipe.options, **recipe.overrides[i].options}) for i in sorted(taken)]
-    return out + ([(rest, dict(recipe.options))] if rest else [])
+def _run(recipe: Recipe) -> tuple[Path, MergeResult | None]:
+    """Run a recipe: a merge through the merge engine (`merge_checkpoints`, which owns loading,
+    streaming, alignment, the member guard, BatchNorm, REPAIR and writing), or an alignment
+    alone. Returns (output path, the engine's result; None for an alignment alone)."""
+    from basinmerge.merge.engine import Alignment as EngineAlignment
+    from basinmerge.merge.engine import merge_checkpoints
+
+    train = _dataset(recipe.data)
+    align = None
+    if recipe.align is not None:
+        align = EngineAlignment(recipe.align.method, recipe.align.options,
+                           _dataset(Data(dataset=recipe.align.data, examples=2000))
+                           if recipe.align.data is not None else None)
+    out_format = None if recipe.output.format == "auto" else recipe.output.format
+    meta = {"recipe": recipe.to_dict()}
+    if recipe.method is None:
+        return _align_only(recipe, align, train, out_format, meta), None
+    res = merge_checkpoints(
+        recipe.models, recipe.method, base=recipe.base, options=recipe.options,
+        overrides=[(o.pattern, o.options) for o in recipe.overrides], align=align,
+        repair=recipe.repair, data=train, reset_bn=None if recipe.reset_bn else False,
+        stream=recipe.stream, block_mib=recipe.block_mib, device=recipe.device,
+        strict=recipe.strict, like=recipe.like, dtype=recipe.dtype, out=recipe.output.path,
+        out_format=out_format, force=recipe.output.force,
+        max_shard_mib=recipe.output.max_shard_mib, meta=meta)
+    assert res.out is not None
+    return res.out, res
 
 
-def _can_stream(recipe: Recipe, m) -> bool:
-    if recipe.stream is False or not m.streams or recipe.overrides or recipe.align or recipe.repair:
-        return False
-    if recipe.data is not None and recipe.reset_bn:  # the BN reset runs the model
-        return False
-    inputs = recipe.models + ([recipe.base] if recipe.base else [])
-    return all(io.is_streamable(p) for p in inputs)
+def _align_only(recipe: Recipe, align: EngineAlignment | None, train, out_format: str | None,
+                meta: dict) -> Path:
+    """The second model permuted onto the first (`engine.align_members`), written in its form."""
+    from basinmerge.merge.engine import align_members, check_output, read_model
+
+    assert align is not None  # the schema: method null needs align
+    a, b = recipe.models
+    out = check_output(recipe.output.path, io.output_format(b, out_format), recipe.output.force,
+                       inputs=[a, b])
+    align.check(train)
+    nets = [read_model(p, like=recipe.like)[0].to(recipe.device) for p in (a, b)]
+    check_compatible([n.state_dict() for n in nets], [a, b])
+    aligned = align_members(nets, align, train)[1]
+    meta = {**{k: v for k, v in io.read_meta(b).items() if k not in ("merge", "recipe")},
+            "aligned_to": a, **meta}
+    return io.save_like(as_state_dict(aligned.cpu()), out, b, meta, fmt=out_format,
+                        max_shard_mib=recipe.output.max_shard_mib, force=recipe.output.force,
+                        inputs=[a])
 
 
-def _merge(recipe: Recipe) -> tuple[Path, dict]:
-    """Run a recipe with the library's merge functions. The one place a recipe calls them (to
-    be switched to the merge engine); returns (output path, info)."""
-    from basinmerge import merge as merge_mod
-    from basinmerge import train as train_mod
-    from basinmerge.merge.stream import stream_merge
-
-    out = Path(recipe.output.path)
-    like = recipe.base or recipe.models[0]  # config, tokenizer and architecture come from here
-    fmt = None if recipe.output.format == "auto" else recipe.output.format
-    record: dict[str, Any] = {"recipe": recipe.to_dict()}
-    inputs = [*recipe.models, *(p for p in (recipe.base, recipe.like) if p)]
-    info: dict = {}
-    method = recipe.method or ""
-    m = merge_mod.get_method(method) if recipe.method is not None else None
-    like_fmt = io.checkpoint_format(like)
-    if (m is not None and _can_stream(recipe, m) and recipe.dtype is None
-            and fmt in (None, like_fmt)):
-        if like_fmt == "hf":
-            with io.hf_output(out, like, recipe.output.force, inputs) as tmp:
-                stream_merge(recipe.models, method, tmp / io.HF_SAFETENSORS,
-                             base=recipe.base, meta=record, block_mib=recipe.block_mib,
-                             **recipe.options)
-        else:
-            stream_merge(recipe.models, method, out, base=recipe.base, meta=record,
-                         block_mib=recipe.block_mib, **recipe.options)
-        return out, info
-    train = _train_data(recipe)
-    needs_model = recipe.align is not None or recipe.repair or (m is not None and m.needs_data)
-    if needs_model:
-        loaded = [io.load_model(p, like=recipe.like) for p in recipe.models]
-        states_or_models: list[Any] = [mod.to(recipe.device) for mod, _ in loaded]
-        meta = loaded[0][1]
-        if recipe.align is not None:
-            states_or_models = _aligned(states_or_models, recipe, train)
-        base: Any = (io.load_model(recipe.base, like=recipe.like)[0].to(recipe.device)
-                     if recipe.base else None)
-    else:
-        loaded_states = [io.load_state(p) for p in recipe.models]
-        states_or_models = [s for s, _ in loaded_states]
-        meta = loaded_states[0][1]
-        base = io.load_state(recipe.base)[0] if recipe.base else None
-    names = list(recipe.models)
-    if m is None:  # align only: the second model, permuted onto the first
-        state = as_state_dict(states_or_models[1])
-        meta = io.read_meta(recipe.models[1])
-    elif m.needs_data:
-        opts = dict(recipe.options)
-        if "reset_bn" in m.options():
-            opts.setdefault("reset_bn", recipe.reset_bn)
-        state, info = merge_mod.merge(states_or_models, method, base=base,
-                                      data=train.to(recipe.device), names=names,
-                                      return_info=True, **opts)
-    else:
-        states = [as_state_dict(s) for s in states_or_models]
-        base_state = as_state_dict(base) if base is not None else None
-        state = {}
-        for keys, opts in _groups(list(states[0]), recipe):
-            part = merge_mod.merge([{k: s[k] for k in keys} for s in states], method,
-                                   base=None if base_state is None else
-                                   {k: base_state[k] for k in keys}, names=names, **opts)
-            state.update(part)
-        state = {k: state[k] for k in states[0]}
-        if recipe.repair:
-            state = _repair(states_or_models, state, recipe, train)
-        elif train is not None and recipe.reset_bn:
-            state = _reset_bn(state, recipe, train, train_mod)
-    state = {k: v.detach().cpu() for k, v in state.items()}
-    if recipe.dtype is not None:
-        dt = DTYPES[recipe.dtype]
-        state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
-    meta = {k: v for k, v in meta.items() if k not in ("merge", "recipe")}
-    if m is not None:
-        record["merge"] = {"method": method, "options": recipe.options, "inputs": names,
-                           "base": recipe.base, "streamed": False}
-    io.save_like(state, out, like, {**meta, **record}, fmt=fmt,
-                 max_shard_mib=recipe.output.max_shard_mib, force=recipe.output.force,
-                 inputs=inputs)
-    return out, info
-
-
-def _train_data(recipe: Recipe):
-    if recipe.data is None:
+def _dataset(spec: Data | None):
+    """The training split of a recipe's dataset (a random subset of `examples`)."""
+    if spec is None:
         return None
     from basinmerge import data as data_mod
 
-    train = data_mod.load(recipe.data.dataset, "train", recipe.data.root)
-    if recipe.data.examples is not None and recipe.data.examples < len(train):
-        train = train.subset(recipe.data.examples, seed=recipe.data.seed)
+    train = data_mod.load(spec.dataset, "train", spec.root)
+    if spec.examples is not None and spec.examples < len(train):
+        train = train.subset(spec.examples, seed=spec.seed)
     return train
-
-
-def _aligned(models: list, recipe: Recipe, train) -> list:
-    """Every model after the first, permuted onto the first."""
-    from basinmerge.align import find_permutation, permuted_copy
-
-    assert recipe.align is not None
-    data = train
-    if recipe.align.data is not None:
-        data = _train_data(recipe.model_copy(update={"data": Data(dataset=recipe.align.data, examples=2000)}))
-    if recipe.align.method != "weight" and data is None:
-        raise ConfigError(f"align: method '{recipe.align.method}' needs data (align.data or data)")
-    out = [models[0]]
-    for mod in models[1:]:
-        try:
-            perm, spec, _ = find_permutation(models[0], mod, recipe.align.method, data,
-                                             **recipe.align.options)
-        except TypeError as e:
-            raise ConfigError(f"align.options: {e}") from e
-        out.append(permuted_copy(mod, spec, perm))
-    return out
-
-
-def _reset_bn(state, recipe: Recipe, train, train_mod):
-    """BatchNorm statistics recomputed on the data, when the model has BatchNorm."""
-    model, _ = io.load_model(recipe.models[0], like=recipe.like)
-    if not train_mod.has_batchnorm(model):
-        return state
-    io.load_into(model, state)
-    train_mod.reset_bn_stats(model, train)
-    return as_state_dict(model)
-
-
-def _repair(models: list, state, recipe: Recipe, train):
-    """REPAIR of the merge of two models: each unit gets the endpoints' interpolated statistics."""
-    import copy
-
-    from basinmerge.align.repair import repair
-
-    weights = recipe.options.get("weights") or [1.0, 1.0]
-    alpha = float(weights[1]) / float(sum(weights))
-    merged = io.load_into(copy.deepcopy(models[0]), state, source="merged")
-    fixed = repair(models[0], models[1], merged, train, alpha, bn_reset=recipe.reset_bn)
-    return as_state_dict(fixed)

@@ -121,7 +121,7 @@ def merge_cmd(
         "data": None if dataset is None else {"dataset": dataset, "examples": data_examples,
                                                "root": root, "seed": data_seed},
         "like": None if like is None else str(like), "stream": stream, "block_mib": block_mib,
-        "device": device, "output": {"path": str(out), "format": out_format, "force": force,
+        "device": device, "strict": strict, "output": {"path": str(out), "format": out_format, "force": force,
                                      "max_shard_mib": max_shard_mib}}, "merge")
     if print_recipe:
         typer.echo(rec.to_yaml(), nl=False)

@@ -17,13 +17,18 @@ def run_cmd(
                                "defaults resolved, and exit without running."),
 ) -> None:
     """Run a merge recipe: models, base, method and options (per-tensor overrides by name
-    pattern), optional alignment and data, output path and format. The output records the
-    recipe in its metadata."""
+    pattern), optional alignment and data, output path and format. It runs through the same
+    merge engine as `basinmerge merge` (member guard, BatchNorm policy, atomic output); the
+    output records the recipe in its metadata."""
     from basinmerge import recipe as recipe_mod
 
     rec = recipe_mod.load(recipe)
     if check:
         typer.echo(rec.to_yaml(), nl=False)
         return
-    out = rec.run()
-    console.print(f"saved {out}")
+    if rec.method is None:  # an alignment alone
+        console.print(f"saved {rec.run()}")
+        return
+    from basinmerge.cli.merge import _print_result
+
+    _print_result(rec.merge(), rec.data.dataset if rec.data is not None else None)

@@ -19,6 +19,11 @@
    vectors) and the result warns that they should be reset; with `data`, they are recomputed
    on it (``reset_bn``, default: whenever data is given) and the summary says so;
    ``num_batches_tracked`` then counts the batches of that pass;
+   Before the merge, optionally: **alignment** (`Alignment`: every member's hidden units
+   permuted onto the first's with `basinmerge.align`); after it, optionally **REPAIR** (two
+   members, average/weighted, on `data`). `overrides` merge the tensors whose key matches a
+   pattern with their own options (per-tensor option groups, first match wins); `dtype` casts
+   the output's floating tensors.
 5. **writing** atomically: on any failure nothing is left at `out` (an existing file there is
    left as it was);
 6. **reporting**: a `MergeResult` with the per-member summary (scope distance, accuracy on
@@ -29,6 +34,9 @@ Nothing here prints: the CLI prints the result.
 
 from __future__ import annotations
 
+import copy
+import fnmatch
+import inspect
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,12 +54,92 @@ from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare
 from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
 from basinmerge.merge.registry import MergeMethod, get_method, jsonable
 from basinmerge.merge.stream import FileSource, stream_merge
-from basinmerge.state import StateDict, module_mode, with_state
+from basinmerge.state import StateDict, check_compatible, module_mode, tied_aliases, with_state
 
 PathLike = str | os.PathLike
 BN_NOTE_DATA_FREE = ("the merged model has BatchNorm layers whose running statistics were "
                      "averaged, not recomputed for the merged weights; reset them on data "
                      "(pass data) before using it")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REPAIR_METHODS = ("average", "weighted")
+Overrides = Sequence[tuple[str, Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Permute every member's hidden units onto the first member's before merging (Git
+    Re-Basin): `method` (``weight``, ``activation`` or ``ste``: `basinmerge.align.METHODS`),
+    `options` (`find_permutation`'s keyword options: `alignment_options`), `data` (what
+    activation and STE matching run on; default: the merge's data)."""
+
+    method: str = "weight"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    data: Any = None
+
+    @classmethod
+    def of(cls, align: Alignment | Mapping[str, Any] | None) -> Alignment | None:
+        """An `Alignment` from itself, a mapping with its fields, or None."""
+        if align is None or isinstance(align, Alignment):
+            return align
+        unknown = [k for k in align if k not in ("method", "options", "data")]
+        if unknown:
+            raise ConfigError(f"alignment has no field '{unknown[0]}' (method, options, data)")
+        return cls(**dict(align))
+
+    def check(self, data: Any) -> None:
+        """One error, before any work, for an unknown method or option or missing data."""
+        from basinmerge.align import METHODS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown alignment method '{self.method}'; choose one of: "
+                              f"{', '.join(METHODS)}")
+        accepted = alignment_options()
+        unknown = [k for k in self.options if k not in accepted]
+        if unknown:
+            raise ConfigError(f"alignment has no option '{unknown[0]}'; options: "
+                              f"{', '.join(accepted)}")
+        if self.method != "weight" and self.data is None and data is None:
+            raise ConfigError(f"alignment method '{self.method}' needs data (the alignment's "
+                              "data, or the merge's)")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "options": jsonable(dict(self.options))}
+
+
+def alignment_options() -> list[str]:
+    """The options an `Alignment` takes: `basinmerge.align.find_permutation`'s keyword options
+    (its `spec` is found from the model)."""
+    from basinmerge.align import find_permutation
+
+    return [p.name for p in inspect.signature(find_permutation).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.name != "spec"]
+
+
+def align_members(models: Sequence[nn.Module], align: Alignment, data: Any = None) -> list[nn.Module]:
+    """The models with every one after the first permuted onto the first (unchanged)."""
+    from basinmerge.align import find_permutation, permuted_copy
+
+    d = align.data if align.data is not None else data
+    out = [models[0]]
+    for mod in models[1:]:
+        perm, spec, _ = find_permutation(models[0], mod, align.method, d, **align.options)
+        out.append(permuted_copy(mod, spec, perm))
+    return out
+
+
+def option_groups(keys: Sequence[str], options: Mapping[str, Any], overrides: Overrides
+                  ) -> list[tuple[list[str], dict[str, Any]]]:
+    """(keys, options) per override whose pattern (fnmatch) matches some key, the first
+    matching override winning, then the other keys with `options`; an override's options
+    are laid over `options`."""
+    taken: dict[int, list[str]] = {}
+    rest: list[str] = []
+    for k in keys:
+        hit = next((i for i, (pattern, _) in enumerate(overrides)
+                    if fnmatch.fnmatchcase(k, pattern)), None)
+        (taken.setdefault(hit, []) if hit is not None else rest).append(k)
+    out = [(taken[i], {**options, **overrides[i][1]}) for i in sorted(taken)]
+    return out + ([(rest, dict(options))] if rest else [])
 
 
 @dataclass
@@ -208,7 +296,9 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
                       guard_threshold: float = THRESHOLD, like: PathLike | None = None,
                       out_format: str | None = None, force: bool = False,
                       max_shard_mib: float = io.DEFAULT_MAX_SHARD_MIB,
-                      meta: Mapping[str, Any] | None = None) -> MergeResult:
+                      meta: Mapping[str, Any] | None = None, overrides: Overrides = (),
+                      align: Alignment | Mapping[str, Any] | None = None, repair: bool = False,
+                      dtype: str | None = None) -> MergeResult:
     """Merge the checkpoints at `paths` with `method` (see the module docstring).
 
     `options`: the method's options (``MergeMethod.options``); `weights` is a shortcut for
@@ -223,7 +313,16 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     the first model) gives an HF folder out with its config and tokenizer files, sharded past
     `max_shard_mib`; a non-empty output folder is replaced only with `force`. `like`: a
     checkpoint to take the architecture from when a model must be built and the inputs do not
-    record one. `meta`: extra metadata recorded in the output (e.g. the recipe)."""
+    record one. `meta`: extra metadata recorded in the output (e.g. the recipe).
+
+    `overrides`: ``(pattern, options)`` pairs: the tensors whose key matches a pattern
+    (fnmatch, first match wins) are merged on their own with those options laid over
+    `options` (data-free methods; a method's global quantities, e.g. TIES's trim threshold,
+    are then per group). `align`: an `Alignment` (or a mapping of its fields): the members are
+    permuted onto the first before the merge. `repair`: REPAIR the merge of two members
+    (average or weighted) on `data` (its BatchNorm layers are reset unless ``reset_bn`` is
+    False). `dtype`: ``float32``, ``float16`` or ``bfloat16``: the output's floating tensors
+    are cast to it. Each of these merges in memory (no streaming)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     m = get_method(method)
@@ -232,6 +331,9 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
                    num_models=len(files))
     user_opts = {k: opts[k] for k in given}
+    alignment = Alignment.of(align)
+    groups = _check_extras(m, opts, overrides, alignment, repair, dtype, data, len(files),
+                           has_base=base is not None)
     like_path = Path(base) if base is not None else files[0]
     inputs = tuple(files) + ((Path(base),) if base is not None else ()) + \
         ((Path(like),) if like is not None else ())
@@ -242,19 +344,31 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     out = _check_request(data, reset_bn, target, gates_out, block_mib)
     extra_meta = dict(meta or {})
     names = model_names(len(files), [str(p) for p in files] if names is None else names)
-    streamed = _streaming(m, files, base, target, stream)
-    template, meta = (read_model(files[0], like) if _runs_network(m, data, eval_data)
+    in_memory = next((why for why, on in (("per-tensor overrides", overrides),
+                                          ("alignment", alignment), ("REPAIR", repair),
+                                          ("a dtype cast", dtype)) if on), None)
+    streamed = _streaming(m, files, base, target, stream, in_memory)
+    needs_members = alignment is not None or repair
+    template, meta = (read_model(files[0], like) if needs_members or _runs_network(m, data, eval_data)
                       else (None, None))
     if template is not None:
         template.to(device)
         if "model" in m.options:  # the network a data-using method runs
             opts.setdefault("model", template)
-        for what, d in (("data", data), ("eval_data", eval_data)):
+        fits = [("data", data), ("eval_data", eval_data),
+                ("alignment data", alignment.data if alignment is not None else None)]
+        for what, d in fits:
             check_data_fits(template, d, what, files[0])
     timings["load"] = time.perf_counter() - t0
 
+    models = None
+    if needs_members:
+        assert template is not None
+        t = time.perf_counter()
+        models = _member_models(template, files, like, device, names, alignment, data)
+        timings["align"] = time.perf_counter() - t
     t = time.perf_counter()
-    source, first_meta = _open_sources(m, files, base, names, streamed)
+    source, first_meta = _open_sources(m, files, base, names, streamed, models)
     meta = first_meta if meta is None else meta
     report = check_members(source, threshold=guard_threshold,
                            block_bytes=max(1, int(block_mib * 2**20)))
@@ -264,9 +378,10 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     timings["guard"] = time.perf_counter() - t
 
     record = {"method": method, "options": jsonable(user_opts), "inputs": [str(p) for p in files],
-              "base": str(base) if base is not None else None, "streamed": streamed}
-    out_meta = {**{k: v for k, v in (meta or {}).items() if k not in ("merge", *io.FORMAT_KEYS)},
-                **extra_meta}
+              "base": str(base) if base is not None else None, "streamed": streamed,
+              **_extras_record(overrides, alignment, repair, dtype)}
+    inherited = ("merge", "recipe", "aligned_to", "alignment", *io.FORMAT_KEYS)
+    out_meta = {**{k: v for k, v in (meta or {}).items() if k not in inherited}, **extra_meta}
     members = [MemberSummary(n, d, w, n in report.flagged())
                for n, d, w in zip(names, report.distance, report.worst, strict=True)]
     info: dict[str, Any] = {}
@@ -279,16 +394,23 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
             assert tmp is not None and target is not None  # streaming needs `out` (checked above)
             tmp = tmp / io.HF_SAFETENSORS if target.fmt == "hf" else tmp
             stream_merge(files, method, tmp, base=base, block_mib=block_mib, device=device,
-                         meta={k: v for k, v in out_meta.items() if k not in source.meta}, **opts)
+                         meta={k: v for k, v in out_meta.items() if source.meta.get(k) != v},
+                         **opts)
             has_bn = bool(bn_keys(source.keys()))
             wanted = (has_bn and data is not None and reset_bn is not False) or eval_data is not None
             state = read_state(tmp)[0] if wanted else None
         else:
-            state, info = m.run(source.states, base=source.base, data=data, names=names, **opts)
-            state = {k: v.detach().cpu() for k, v in state.items()}
+            state, info = _run_method(m, source, data, names, opts, groups)
             has_bn = bool(bn_keys(state))
         timings["merge"] = time.perf_counter() - t
-        bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
+        if repair:
+            assert models is not None and state is not None  # REPAIR merges in memory
+            bn, state = _repair(models, state, opts, data, reset_bn, has_bn, timings)
+        else:
+            bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
+        if dtype is not None and state is not None:
+            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+                     for k, v in state.items()}
         if tmp is not None and state is not None and (not streamed or bn.startswith("reset")):
             assert target is not None
             t = time.perf_counter()
@@ -331,33 +453,104 @@ def _check_request(data: Any, reset_bn: bool | None, out: Output | None,
 
 
 def _streaming(m: MergeMethod, files: list[Path], base: PathLike | None, out: Output | None,
-               stream: bool | None) -> bool:
+               stream: bool | None, in_memory: str | None = None) -> bool:
     """Whether to stream: asked for (`stream`), or by default whenever the method has a kernel,
-    every input is safetensors (a file or an HF folder) and the output is a safetensors form."""
+    every input is safetensors (a file or an HF folder), the output is a safetensors form and
+    no step needs the whole models in memory (`in_memory` names it)."""
     inputs = files + ([Path(base)] if base is not None else [])
-    can = (m.streams and out is not None and out.streams
+    can = (m.streams and out is not None and out.streams and in_memory is None
            and all(io.is_streamable(p) for p in inputs))
     if stream and not can:
         why = ("it has no per-key kernel" if not m.streams else "streaming writes a file: give out"
                if out is None else f"it writes safetensors, not {out.fmt}" if not out.streams
+               else f"{in_memory} needs the models in memory" if in_memory is not None
                else "every input must be safetensors (a file or an HF model folder)")
         raise ConfigError(f"merge method '{m.name}' cannot stream here: {why}")
     return can if stream is None else bool(stream)
 
 
 def _open_sources(m: MergeMethod, files: list[Path], base: PathLike | None, names: list[str],
-                  streamed: bool) -> tuple[Any, dict]:
+                  streamed: bool, members: Sequence[nn.Module] | None = None) -> tuple[Any, dict]:
     """The members as a `TensorSource` (the files themselves when streaming, else their
-    state_dicts), checked for keys, shapes, dtypes and NaN/Inf, and the first file's metadata."""
+    state_dicts, or those of `members` when they were loaded as models), checked for keys,
+    shapes, dtypes and NaN/Inf, and the first file's metadata (empty for `members`: the
+    caller has it)."""
     if streamed:
         source = FileSource(files, base)
         source.names = names
         return source, source.meta
-    loaded = [read_state(p) for p in files]
+    aliases = tied_aliases(members[0]) if members is not None else {}
+    loaded: list[tuple[StateDict, dict]]
+    if members is not None:  # each tied tensor once, as the files store it
+        loaded = [({k: v.detach().cpu() for k, v in mod.state_dict().items() if k not in aliases},
+                   {}) for mod in members]
+    else:
+        loaded = [read_state(p) for p in files]
     base_state = read_state(base)[0] if base is not None else None
+    if base_state is not None:
+        base_state = {k: v for k, v in base_state.items() if k not in aliases}
     states, base_state, names = prepare([s for s, _ in loaded], m.name, base=base_state,
                                         needs_base=m.needs_base, names=names)
     return StateSource(states, base_state, names), loaded[0][1]
+
+
+def _member_models(template: nn.Module, files: list[Path], like: PathLike | None, device: str,
+                   names: list[str], align: Alignment | None, data: Any) -> list[nn.Module]:
+    """The members as models on `device` (the first a copy of `template`), checked to match,
+    and permuted onto the first when `align` is given."""
+    models = [copy.deepcopy(template)] + [read_model(p, like)[0].to(device) for p in files[1:]]
+    check_compatible([mod.state_dict() for mod in models], names)
+    return align_members(models, align, data) if align is not None else models
+
+
+def _check_extras(m: MergeMethod, opts: Mapping[str, Any], overrides: Overrides,
+                  align: Alignment | None, repair: bool, dtype: str | None, data: Any,
+                  num_models: int, has_base: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The steps around the merge checked before any work; each override's full options."""
+    if overrides and m.needs_data:
+        raise ConfigError(f"merge method '{m.name}': per-tensor option overrides apply to "
+                          "data-free methods")
+    groups = [(pattern, m.check({**opts, **o}, has_base=has_base)) for pattern, o in overrides]
+    if align is not None:
+        align.check(data)
+    if repair and (num_models != 2 or m.name not in REPAIR_METHODS or data is None):
+        raise ConfigError("REPAIR needs two models, merge method average or weighted, and data")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    return groups
+
+
+def _extras_record(overrides: Overrides, align: Alignment | None, repair: bool,
+                   dtype: str | None) -> dict[str, Any]:
+    """What the merge record says about the steps around the merge (only those taken)."""
+    out: dict[str, Any] = {}
+    if overrides:
+        out["overrides"] = [{"pattern": p, "options": jsonable(dict(o))} for p, o in overrides]
+    if align is not None:
+        out["align"] = align.to_dict()
+    if repair:
+        out["repair"] = True
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out
+
+
+def _run_method(m: MergeMethod, source: Any, data: Any, names: list[str],
+                opts: Mapping[str, Any], groups: list[tuple[str, dict[str, Any]]]
+                ) -> tuple[StateDict, dict]:
+    """The method on the in-memory members: at once, or per option group (`option_groups`;
+    `groups` holds each override's full options)."""
+    if not groups:
+        state, info = m.run(source.states, base=source.base, data=data, names=names, **opts)
+        return {k: v.detach().cpu() for k, v in state.items()}, info
+    keys = source.keys()
+    merged: StateDict = {}
+    for part_keys, o in option_groups(keys, opts, groups):
+        part, _ = m.run([{k: s[k] for k in part_keys} for s in source.states],
+                        base=None if source.base is None else {k: source.base[k] for k in part_keys},
+                        names=names, **o)
+        merged.update(part)
+    return {k: merged[k].detach().cpu() for k in keys}, {}
 
 
 @contextmanager
@@ -417,6 +610,23 @@ def _batchnorm(m: MergeMethod, template: nn.Module | None, state: StateDict | No
         n = int(x.shape[0])
     timings["bn_reset"] = time.perf_counter() - t
     return f"reset ({n} examples)", {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _repair(members: Sequence[nn.Module], state: StateDict, opts: Mapping[str, Any], data: Any,
+            reset_bn: bool | None, has_bn: bool, timings: dict[str, float]
+            ) -> tuple[str, StateDict]:
+    """REPAIR of the merge of two members: each hidden unit gets the interpolated statistics of
+    its units in the two members (`basinmerge.align.repair`); BatchNorm is reset on `data`."""
+    from basinmerge.align.repair import repair
+
+    t = time.perf_counter()
+    w = opts.get("weights") or [1.0, 1.0]
+    alpha = float(w[1]) / float(sum(w))
+    merged = io.load_into(copy.deepcopy(members[0]), state, source="merged")
+    fixed = repair(members[0], members[1], merged, data, alpha, bn_reset=reset_bn is not False)
+    timings["repair"] = time.perf_counter() - t
+    bn = "none" if not has_bn else "reset (REPAIR)" if reset_bn is not False else "kept (REPAIR)"
+    return bn, {k: v.detach().cpu() for k, v in fixed.state_dict().items()}
 
 
 def _evaluate(template: nn.Module, members: list[MemberSummary], source: Any,
