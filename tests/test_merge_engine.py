@@ -314,3 +314,30 @@ def test_cli_merges_bare_safetensors_and_exits_zero(tmp_path, stream):
     ref = merge([io.load_state(p)[0] for p in paths[1:]], "ties", base=io.load_state(paths[0])[0])
     got = io.load_state(out)[0]
     assert all(torch.equal(got[k], v) for k, v in ref.items())
+
+
+def test_aligned_merge_of_tied_gpt2_folders_recovers_the_model(tmp_path):
+    """Two HF GPT-2 folders, B a random head-structured permutation of A (tied lm_head): the
+    engine aligns B onto A by weight matching, averages, and writes an HF folder whose model
+    equals A, with lm_head still tied to the token embedding."""
+    transformers = pytest.importorskip("transformers")
+    from basinmerge import align
+    from basinmerge.align.permute import random_permutation
+    from basinmerge.merge.engine import merge_checkpoints
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    a = transformers.GPT2LMHeadModel(cfg).eval()
+    spec = align.resolve_spec(a)
+    b = align.permuted_copy(a, spec, random_permutation(spec, seed=3))
+    assert not torch.equal(b.transformer.h[0].mlp.c_fc.weight, a.transformer.h[0].mlp.c_fc.weight)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    merge_checkpoints([tmp_path / "a", tmp_path / "b"], "average", align={"method": "weight"},
+                      out=tmp_path / "m")
+    m = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "m").eval()
+    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr()
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, a(x).logits, atol=1e-5, rtol=1e-5)
