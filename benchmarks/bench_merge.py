@@ -83,7 +83,7 @@ def worker(variant: str, method: str, out: str, base: str, paths: list[str]) -> 
         stream_merge(paths, method, out, base=base_arg, **opts)
     elif variant == "cli":
         args = ["--quiet", "merge", *paths, "--method", method, "--out", out]
-        args += ["--base", base, "--density", "0.2"] if method == "ties" else []
+        args += ["--base", base, "--opt", "density=0.2"] if method == "ties" else []
         try:
             main(args)
         except SystemExit as e:
