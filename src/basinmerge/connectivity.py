@@ -124,6 +124,8 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
         if model_b is not None:
             raise ConfigError("interpolate: pass either a list of models or two models, not both")
         models = list(model_a)
+    elif model_b is None:
+        raise ConfigError("interpolate needs two models (or a list of at least two)")
     else:
         models = [model_a, model_b]
     if any(m is None for m in models) or len(models) < 2:
@@ -146,7 +148,7 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
         transform = _repair_transform(models, bn_data if bn_data is not None else all_splits.get(
             "train", next(iter(all_splits.values()))), not needs_bn, reset_endpoints, transform)
     grid = path_grid(len(models), num_points)
-    metrics = {s: {"loss": [], "accuracy": []} for s in chosen}
+    metrics: dict[str, dict[str, list[float]]] = {s: {"loss": [], "accuracy": []} for s in chosen}
     t_values = []
     with progress_task(label or "interpolate", len(grid), enabled=progress) as advance:
         for seg, alpha in grid:
