@@ -49,8 +49,11 @@ test-fast: $(STAMP) data
 bench: $(STAMP) data
 	$(PY) -m benchmarks
 
+# ruff (style, imports, bugbear, complexity C901) and mypy (configured in pyproject.toml), both
+# from the dev extra that $(STAMP) installs.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

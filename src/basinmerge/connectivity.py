@@ -100,6 +100,22 @@ def path_grid(num_models: int, num_points: int) -> list[tuple[int, float]]:
     return grid
 
 
+def _path_nodes(model_a: nn.Module | Sequence[nn.Module],
+                model_b: nn.Module | None) -> list[nn.Module]:
+    """The models a path runs through: a list of them, or two."""
+    if isinstance(model_a, Sequence):
+        if model_b is not None:
+            raise ConfigError("interpolate: pass either a list of models or two models, not both")
+        models = list(model_a)
+    elif model_b is None:
+        raise ConfigError("interpolate needs two models (or a list of at least two)")
+    else:
+        models = [model_a, model_b]
+    if any(m is None for m in models) or len(models) < 2:
+        raise ConfigError("interpolate needs two models (or a list of at least two)")
+    return models
+
+
 def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | None = None,
                 data=None, *, num_points: int = 25, splits: Sequence[str] | None = None,
                 bn_reset: bool = True, bn_data=None,
@@ -120,14 +136,7 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
     `transform` is applied to each interpolated model. ``repair=True`` applies REPAIR
     (`basinmerge.align.Repair`, statistics from `bn_data`) to every point between the nodes,
     before `transform`; for BatchNorm models it amounts to the BN reset."""
-    if isinstance(model_a, Sequence):
-        if model_b is not None:
-            raise ConfigError("interpolate: pass either a list of models or two models, not both")
-        models = list(model_a)
-    else:
-        models = [model_a, model_b]
-    if any(m is None for m in models) or len(models) < 2:
-        raise ConfigError("interpolate needs two models (or a list of at least two)")
+    models = _path_nodes(model_a, model_b)
     if data is None:
         raise ConfigError("interpolate needs data to evaluate on")
     all_splits = _as_splits(data)
@@ -140,13 +149,12 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
     work = copy.deepcopy(models[0])
     needs_bn = bn_reset and has_batchnorm(work)
     reset_endpoints = needs_bn if reset_endpoints is None else bool(reset_endpoints)
-    if needs_bn:
-        bn_data = bn_data if bn_data is not None else all_splits.get("train", next(iter(all_splits.values())))
+    if bn_data is None:  # statistics for the BN reset and REPAIR
+        bn_data = all_splits.get("train", next(iter(all_splits.values())))
     if repair:
-        transform = _repair_transform(models, bn_data if bn_data is not None else all_splits.get(
-            "train", next(iter(all_splits.values()))), not needs_bn, reset_endpoints, transform)
+        transform = _repair_transform(models, bn_data, not needs_bn, reset_endpoints, transform)
     grid = path_grid(len(models), num_points)
-    metrics = {s: {"loss": [], "accuracy": []} for s in chosen}
+    metrics: dict[str, dict[str, list[float]]] = {s: {"loss": [], "accuracy": []} for s in chosen}
     t_values = []
     with progress_task(label or "interpolate", len(grid), enabled=progress) as advance:
         for seg, alpha in grid:

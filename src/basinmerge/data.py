@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from basinmerge.errors import ConfigError, DataError
@@ -135,7 +136,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             raise DataError(f"{path}: corrupt or truncated gzip stream ({e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
-    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    dtypes: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     code, ndim = raw[2], raw[3]
     if code not in dtypes or ndim == 0:
         raise DataError(f"{path}: unsupported IDX type code 0x{code:02x} / ndim {ndim}")

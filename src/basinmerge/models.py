@@ -118,7 +118,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = _norm_layer(norm, c_out, conv=True)
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+            self.shortcut: nn.Module = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
                                           _norm_layer(norm, c_out, conv=True))
         else:
             self.shortcut = nn.Identity()
@@ -202,8 +202,9 @@ def build(name: str, in_shape: Sequence[int], num_classes: int, *, seed: int = 0
             model = ARCHITECTURES[name](in_shape, int(num_classes), **cfg)
     except TypeError as e:
         raise ConfigError(f"bad option for model '{name}': {e}") from e
-    model.config = {"name": name, "in_shape": list(in_shape), "num_classes": int(num_classes),
-                    "seed": int(seed), **{k: _jsonable(v) for k, v in cfg.items()}}
+    config = {"name": name, "in_shape": list(in_shape), "num_classes": int(num_classes),
+              "seed": int(seed), **{k: _jsonable(v) for k, v in cfg.items()}}
+    setattr(model, "config", config)  # noqa: B010 - a plain attribute; Module typing only knows Tensor/Module attributes
     return model
 
 

@@ -44,7 +44,7 @@ class ProximalPenalty:
 
     def _bind(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         named = dict(model.named_parameters())
-        pairs = []
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for k, r in self.reference.items():
             if k not in named:
                 continue  # buffers and the like: not trained, no term
@@ -61,7 +61,7 @@ class ProximalPenalty:
     def __call__(self, model: nn.Module) -> torch.Tensor:
         if self._bound is None or self._bound_to != id(model):
             self._bound = self._bind(model)
-        total = sum(((p - r) ** 2).sum() for p, r in self._bound)
+        total = torch.stack([((p - r) ** 2).sum() for p, r in self._bound]).sum()
         return 0.5 * self.mu * total
 
     def __repr__(self) -> str:

@@ -434,10 +434,12 @@ def _input_mask(mod: nn.Module, alive: torch.Tensor) -> torch.Tensor:
     if isinstance(mod, nn.Linear | nn.MultiheadAttention):
         return alive.reshape(1, -1)
     w = mod.weight
+    assert isinstance(w, torch.Tensor)
     tail = [1] * (w.ndim - 2)
     if isinstance(mod, nn.modules.conv._ConvTransposeNd):  # weight (in, out/groups, *k)
         return alive.reshape(-1, 1, *tail)
     groups = mod.groups  # weight (out, in/groups, *k): output o reads group o // (out/groups)
+    assert isinstance(groups, int)
     if groups == 1:
         return alive.reshape(1, -1, *tail)
     per_in, per_out = w.shape[1], w.shape[0] // groups

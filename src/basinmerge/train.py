@@ -137,7 +137,7 @@ class Trainer:
         total = loss
         pen_value = 0.0
         if self.penalties:
-            pen = sum(p(self.model) for p in self.penalties)
+            pen = torch.stack([p(self.model) for p in self.penalties]).sum()
             total = loss + pen
             pen_value = float(pen.detach())
         lv = float(loss.detach())
@@ -312,6 +312,7 @@ def reset_bn_stats(model: nn.Module, data, batch_size: int = 500,
             m.momentum = mom
     for m in bns:
         n, mean, m2 = stats[m]
+        assert m.running_mean is not None and m.running_var is not None  # track_running_stats
         m.running_mean.copy_(mean.to(m.running_mean.dtype))
         m.running_var.copy_((m2 / max(1, n - 1)).to(m.running_var.dtype))
     return model

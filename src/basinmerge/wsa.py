@@ -35,6 +35,7 @@ import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -113,13 +114,16 @@ def wsa_penalty(params: Sequence[torch.Tensor], mu_t: torch.Tensor, sd_t: torch.
 def _as_scope(ref: Reference, include_bias: bool, name: str) -> Scope:
     if isinstance(ref, Scope):
         return ref
-    if isinstance(ref, nn.Module | Mapping):
-        return weight_scope(ref, include_bias=include_bias)
-    raise ConfigError(f"{name} must be a model, a state_dict or a Scope, got {type(ref).__name__}")
+    if not isinstance(ref, nn.Module | Mapping):
+        raise ConfigError(f"{name} must be a model, a state_dict or a Scope, got {type(ref).__name__}")
+    # (mypy's isinstance narrowing to Mapping brings Scope back into the type; it was ruled out above)
+    return weight_scope(cast("nn.Module | Mapping[str, torch.Tensor]", ref), include_bias=include_bias)
 
 
 class WSARegularizer:
     """λ · Σ/mean over layers of D(model scope ‖ target scope); see the module docstring."""
+
+    target: Scope
 
     def __init__(self, target: Scope, lam: float, divergence: str = "kl", reduce: str = "mean",
                  refresh: Refresh | None = None, refresh_every: int = 1, every: int = 1):
@@ -192,7 +196,7 @@ class WSARegularizer:
         # every name of a tied parameter (its canonical name is the scope's key)
         named = dict(model.named_parameters(remove_duplicate=False))
         keys = set(scope_keys(model, include_bias=True))
-        params = []
+        params: list[torch.Tensor] = []
         for k, ls in self.target.items():
             if k not in named:
                 raise ConfigError(f"WSA target layer '{k}' is not a parameter of the model "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -90,8 +91,9 @@ def train_cmd(
             cfg[k] = int(v) if k == "width" and model != "vgg" and float(v).is_integer() else v
     net = models.build(model, train.input_shape, train.num_classes,
                        seed=seed if init_seed is None else init_seed, **cfg)
-    train_cfg = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                     batch_size=batch_size, epochs=epochs, schedule=schedule, seed=seed)
+    train_cfg: dict[str, Any] = dict(optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                     batch_size=batch_size, epochs=epochs, schedule=schedule,
+                                     seed=seed)
     reg = None
     if wsa_target is None:
         given = [o for o, v in (("--wsa-lambda", wsa_lambda), ("--wsa-divergence", wsa_divergence),

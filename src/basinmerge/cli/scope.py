@@ -142,7 +142,7 @@ def wsa_defaults_cmd(
         return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
     try:
-        seed_list = None if seeds is None else [int(x) for x in split(seeds)]
+        seed_list = None if seeds is None else [int(x) for x in split(seeds) or []]
     except ValueError as e:
         raise ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from e
     names = split(variants)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,8 @@ SIZES = {
                   soft_steps=10, fl_clients=4, fl_rounds=2, fl_epochs=1, fl_train=400),
 }
 WSA_LAMBDA = wsa.DEFAULT_LAMBDA  # KL, mean over layers (docs/methods.md, "Weight Scope Alignment")
-SGD = dict(optimizer="sgd", lr=0.05, momentum=0.9)
-ADAM = dict(optimizer="adam", lr=1e-3)
+SGD: dict[str, Any] = dict(optimizer="sgd", lr=0.05, momentum=0.9)
+ADAM: dict[str, Any] = dict(optimizer="adam", lr=1e-3)
 
 
 def _pair(init_a: nn.Module, init_b: nn.Module, train, cfg_a: dict, cfg_b: dict, epochs: int,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
@@ -36,7 +37,7 @@ from basinmerge.experiments.common import (
 )
 from basinmerge.fl import FLConfig, build_model, build_partitions, load_data, simulate, summarize
 
-MODELS = {"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.25}}
+MODELS: dict[str, dict[str, Any]] = {"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.25}}
 
 # Each method: FLConfig fields over the study's common settings; strategy options are the
 # registered defaults (basinmerge.fl.strategies) unless given here.
@@ -52,7 +53,7 @@ METHODS: dict[str, dict] = {
     "FedBN": {"strategy": "fedbn"},
 }
 
-SCALES = {
+SCALES: dict[str, dict[str, Any]] = {
     "smoke": {"models": ["mlp"], "alphas": [0.5], "clients": 4, "rounds": 2, "local_epochs": 1,
               "train_limit": 400, "test_limit": 200, "model_options": {"mlp": {"width": 32}},
               "min_size": 5},
@@ -194,7 +195,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
     from basinmerge.plots import fl_round_curves, partition_heatmap
 
     t_start = time.perf_counter()
-    overrides = dict(models=models, methods=methods, alphas=alphas, rounds=rounds)
+    overrides: dict[str, Any] = dict(models=models, methods=methods, alphas=alphas, rounds=rounds)
     s = settings(scale, **overrides)
     plan = list(configs(dataset, scale, seeds, data_root, **overrides))
     runs: list[dict] = []

@@ -122,18 +122,21 @@ def malicious(state: StateDict, kind: str, generator: torch.Generator) -> StateD
 
 
 def _ensemble_accuracy(net: torch.nn.Module, states: list[StateDict], test) -> float:
-    probs = sum(torch.softmax(predict_logits(with_state(net, s), test.x), dim=-1) for s in states)
+    probs = torch.stack([torch.softmax(predict_logits(with_state(net, s), test.x), dim=-1)
+                         for s in states]).sum(0)
     return float((probs.argmax(-1) == test.y).double().mean())
 
 
 def _tuned(build: Callable[[float], StateDict], scales, score: Callable[[StateDict], float]) -> tuple[StateDict, float]:
     """The merge whose scale scores best on the merge set."""
-    best = None
+    best: tuple[StateDict, float, float] | None = None
     for s in scales:
         state = build(s)
         acc = score(state)
         if best is None or acc > best[1]:
             best = (state, acc, s)
+    if best is None:
+        raise ConfigError("tuning needs at least one scale")
     return best[0], best[2]
 
 
@@ -185,13 +188,18 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
                                                    num_examples=cfg["fisher_examples"])
             opts["fishers"] = fishers
 
-        def build(scale: float | None = None, method=method, m=m, opts=opts, data_kind=data_kind):
-            extra_opts = {} if scale is None else {"scale": scale}
+        def build(scale: float | None = None, method=method, m=m, opts=opts,
+                  data_kind=data_kind) -> tuple[StateDict, dict]:
+            extra_opts: dict[str, Any] = {} if scale is None else {"scale": scale}
             return M.merge(members, method, base=base if m.needs_base else None,
                            data=datas[data_kind], return_info=True, **opts, **extra_opts)
 
+        info: dict
         if tune:
-            state, s = _tuned(lambda sc, build=build: build(sc)[0], scales, val_acc)
+            def merged(sc: float, build=build) -> StateDict:
+                return build(sc)[0]
+
+            state, s = _tuned(merged, scales, val_acc)
             chosen[row], info = s, {}
         else:
             state, info = build()

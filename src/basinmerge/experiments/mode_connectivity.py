@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -330,14 +331,16 @@ def dirichlet_halves(labels: torch.Tensor, alpha: float, seed: int,
 
 def _trainer(model: nn.Module, data: Dataset, rc: RunConfig, cfg: ScaleConfig, seed: int,
              penalties: list, overrides: dict, device: str) -> Trainer:
-    kw = dict(optimizer=rc.optimizer, lr=rc.lr, momentum=rc.momentum, batch_size=rc.batch_size,
-              epochs=cfg.epochs, seed=seed, penalties=penalties, device=device)
+    kw: dict[str, Any] = dict(optimizer=rc.optimizer, lr=rc.lr, momentum=rc.momentum, batch_size=rc.batch_size,
+                              epochs=cfg.epochs, seed=seed, penalties=penalties, device=device)
     kw.update(overrides)
     return Trainer(model, data, **kw)
 
 
 def train_pair(ctx: PairContext, treatment: Treatment) -> tuple[nn.Module, nn.Module]:
     """Train the pair of `ctx` under `treatment` (in lockstep) and return the two models."""
+    if treatment.setup is None:
+        raise ConfigError(f"treatment '{treatment.name}' has neither a setup nor a reuse")
     a, b = copy.deepcopy(ctx.init_a), copy.deepcopy(ctx.init_b)
     setup = treatment.setup(ctx, a, b)
     c = ctx.condition
@@ -368,8 +371,8 @@ def measure_pair(ctx: PairContext, ends: Endpoints, label: str) -> tuple[dict, C
     scopes = [weight_scope(n) for n in (ends.a, ends.b)]
     masks = [live_input_masks(n, x_live) for n in (ends.a, ends.b)]
     live = [weight_scope(n, input_masks=mk) for n, mk in zip((ends.a, ends.b), masks, strict=True)]
-    m["scope_div"] = symmetric_kl(*scopes)
-    m["scope_div_live"] = symmetric_kl(*live, same_counts=False)
+    m["scope_div"] = symmetric_kl(scopes[0], scopes[1])
+    m["scope_div_live"] = symmetric_kl(live[0], live[1], same_counts=False)
     kurt = [v for n in (ends.a, ends.b) for v in excess_kurtosis(n).values()]
     m["kurtosis"] = float(np.nanmean(kurt))
     hidden = [k for k in scope_keys(ends.a)][1:]  # inputs of the first layer are pixels
@@ -459,7 +462,10 @@ def run(*, dataset: str = "fashion-mnist", model: str = "mlp", scale: str = "qui
     return result
 
 
-def _run_all(dataset, model, model_cfg, cfg, n_seeds, cond_names, treats, device, root, progress):
+def _run_all(dataset: str, model: str, model_cfg: dict[str, Any], cfg: ScaleConfig, n_seeds: int,
+             cond_names: list[str], treats: list[Treatment], device: str, root: str | None,
+             progress: bool) -> tuple[list[dict], dict[tuple[str, str, int], Curve],
+                                      dict[tuple[str, str], dict[str, dict[str, torch.Tensor]]]]:
     train_full = data_mod.load(dataset, "train", root)
     test = data_mod.load(dataset, "test", root)
     train = train_full.subset(cfg.train_limit, seed=0) if cfg.train_limit and cfg.train_limit < len(train_full) \

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ VARIANTS = (
     Variant("w2 λ=300", "w2", 300.0),
 )
 
-SCALES = {
+SCALES: dict[str, dict[str, Any]] = {
     # dataset, train examples, eval examples, width, epochs, seeds, variants
     "smoke": dict(dataset="digits", train=None, evaluate=None, width=32, epochs=6, seeds=(0,),
                   variants=("none", "kl λ=1")),

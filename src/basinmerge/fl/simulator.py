@@ -45,7 +45,7 @@ from basinmerge.fl.outputs import (
     write_checkpoint,
     write_history,
 )
-from basinmerge.fl.strategy import Strategy
+from basinmerge.fl.strategy import Instructions, Strategy
 from basinmerge.state import StateDict, clone_state
 from basinmerge.train import evaluate
 
@@ -102,6 +102,45 @@ def round_line(record: Mapping, rounds: int) -> str:
             f"{len(record['accepted'])}/{len(record['clients'])} clients accepted")
 
 
+def _train_clients(r: int, clients: Sequence[int],
+                   update: Callable[[int, float | None], ClientUpdate],
+                   client_timeout: float | None
+                   ) -> tuple[list[ClientUpdate], dict[int, str], float]:
+    """One round's local training: `update(client, deadline)` for each client; a client that
+    fails or times out is dropped (named with its reason), never stopping the round. Returns the
+    updates, the dropped clients and the training seconds."""
+    updates: list[ClientUpdate] = []
+    dropped: dict[int, str] = {}
+    t_train = 0.0
+    for c in clients:
+        t0 = time.perf_counter()
+        deadline = t0 + client_timeout if client_timeout is not None else None
+        try:
+            updates.append(update(c, deadline))
+        except ClientTimeout as e:
+            dropped[c] = f"timeout: {e}"
+        except Exception as e:  # noqa: BLE001 - a failing client must not stop the run
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            dropped[c] = f"{type(e).__name__}: {text}"
+        t_train += time.perf_counter() - t0
+        if c in dropped:
+            log.warning("round %d: dropped client %d (%s)", r, c, dropped[c])
+    return updates, dropped, t_train
+
+
+def _check_run(rounds: int, client_timeout: float | None, resume: bool,
+               out: str | Path | None, num_clients: int) -> None:
+    """The run's options, checked before any work."""
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    if client_timeout is not None and not (client_timeout > 0 and math.isfinite(client_timeout)):
+        raise ConfigError(f"the client timeout must be > 0 seconds, got {client_timeout}")
+    if resume and out is None:
+        raise ConfigError("resume needs the output folder of the run to continue")
+    if num_clients < 1:
+        raise ConfigError("no clients: the partition is empty")
+
+
 def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequence[torch.Tensor],
              strategy: Strategy, training: LocalTraining, *, rounds: int, seed: int,
              out: str | Path | None = None, resume: bool = False, config: Mapping | None = None,
@@ -114,15 +153,8 @@ def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequen
     naming the run) is stored in every checkpoint and must match on `resume`. `update_fn` has
     the signature of `client_update` (tests inject failing clients through it). With
     `progress`, a bar on a terminal, else one plain line per round."""
-    if rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {rounds}")
-    if client_timeout is not None and not (client_timeout > 0 and math.isfinite(client_timeout)):
-        raise ConfigError(f"the client timeout must be > 0 seconds, got {client_timeout}")
-    if resume and out is None:
-        raise ConfigError("resume needs the output folder of the run to continue")
     num_clients = len(partitions)
-    if num_clients < 1:
-        raise ConfigError("no clients: the partition is empty")
+    _check_run(rounds, client_timeout, resume, out, num_clients)
     strategy.check_training(training)
     config = dict(config or {})
     out_path = Path(out) if out is not None else None
@@ -155,25 +187,14 @@ def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequen
             t_round = time.perf_counter()
             clients = strategy.sample(r, num_clients)
             instr = strategy.instructions(r, state)
-            updates: list[ClientUpdate] = []
-            dropped: dict[int, str] = {}
-            t_train = 0.0
-            for c in clients:
-                t0 = time.perf_counter()
-                deadline = t0 + client_timeout if client_timeout is not None else None
-                try:
-                    updates.append(update_fn(model, state, client_data[c], training,
-                                             strategy.client_instructions(instr, c),
-                                             client=c, seed=seed, deadline=deadline,
-                                             device=device))
-                except ClientTimeout as e:
-                    dropped[c] = f"timeout: {e}"
-                except Exception as e:  # noqa: BLE001 - a failing client must not stop the run
-                    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    dropped[c] = f"{type(e).__name__}: {text}"
-                t_train += time.perf_counter() - t0
-                if c in dropped:
-                    log.warning("round %d: dropped client %d (%s)", r, c, dropped[c])
+
+            def update(c: int, deadline: float | None, state: StateDict = state,
+                       instr: Instructions = instr) -> ClientUpdate:
+                return update_fn(model, state, client_data[c], training,
+                                 strategy.client_instructions(instr, c),
+                                 client=c, seed=seed, deadline=deadline, device=device)
+
+            updates, dropped, t_train = _train_clients(r, clients, update, client_timeout)
             outcome = strategy.aggregate(r, state, updates)
             check_round(r, outcome, dropped, out_path)
             state = outcome.state

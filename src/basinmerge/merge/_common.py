@@ -250,11 +250,16 @@ def stack_work(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.to(dt) for t in tensors])
 
 
-def delta_stack(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-    """The task vectors tau_k = theta_k - theta_0 of one key, stacked, in the work dtype."""
+def require_base(base: torch.Tensor | None) -> torch.Tensor:
+    """The base tensor of a method that needs one (the engine checks `needs_base` up front)."""
     if base is None:
         raise ConfigError("this merge method needs a base model")
-    return stack_work(tensors).sub_(base.to(work_dtype(tensors[0].dtype)))
+    return base
+
+
+def delta_stack(tensors: Sequence[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """The task vectors tau_k = theta_k - theta_0 of one key, stacked, in the work dtype."""
+    return stack_work(tensors).sub_(require_base(base).to(work_dtype(tensors[0].dtype)))
 
 
 def bcast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

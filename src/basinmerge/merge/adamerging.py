@@ -82,6 +82,7 @@ def adamerging_info(base: ModelLike, models: Sequence[ModelLike], unlabeled_data
         raise ConfigError(f"adamerging needs steps >= 0, lr > 0 and init in [0, 1] "
                           f"(got steps={steps}, lr={lr}, init={init})")
     states, b, names = prepare(models, "adamerging", base=base, needs_base=True, names=names)
+    assert b is not None  # needs_base=True
     template = template_of(models, model, "adamerging", base)
     x = adapter.as_data(unlabeled_data, "adamerging data")
     base_full = module_state(template, b)

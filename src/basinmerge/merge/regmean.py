@@ -108,8 +108,9 @@ def regmean_solve(grams: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
     fewer examples than inputs) falls back to the minimum-norm least-squares solution."""
     gs = [scale_off_diagonal(g.to(torch.float64), alpha) for g in grams]
     ws = [w.to(torch.float64) for w in weights]
-    a = sum(gs)
-    b = sum(g @ w.T for g, w in zip(gs, ws, strict=True))
+    zero = torch.zeros((), dtype=torch.float64)  # a start that keeps the sums typed as tensors
+    a = sum(gs, zero)
+    b = sum((g @ w.T for g, w in zip(gs, ws, strict=True)), zero)
     dead = torch.diagonal(a) == 0
     if dead.any():
         a = a.clone()

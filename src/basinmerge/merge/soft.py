@@ -298,12 +298,14 @@ def soft(models: Sequence[ModelLike], data: Any, *, units: str | Sequence[str] =
                 loss = task_loss + lam * expected_l0(log_alpha).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if not torch.isfinite(loss) or not torch.isfinite(log_alpha.grad).all():
+                grad = log_alpha.grad
+                assert grad is not None  # log_alpha is a leaf that requires grad
+                if not torch.isfinite(loss) or not torch.isfinite(grad).all():
                     skipped += 1  # an overflowing sample says nothing reliable; skip it
                     advance(1, skipped=skipped)
                     continue
                 if clip is not None:
-                    log_alpha.grad.clamp_(-clip, clip)
+                    grad.clamp_(-clip, clip)
                 opt.step()
                 advance(1, loss=float(task_loss.detach()))
     la = log_alpha.detach().cpu()

@@ -18,6 +18,7 @@ values that share the bits fixed so far; two passes for float32, four when float
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 
@@ -34,6 +35,7 @@ from basinmerge.merge._common import (
     elementwise,
     is_bn_statistic,
     prepare,
+    require_base,
     row_blocks,
     run_kernel,
     work_dtype,
@@ -89,7 +91,7 @@ def task_arithmetic_kernel(source: TensorSource, scale: float = 1.0,
 
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         tau = all_deltas(key, tensors, base, delta_fn)
-        return base.to(tau.dtype) + scale * tau.sum(dim=0)
+        return require_base(base).to(tau.dtype) + scale * tau.sum(dim=0)
 
     return elementwise(kernel) if delta_fn is _identity else kernel
 
@@ -138,10 +140,10 @@ def global_thresholds(source: TensorSource, density: float, delta_fn: DeltaFn = 
             for rows in row_blocks(source.shape(key), source.element_size(key), budget):
                 t = source.model_tensor(m, key, rows)
                 dt = work_dtype(t.dtype)
-                tau = t.to(dt) - source.base_tensor(key, rows).to(dt)
+                tau = t.to(dt) - require_base(source.base_tensor(key, rows)).to(dt)
                 yield delta_fn(key, m, tau).abs_()
 
-    return [kth_smallest(lambda m=m: magnitudes(m), rank, wide) for m in range(source.num_models)]
+    return [kth_smallest(functools.partial(magnitudes, m), rank, wide) for m in range(source.num_models)]
 
 
 def _trim_mask(key: str, tau: torch.Tensor, density: float,
@@ -160,8 +162,8 @@ def _trim_mask(key: str, tau: torch.Tensor, density: float,
     if flat.shape[1] == 0 or density == 1.0:
         return torch.ones_like(tau, dtype=torch.bool)
     rank = kth_rank(flat.shape[1], density)
-    thr = flat.kthvalue(rank, dim=1, keepdim=True).values
-    return (flat >= thr).reshape(tau.shape)
+    cut = flat.kthvalue(rank, dim=1, keepdim=True).values
+    return (flat >= cut).reshape(tau.shape)
 
 
 def ties_merge_deltas(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -187,7 +189,7 @@ def ties_kernel(source: TensorSource, density: float = 0.2, scale: float = 1.0,
 
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
         tau = all_deltas(key, tensors, base, delta_fn)
-        return base.to(tau.dtype) + scale * ties_merge_deltas(tau, _trim_mask(key, tau, density, thresholds))
+        return require_base(base).to(tau.dtype) + scale * ties_merge_deltas(tau, _trim_mask(key, tau, density, thresholds))
 
     coordinatewise = delta_fn is _identity and (trim_mode == "global" or density == 1.0)
     return elementwise(kernel) if coordinatewise else kernel
