@@ -7,7 +7,7 @@ STAMP := $(VENV)/.basinmerge-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 EXTRAS ?= dev,flower,hf
 
-.PHONY: all demo test test-all test-fast bench lint data venv clean
+.PHONY: all demo test lint-ruff test-all test-fast bench lint data venv clean
 
 all: test
 
@@ -51,9 +51,13 @@ bench: $(STAMP) data
 
 # ruff (style, imports, bugbear, complexity C901) and mypy (configured in pyproject.toml), both
 # from the dev extra that $(STAMP) installs.
-lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+lint: lint-ruff
 	$(VENV)/bin/mypy src
+
+# ruff alone (style, imports, complexity): clean, and what CI runs; mypy still reports errors in
+# align/, merge/stream.py and experiments/transformers.py (see the latest closing note).
+lint-ruff: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

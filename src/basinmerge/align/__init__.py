@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 
-def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None, *,
+def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None, *,  # noqa: C901 - sequential checks and stages; to split next round
                      spec: PermutationSpec | None = None, seed: int = 0, max_iter: int = 100,
                      activation_method: str = "corr", num_examples: int | None = 2000,
                      steps: int = 100, lr: float = 1e-3, batch_size: int = 128,

@@ -279,7 +279,7 @@ def batches(data: Any, num_examples: int | None, batch_size: int) -> Iterator[An
 Slices = dict[str, list[tuple[int, int]]]
 
 
-def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Slices]]:
+def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Slices]]:  # noqa: C901 - a sequential recipe of checks and stages; splitting it is next round's work
     """Where to observe every free permutation: (module, "input" | "output" | "mha",
     {perm: [(lo, hi) slices of the observed features]}); a fused projection's Q and K slices
     both observe the ``qk`` permutation (their samples are pooled)."""

