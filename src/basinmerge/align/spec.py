@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
+from basinmerge.adapter import Inputs
 from basinmerge.errors import ConfigError
 from basinmerge.models import MLP, VGG, ChannelLayerNorm, ResNet20
 from basinmerge.state import module_mode, param_keys
@@ -616,7 +617,7 @@ def trace_units(model: nn.Module, example_input: torch.Tensor, *, cache: bool = 
     return units
 
 
-def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+def spec_for(model: nn.Module, example_input: Inputs) -> PermutationSpec:
     """Derive the permutation spec of `model` from a torch.fx trace (see the module docstring).
 
     `example_input` is one batch of inputs (two examples suffice); it fixes the shapes needed to
@@ -626,10 +627,13 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
 
     if is_transformer(model):
         return transformer_spec(model, example_input)
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError(f"spec_for: tracing {type(model).__name__} needs a tensor example input, "
+                          f"got {type(example_input).__name__} (pass spec=)")
     return trace_units(model, example_input).spec
 
 
-def resolve_spec(model: nn.Module, example_input: torch.Tensor | None = None,
+def resolve_spec(model: nn.Module, example_input: Inputs | None = None,
                  spec: PermutationSpec | None = None) -> PermutationSpec:
     """The spec to use for `model`: `spec` if given, the hand-written one for library models,
     the transformer spec for transformers (`basinmerge.align.transformer`; HF models need no
