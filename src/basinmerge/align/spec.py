@@ -596,13 +596,16 @@ def _trace_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
     return (type(model), repr(model), tensors, tuple(example_input.shape[1:]), example_input.dtype)
 
 
-def trace_units(model: nn.Module, example_input: torch.Tensor, *, cache: bool = True) -> TracedUnits:
+def trace_units(model: nn.Module, example_input: Inputs, *, cache: bool = True) -> TracedUnits:
     """Trace `model` once and derive its spec and its hidden layers (see `TracedUnits`).
 
     Results are cached within the process per model class, module settings, tensor shapes and
     input shape (a trace costs from a tenth of a second to seconds; the weights' values do not
     matter to it), and a copy is returned. A model whose forward depends on plain attributes
     that its `repr` does not show should pass ``cache=False``."""
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError(f"tracing {type(model).__name__} with torch.fx needs a tensor example "
+                          f"input, got {type(example_input).__name__} (pass spec=)")
     key = _trace_key(model, example_input) if cache else None
     if key is not None and key in _TRACE_CACHE:
         _TRACE_CACHE.move_to_end(key)
@@ -627,9 +630,6 @@ def spec_for(model: nn.Module, example_input: Inputs) -> PermutationSpec:
 
     if is_transformer(model):
         return transformer_spec(model, example_input)
-    if not isinstance(example_input, torch.Tensor):
-        raise ConfigError(f"spec_for: tracing {type(model).__name__} needs a tensor example input, "
-                          f"got {type(example_input).__name__} (pass spec=)")
     return trace_units(model, example_input).spec
 
 
