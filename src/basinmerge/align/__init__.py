@@ -171,7 +171,9 @@ def align(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=N
     num_examples, steps, lr, batch_size). The result carries ``alignment`` (method, details)."""
     perm, spec, info = find_permutation(model_a, model_b, method, data, **options)
     out = permuted_copy(model_b, spec, perm)
-    out.alignment = {k: v for k, v in info.items() if not isinstance(v, torch.Tensor)}
+    # nn.Module's stubs type attributes as Tensor | Module; any value can be set.
+    out.alignment = {k: v for k, v in info.items()  # type: ignore[assignment]
+                     if not isinstance(v, torch.Tensor)}
     return out
 
 

@@ -236,10 +236,11 @@ class _WeightMatcher:
 
     def cost(self, p: str) -> torch.Tensor:
         """p's cost matrix in the current coordinates of B (cached, kept up to date)."""
-        if self.M.get(p) is None:
-            self.M[p] = self.A[p] @ self.B[p].T
+        m = self.M.get(p)
+        if m is None:
+            m = self.M[p] = self.A[p] @ self.B[p].T
             self.updates[p] = 0
-        return self.M[p]
+        return m
 
     def _apply(self, p: str, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> float:
         """Reorder p's units of B by sigma everywhere they appear.
@@ -255,8 +256,9 @@ class _WeightMatcher:
             self.B[p] = self.B[p].index_select(0, sigma)
         else:
             self.B[p].index_copy_(0, rows, self.B[p].index_select(0, sigma[rows]))
-        if self.M.get(p) is not None:
-            self.M[p] = None if p in self.coupled else self.M[p].index_select(1, sigma)
+        m_p = self.M.get(p)
+        if m_p is not None:
+            self.M[p] = None if p in self.coupled else m_p.index_select(1, sigma)
         for mem in self.members[p]:
             for other in self.by_key[mem.key]:
                 if other is mem or (other.perm == p and other.axis == mem.axis):
@@ -269,7 +271,8 @@ class _WeightMatcher:
                     continue
                 new = view.index_select(d, sigma[rows])
                 q = other.perm
-                if self.M.get(q) is not None:
+                m_q = self.M.get(q)
+                if m_q is not None:
                     t0 = time.perf_counter()
                     n_q = self.spec.sizes[q]
                     moved_cols = (other.c1 - other.c0) // n_p * len(rows)
@@ -278,7 +281,7 @@ class _WeightMatcher:
                     else:
                         old = view.index_select(d, rows)
                         a = self._view(other, "A").index_select(d, rows)
-                        self.M[q].addmm_(a.reshape(n_q, -1), (new - old).reshape(n_q, -1).T)
+                        m_q.addmm_(a.reshape(n_q, -1), (new - old).reshape(n_q, -1).T)
                         self.updates[q] += 1
                     t_cost += time.perf_counter() - t0
                 view.index_copy_(d, rows, new)
@@ -496,7 +499,8 @@ def _observation_points(model: nn.Module, spec: PermutationSpec, perms: Sequence
     modules = dict(model.named_modules())
     points: dict[str, list[tuple[str, str, int]]] = {}
     for p in perms:
-        readers, writers = [], []
+        readers: list[tuple[str, str, int]] = []
+        writers: list[tuple[str, str, int]] = []
         for key, axis in spec.perm_to_axes[p]:
             mod, _, leaf = key.rpartition(".")
             if leaf != "weight" or not isinstance(modules.get(mod), nn.Linear | nn.Conv1d | nn.Conv2d):
@@ -544,7 +548,7 @@ class _Recorder:
             return module, lambda m, args: grab(args[0]), True
         return module, lambda m, args, out: grab(out), False
 
-    def run(self, model: nn.Module, x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    def run(self, model: nn.Module, x: adapter.Inputs) -> dict[str, list[torch.Tensor]]:
         for p in self.captured:
             self.captured[p] = []
             self._sources[p] = []
@@ -587,7 +591,7 @@ class _Moments:
 
 @torch.no_grad()
 def _activation_costs(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                      perms: Sequence[str], x: torch.Tensor, method: str,
+                      perms: Sequence[str], x: adapter.Inputs, method: str,
                       batch_size: int) -> dict[str, torch.Tensor]:
     points = _observation_points(model_a, spec, perms)
     rec_a = _Recorder(model_a, points, spec.sizes)

@@ -62,13 +62,31 @@ def _in_axis(m: nn.Module) -> int:
     return 0 if is_conv1d(m) else 1
 
 
+def _weight(m: nn.Module) -> torch.Tensor:
+    """The weight of a layer that reads the stream (``in_proj_weight`` for attention)."""
+    w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+    if not isinstance(w, torch.Tensor):
+        raise ConfigError(f"{type(m).__name__} has no weight tensor")
+    return w
+
+
+def _layer_norm(model: nn.Module, name: str) -> nn.LayerNorm:
+    ln = model.get_submodule(name)
+    if not isinstance(ln, nn.LayerNorm):  # _stream_layers only lists nn.LayerNorm modules
+        raise ConfigError(f"'{name}' is a {type(ln).__name__}, not a LayerNorm")
+    return ln
+
+
 def _stream_layers(model: nn.Module, spec: PermutationSpec, example: Any):
     """(LayerNorms on the residual stream in call order, {norm: the layers that read its
     output}, the (key, axis) pairs that read the stream, layers that read the raw stream)."""
     events = _record(model, example, attention_modules(model))
     res = set(spec.perm_to_axes.get("P_res", []))
-    norms, readers, reading, raw = [], {}, set(), []
-    current = None
+    norms: list[str] = []
+    readers: dict[str, list[str]] = {}
+    reading: set[tuple[str, int]] = set()
+    raw: list[str] = []
+    current: str | None = None
     for ev in events:
         if ev.kind == "ln" and (f"{ev.name}.weight", 0) in res:
             current = ev.name
@@ -99,11 +117,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 @torch.no_grad()
 def _fold_reader(m: nn.Module, gamma: torch.Tensor, beta: torch.Tensor) -> None:
     """``W ← W diag(γ)``, ``b ← b + W β`` for a layer reading a LayerNorm's output."""
+    w = _weight(m)
     if isinstance(m, nn.MultiheadAttention):
-        w, b_name = m.in_proj_weight, "in_proj_bias"
-        axis = 1
+        b_name, axis = "in_proj_bias", 1
     else:
-        w, b_name, axis = m.weight, "bias", _in_axis(m)
+        b_name, axis = "bias", _in_axis(m)
     shift = torch.tensordot(w, beta, dims=([axis], [0]))
     bias = getattr(m, b_name)
     if bias is None:
@@ -123,7 +141,7 @@ def _untie(model: nn.Module, names: list[str]) -> None:
     untied = False
     for name in names:
         m = model.get_submodule(name)
-        w = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+        w = _weight(m)
         if pointers.get(w.data_ptr(), 0) > 1:
             m.weight = nn.Parameter(w.detach().clone())
             untied = True
@@ -154,7 +172,7 @@ def fold_layernorms(model: nn.Module, example: Any = None,
     _untie(out, [r for n in norms for r in readers[n]])
     with torch.no_grad():
         for n in norms:
-            ln = out.get_submodule(n)
+            ln = _layer_norm(out, n)
             gamma = ln.weight if ln.weight is not None else torch.ones(ln.normalized_shape, device=device)
             beta = ln.bias if ln.bias is not None else torch.zeros(ln.normalized_shape, device=device)
             for r in readers[n]:
@@ -167,7 +185,7 @@ def fold_layernorms(model: nn.Module, example: Any = None,
             t = state[key]
             t.sub_(t.mean(dim=axis, keepdim=True))
         for n in norms:
-            ln = out.get_submodule(n)
+            ln = _layer_norm(out, n)
             _set_module(out, n, nn.RMSNorm(ln.normalized_shape, eps=ln.eps,
                                            elementwise_affine=False).to(device))
     before, after = outputs(model, example), outputs(out, example)
@@ -230,6 +248,9 @@ def stream_cross_moment(model_a: nn.Module, model_b: nn.Module, data, num_exampl
     finally:
         for h in handles:
             h.remove()
+    if total is None:
+        raise ConfigError(f"stream_cross_moment: no residual-stream activations of "
+                          f"{type(model_a).__name__} were observed (no data, or no RMSNorm)")
     return total
 
 
@@ -275,7 +296,9 @@ def orthogonal_align(model_a: nn.Module, model_b: nn.Module, data, *,
     rotation = procrustes(cross)
     out = rotate_stream(fb, folded_spec, rotation)
     eye = torch.eye(rotation.shape[0], dtype=rotation.dtype, device=rotation.device)
-    out.alignment = {"method": "orthogonal", "trace_before": float(torch.trace(cross @ eye)),
+    # nn.Module's stubs type attributes as Tensor | Module; any value can be set.
+    out.alignment = {"method": "orthogonal",  # type: ignore[assignment]
+                     "trace_before": float(torch.trace(cross @ eye)),
                      "trace_after": float(torch.trace(rotation.T @ cross))}
     return fa, out
 

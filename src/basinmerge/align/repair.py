@@ -56,7 +56,7 @@ class RepairPoint:
     channel_axis: int
 
 
-def repair_points(model: nn.Module, example_input: torch.Tensor) -> tuple[list[RepairPoint], bool]:
+def repair_points(model: nn.Module, example_input: adapter.Inputs) -> tuple[list[RepairPoint], bool]:
     """The REPAIR points of `model` (hidden layers in graph order) and whether it has hidden
     layers followed by BatchNorm (which are handled by resetting BN statistics instead)."""
     units = trace_units(model, example_input)
@@ -90,16 +90,18 @@ def _per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
 class _Stats:
     def __init__(self) -> None:
         self.n = 0
-        self.s: torch.Tensor | float = 0.0
-        self.ss: torch.Tensor | float = 0.0
+        self.s: torch.Tensor | None = None
+        self.ss: torch.Tensor | None = None
 
     def add(self, z: torch.Tensor) -> None:
         z = z.double()
         self.n += z.shape[0]
-        self.s = self.s + z.sum(0)
-        self.ss = self.ss + (z * z).sum(0)
+        self.s = z.sum(0) if self.s is None else self.s + z.sum(0)
+        self.ss = (z * z).sum(0) if self.ss is None else self.ss + (z * z).sum(0)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.s is None or self.ss is None:
+            raise ConfigError("repair: no activations were recorded (empty data)")
         mean = self.s / max(self.n, 1)
         var = (self.ss / max(self.n, 1) - mean * mean).clamp_min(0)
         return mean, var.sqrt()
@@ -118,6 +120,15 @@ def unit_statistics(model: nn.Module, points: Sequence[RepairPoint], x,
         for _ in batched_outputs(model, x, batch_size):
             pass
     return {k: s.mean_std() for k, s in stats.items()}
+
+
+def _mix(weights: Sequence[float], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``Σ w_i t_i`` (a tensor even for one term)."""
+    terms = [w * t for w, t in zip(weights, tensors, strict=True)]
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
 
 
 class Repair:
@@ -146,8 +157,8 @@ class Repair:
         """Interpolated per-unit (mean, std) for each point."""
         if len(weights) != len(self.stats):
             raise ConfigError(f"repair: {len(weights)} weights for {len(self.stats)} endpoints")
-        return {p.module: (sum(w * s[p.module][0] for w, s in zip(weights, self.stats, strict=True)),
-                           sum(w * s[p.module][1] for w, s in zip(weights, self.stats, strict=True)))
+        return {p.module: (_mix(weights, [s[p.module][0] for s in self.stats]),
+                           _mix(weights, [s[p.module][1] for s in self.stats]))
                 for p in self.points}
 
     def __call__(self, merged: nn.Module, alpha: float | None = None,

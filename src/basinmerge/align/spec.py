@@ -28,7 +28,7 @@ import copy
 import math
 import operator
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
+from basinmerge.adapter import Inputs
 from basinmerge.errors import ConfigError
 from basinmerge.models import MLP, VGG, ChannelLayerNorm, ResNet20
 from basinmerge.state import module_mode, param_keys
@@ -98,35 +99,36 @@ class PermutationSpec:
 
         `shapes` lists every state_dict key (in state_dict order) with its shape. Names are
         canonical (see the module docstring); sizes are checked for consistency."""
-        shapes = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
+        dims = {k: tuple(int(d) for d in s) for k, s in shapes.items()}
         blocks = {ax: int(b) for ax, b in (blocks or {}).items() if int(b) != 1}
-        order = {k: i for i, k in enumerate(shapes)}
+        order = {k: i for i, k in enumerate(dims)}
         named: list[tuple[tuple[int, int], str, list[Axis], int]] = []
         seen: set[Axis] = set()
         for group in groups:
             members = sorted(set(group), key=lambda ax: (order.get(ax[0], len(order)), ax[1]))
             if not members:
                 continue
-            size = None
+            size: int | None = None
             for key, axis in members:
-                if key not in shapes:
+                if key not in dims:
                     raise ConfigError(f"permutation spec names key '{key}', which the model lacks")
-                if not 0 <= axis < len(shapes[key]):
+                if not 0 <= axis < len(dims[key]):
                     raise ConfigError(f"permutation spec: key '{key}' has no axis {axis} "
-                                      f"(shape {shapes[key]})")
+                                      f"(shape {dims[key]})")
                 if (key, axis) in seen:
                     raise ConfigError(f"permutation spec: axis {axis} of '{key}' is in two permutations")
                 seen.add((key, axis))
                 b = blocks.get((key, axis), 1)
-                n, rem = divmod(shapes[key][axis], b)
+                n, rem = divmod(dims[key][axis], b)
                 if rem:
                     raise ConfigError(f"permutation spec: axis {axis} of '{key}' (size "
-                                      f"{shapes[key][axis]}) is not a multiple of its block {b}")
+                                      f"{dims[key][axis]}) is not a multiple of its block {b}")
                 if size is None:
                     size = n
                 elif n != size:
                     raise ConfigError(f"permutation spec: axis {axis} of '{key}' has {n} units but "
                                       f"'{members[0][0]}' axis {members[0][1]} has {size}")
+            assert size is not None  # members is not empty
             outs = [k for k, a in members if a == 0]
             anchor = outs[0] if outs else members[0][0]
             name = "P_" + (anchor.rsplit(".", 1)[0] if "." in anchor else anchor)
@@ -143,10 +145,10 @@ class PermutationSpec:
             sizes[name] = size
         axes_to_perm: dict[str, tuple[str | None, ...]] = {}
         lookup = {ax: p for p, axes in perm_to_axes.items() for ax in axes}
-        for key, shape in shapes.items():
+        for key, shape in dims.items():
             axes_to_perm[key] = tuple(lookup.get((key, a)) for a in range(len(shape)))
         used_blocks = {ax: b for ax, b in blocks.items() if ax in lookup}
-        return cls(perm_to_axes, axes_to_perm, sizes, used_blocks, shapes)
+        return cls(perm_to_axes, axes_to_perm, sizes, used_blocks, dims)
 
     def summary(self) -> list[list[Any]]:
         """Rows (permutation, units, number of axes, first keys) for printing."""
@@ -190,7 +192,7 @@ def _vgg_groups(model: VGG, state) -> tuple[list[list[Axis]], dict]:
         reader = f"convs.{i + 1}" if i + 1 < n else "fc"
         groups.append(_out_axes(state, f"convs.{i}") + _norm_axes(state, f"norms.{i}")
                       + [(f"{reader}.weight", 1)])
-    channels = model.convs[-1].out_channels
+    channels = state[f"convs.{n - 1}.weight"].shape[0]  # the last conv's out_channels
     spatial = model.fc.in_features // channels
     groups.append(_out_axes(state, "fc") + [("head.weight", 1)])
     return groups, {("fc.weight", 1): spatial}
@@ -219,7 +221,9 @@ def _resnet_groups(model: ResNet20, state) -> tuple[list[list[Axis]], dict]:
     return groups, {}
 
 
-_BUILTIN = ((MLP, _mlp_groups), (VGG, _vgg_groups), (ResNet20, _resnet_groups))
+_GroupsFn = Callable[[Any, Any], tuple[list[list[Axis]], dict]]
+_BUILTIN: tuple[tuple[type[nn.Module], _GroupsFn], ...] = (
+    (MLP, _mlp_groups), (VGG, _vgg_groups), (ResNet20, _resnet_groups))
 
 
 def builtin_spec(model: nn.Module) -> PermutationSpec:
@@ -362,12 +366,36 @@ class _SpecBuilder:
         t = node.target
         return t if isinstance(t, str) else getattr(t, "__name__", repr(t))
 
-    def _value(self, arg, node: fx.Node) -> _Value | None:
+    def _value(self, arg: fx.node.Argument, node: fx.Node) -> _Value | None:
         if isinstance(arg, fx.Node):
             if arg.name not in self.values:
                 raise self._err(node, f"input '{arg.name}' was not analysed")
             return self.values[arg.name]
         return None
+
+    def _tensor_value(self, arg: fx.node.Argument, node: fx.Node) -> _Value:
+        """`_value` of an operand that must be a tensor."""
+        x = self._value(arg, node)
+        if x is None:
+            raise self._err(node, "its input is not a tensor")
+        return x
+
+    def _known_shape(self, node: fx.Node, arg: fx.node.Argument) -> tuple[int, ...]:
+        """The shape of `arg` (a node of the graph with a tensor output)."""
+        shape = _shape(arg) if isinstance(arg, fx.Node) else None
+        if shape is None:
+            raise self._err(node, "unknown input shape")
+        return shape
+
+    def _int_arg(self, node: fx.Node, value: fx.node.Argument) -> int:
+        if not isinstance(value, int):
+            raise self._err(node, f"the argument {value!r} is not a constant integer")
+        return int(value)
+
+    def _sequence(self, node: fx.Node, value: fx.node.Argument) -> Sequence[fx.node.Argument]:
+        if not isinstance(value, list | tuple):
+            raise self._err(node, f"the argument {value!r} is not a list of integers")
+        return value
 
     def _tensor_args(self, node: fx.Node) -> list[_Value]:
         vals = [self._value(a, node) for a in list(node.args) + list(node.kwargs.values())]
@@ -380,7 +408,7 @@ class _SpecBuilder:
             self.blocks[(key, axis)] = block
 
     def _new(self, node: fx.Node, axis: int) -> _Value:
-        shape = _shape(node)
+        shape = self._known_shape(node, node)
         return _Value(("v", node.name), axis % len(shape), 1, len(shape))
 
     # ---- node kinds
@@ -463,9 +491,7 @@ class _SpecBuilder:
         return x
 
     def _flatten(self, node: fx.Node, x: _Value, start: int, end: int) -> _Value:
-        in_shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if in_shape is None:
-            raise self._err(node, "unknown input shape")
+        in_shape = self._known_shape(node, node.args[0])
         nd = len(in_shape)
         start, end = start % nd, end % nd
         if x.axis < start:
@@ -485,7 +511,7 @@ class _SpecBuilder:
         is_method = node.op == "call_method"
         if (is_method and target in _PASS_METHODS) or (not is_method and target in _PASS_FUNCTIONS):
             return self._pass(node, self._single_input(node) if not is_method else
-                              self._value(node.args[0], node))
+                              self._tensor_value(node.args[0], node))
         if (is_method and target in _BINARY_METHODS) or (not is_method and target in _BINARY):
             vals = self._tensor_args(node)
             if not vals:
@@ -504,25 +530,26 @@ class _SpecBuilder:
                 raise self._err(node, "broadcasting changes the number of axes")
             return out
         if target in (torch.flatten, "flatten"):
-            x = self._value(node.args[0], node)
+            x = self._tensor_value(node.args[0], node)
             args = list(node.args[1:])
-            start = int(node.kwargs.get("start_dim", args[0] if args else 0))
-            end = int(node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1))
+            start = self._int_arg(node, node.kwargs.get("start_dim", args[0] if args else 0))
+            end = self._int_arg(node, node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1))
             return self._flatten(node, x, start, end)
         if is_method and target in ("view", "reshape"):
-            x = self._value(node.args[0], node)
-            in_shape = _shape(node.args[0])
+            x = self._tensor_value(node.args[0], node)
+            in_shape = self._known_shape(node, node.args[0])
             if tuple(shape) == tuple(in_shape):
                 return x
             if len(in_shape) >= 2 and tuple(shape) == (in_shape[0], math.prod(in_shape[1:])):
                 return self._flatten(node, x, 1, -1)
             raise self._err(node, f"reshape from {tuple(in_shape)} to {tuple(shape)}")
         if (is_method and target in _REDUCE_METHODS) or (not is_method and target in _REDUCE):
-            x = self._value(node.args[0], node)
-            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            if dims is None:
+            x = self._tensor_value(node.args[0], node)
+            dim_arg = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if dim_arg is None:
                 raise self._err(node, "a full reduction mixes the units")
-            dims = [d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)]
+            dims = [self._int_arg(node, d) % x.ndim
+                    for d in ([dim_arg] if isinstance(dim_arg, int) else self._sequence(node, dim_arg))]
             if x.axis in dims and x.elem != _FIXED:
                 raise self._err(node, "it reduces over the units' axis")
             keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
@@ -569,13 +596,16 @@ def _trace_key(model: nn.Module, example_input: torch.Tensor) -> tuple:
     return (type(model), repr(model), tensors, tuple(example_input.shape[1:]), example_input.dtype)
 
 
-def trace_units(model: nn.Module, example_input: torch.Tensor, *, cache: bool = True) -> TracedUnits:
+def trace_units(model: nn.Module, example_input: Inputs, *, cache: bool = True) -> TracedUnits:
     """Trace `model` once and derive its spec and its hidden layers (see `TracedUnits`).
 
     Results are cached within the process per model class, module settings, tensor shapes and
     input shape (a trace costs from a tenth of a second to seconds; the weights' values do not
     matter to it), and a copy is returned. A model whose forward depends on plain attributes
     that its `repr` does not show should pass ``cache=False``."""
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError(f"tracing {type(model).__name__} with torch.fx needs a tensor example "
+                          f"input, got {type(example_input).__name__} (pass spec=)")
     key = _trace_key(model, example_input) if cache else None
     if key is not None and key in _TRACE_CACHE:
         _TRACE_CACHE.move_to_end(key)
@@ -590,7 +620,7 @@ def trace_units(model: nn.Module, example_input: torch.Tensor, *, cache: bool = 
     return units
 
 
-def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
+def spec_for(model: nn.Module, example_input: Inputs) -> PermutationSpec:
     """Derive the permutation spec of `model` from a torch.fx trace (see the module docstring).
 
     `example_input` is one batch of inputs (two examples suffice); it fixes the shapes needed to
@@ -603,7 +633,7 @@ def spec_for(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
     return trace_units(model, example_input).spec
 
 
-def resolve_spec(model: nn.Module, example_input: torch.Tensor | None = None,
+def resolve_spec(model: nn.Module, example_input: Inputs | None = None,
                  spec: PermutationSpec | None = None) -> PermutationSpec:
     """The spec to use for `model`: `spec` if given, the hand-written one for library models,
     the transformer spec for transformers (`basinmerge.align.transformer`; HF models need no
