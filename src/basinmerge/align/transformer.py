@@ -156,7 +156,7 @@ def is_transformer(model: nn.Module) -> bool:
 @dataclass
 class _Event:
     name: str
-    module: nn.Module
+    module: Any  # an nn.Module; typed Any as its attributes (weight, heads) vary by kind
     kind: str  # linear | embed | ln | conv | mha
     inp: int  # id of the input tensor
     attn: str | None  # the attention module the layer belongs to
@@ -300,7 +300,7 @@ class _Builder:
         return qk, vo
 
     def mha(self, ev: _Event) -> None:
-        m: nn.MultiheadAttention = ev.module
+        m = ev.module
         if not m._qkv_same_embed_dim or m.bias_k is not None:
             raise ConfigError(f"transformer spec: MultiheadAttention '{ev.name}' has separate "
                               "kdim/vdim or add_bias_kv (unsupported; pass spec=)")
@@ -533,7 +533,9 @@ def _qkv_roles(events: list[_Event]) -> list[str] | None:
                 return r
         return None
     roles = [role(e.name) for e in events]
-    return roles if sorted(r or "" for r in roles) == ["k", "q", "v"] else None
+    if sorted(r or "" for r in roles) != ["k", "q", "v"]:
+        return None
+    return [r for r in roles if r is not None]
 
 
 def attention_modules(model: nn.Module, num_heads: int | Mapping[str, int] | None = None
@@ -544,10 +546,10 @@ def attention_modules(model: nn.Module, num_heads: int | Mapping[str, int] | Non
     found: dict[str, int] = {}
     if isinstance(num_heads, Mapping):
         modules = dict(model.named_modules())
-        for name, h in num_heads.items():
+        for name, given in num_heads.items():
             if name not in modules:
                 raise ConfigError(f"num_heads names module '{name}', which the model lacks")
-            found[name] = int(h)
+            found[name] = int(given)
     for name, m in model.named_modules():
         if name in found or m is model:
             continue

@@ -145,7 +145,9 @@ def split_view(spec: PermutationSpec) -> SplitView:
             continue
         a = hits[0]
         lo, segs = 0, []
-        for i, q in enumerate(spec.derived[tags[a]]):
+        derived = tags[a]
+        assert derived is not None  # hits only holds axes tagged with a derived permutation
+        for i, q in enumerate(spec.derived[derived]):
             name, hi = f"{k}@{i}", lo + spec.sizes[q]
             segs.append((name, lo, hi))
             shapes[name] = s[:a] + (spec.sizes[q],) + s[a + 1:]
@@ -272,6 +274,9 @@ def batches(data: Any, num_examples: int | None, batch_size: int) -> Iterator[An
     from basinmerge.align.matching import model_inputs
 
     x = model_inputs(data, num_examples)
+    if isinstance(x, Mapping):
+        yield from batches(x, None, batch_size)
+        return
     for i in range(0, x.shape[0], batch_size):
         yield x[i:i + batch_size]
 
@@ -286,7 +291,8 @@ def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Sli
     modules = dict(model.named_modules())
     points: dict[tuple[str, str], Slices] = {}
     for p in spec.free_perms:
-        readers, writers = [], []
+        readers: list[str] = []
+        writers: list[str] = []
         for key, axis in spec.perm_to_axes[p]:
             mod, _, leaf = key.rpartition(".")
             m = modules.get(mod)
@@ -313,7 +319,8 @@ def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Sli
             where = "mha" if isinstance(m, nn.MultiheadAttention) else "output"
             if leaf not in ("weight", "in_proj_weight"):
                 continue
-            lo, found = 0, {}
+            lo = 0
+            found: Slices = {}
             for s in sources:
                 found.setdefault(s, []).append((lo, lo + spec.sizes[s]))
                 lo += spec.sizes[s]

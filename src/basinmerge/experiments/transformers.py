@@ -168,6 +168,8 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, lm: bool) -
         target = x[:, 1:]
         flat, tgt = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     else:
+        if y is None:
+            raise ValueError("classification batches need labels")
         flat, tgt = _logits(model, x, False), y
     loss = F.cross_entropy(flat, tgt, reduction="sum")
     return loss, (flat.argmax(-1) == tgt).sum(), tgt.numel()
@@ -237,7 +239,7 @@ def path_curve(a: nn.Module, b: nn.Module, splits: dict, lm: bool, device: str,
     sa, sb = as_state_dict(a), as_state_dict(b)
     net = copy.deepcopy(a)
     ts = [i / (num_points - 1) for i in range(num_points)]
-    metrics = {s: {"loss": [], "accuracy": []} for s in splits}
+    metrics: dict[str, dict[str, list[float]]] = {s: {"loss": [], "accuracy": []} for s in splits}
     for t in ts:
         net.load_state_dict(lerp(sa, sb, t))
         for s, (x, y) in splits.items():
@@ -300,7 +302,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
 
     def vit_sampler(seed: int):
         gen = torch.Generator().manual_seed(10_000 + seed)
-        order = []
+        order = torch.empty(0, dtype=torch.long)
 
         def sample(step: int):
             nonlocal order

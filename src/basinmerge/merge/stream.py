@@ -269,12 +269,14 @@ def write_safetensors_stream(path: str | os.PathLike,
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         expected = iter(specs)
-        want, rows_left = None, 0
+        want: tuple[str, torch.dtype, tuple[int, ...]] = ("", torch.float32, ())
+        rows_left = 0
         for key, t in items:
             if rows_left == 0:  # a new key starts
-                want = next(expected, None)
-                if want is None or want[0] != key:
+                upcoming = next(expected, None)
+                if upcoming is None or upcoming[0] != key:
                     raise CheckpointError(f"{path}: streamed tensor '{key}' does not match the header")
+                want = upcoming
                 rows_left = want[2][0] if want[2] else 1
             shape = tuple(t.shape)
             if not want[2] or want[2][0] == 0:  # 0-d or empty: whole only
@@ -316,11 +318,13 @@ def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.
         raise ConfigError(f"method '{method}' cannot stream; streaming methods: {', '.join(streamable())}")
     options = m.check(options, has_base=base is not None, num_models=len(paths))
     needs_base = m.needs_base
+    make_kernel = m.kernel
+    assert make_kernel is not None  # m.streams holds exactly when the method has a kernel
     with FileSource(paths, base if needs_base else None, device=device) as source:
         kernel_opts = dict(options)
-        if "block_bytes" in inspect.signature(m.kernel).parameters:
+        if "block_bytes" in inspect.signature(make_kernel).parameters:
             kernel_opts["block_bytes"] = block_bytes
-        kernel = m.kernel(source, **kernel_opts)
+        kernel = make_kernel(source, **kernel_opts)
         record = {"method": method, "options": options, "inputs": source.names,
                   "base": str(base) if needs_base else None, "streamed": True}
         full_meta = {**source.meta, **(meta or {}), "merge": record}
