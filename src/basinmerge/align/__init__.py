@@ -18,7 +18,9 @@ Building blocks: `PermutationSpec` (`builtin_spec`, `spec_for`), `apply_permutat
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +68,6 @@ from basinmerge.align.transformer_matching import two_level_assignment
 from basinmerge.errors import ConfigError
 from basinmerge.state import as_state_dict, check_compatible
 
-METHODS = ("weight", "activation", "ste")
 INITS = ("identity", "activation")
 
 __all__ = [
@@ -81,7 +82,22 @@ __all__ = [
 ]
 
 
-def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None, *,  # noqa: C901 - sequential checks and stages; to split next round
+@dataclass(frozen=True)
+class _Options:
+    """The matching options of `find_permutation` (those a method does not use are ignored)."""
+
+    seed: int = 0
+    max_iter: int = 100
+    activation_method: str = "corr"
+    num_examples: int | None = 2000
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 128
+    init: str = "identity"
+    restarts: int = 0
+
+
+def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weight", data=None, *,
                      spec: PermutationSpec | None = None, seed: int = 0, max_iter: int = 100,
                      activation_method: str = "corr", num_examples: int | None = 2000,
                      steps: int = 100, lr: float = 1e-3, batch_size: int = 128,
@@ -98,51 +114,86 @@ def find_permutation(model_a: nn.Module, model_b: nn.Module, method: str = "weig
     Weight matching options: ``init="activation"`` starts it from activation matching (needs
     `data`); ``restarts=r`` also runs it from r random permutations and keeps the run with the
     highest objective (the report lists every run's final objective)."""
+    options = _Options(seed=seed, max_iter=max_iter, activation_method=activation_method,
+                       num_examples=num_examples, steps=steps, lr=lr, batch_size=batch_size,
+                       init=init, restarts=restarts)
+    _check_request(model_a, model_b, method, data, options)
+    spec = _pair_spec(model_a, model_b, _example(data), spec)
+    perm, info = _MATCHERS[method](model_a, model_b, data, spec, options)
+    return perm, spec, info
+
+
+def _check_request(model_a: nn.Module, model_b: nn.Module, method: str, data,
+                   o: _Options) -> None:
+    """Every check of `find_permutation` that needs no spec, in the order the errors come."""
     if method not in METHODS:
         raise ConfigError(f"unknown alignment method '{method}'; choose one of {', '.join(METHODS)}")
-    if init not in INITS:
-        raise ConfigError(f"unknown weight matching init '{init}'; choose one of {', '.join(INITS)}")
-    if restarts < 0:
-        raise ConfigError(f"restarts must be >= 0, got {restarts}")
+    if o.init not in INITS:
+        raise ConfigError(f"unknown weight matching init '{o.init}'; choose one of {', '.join(INITS)}")
+    if o.restarts < 0:
+        raise ConfigError(f"restarts must be >= 0, got {o.restarts}")
     check_compatible([as_state_dict(model_a), as_state_dict(model_b)], ["model A", "model B"])
-    if (method != "weight" or init == "activation") and data is None:
+    if (method != "weight" or o.init == "activation") and data is None:
         what = f"alignment method '{method}'" if method != "weight" else "init='activation'"
         raise ConfigError(f"{what} needs data (e.g. the training split)")
-    example = _example(data)
+
+
+def _pair_spec(model_a: nn.Module, model_b: nn.Module, example,
+               spec: PermutationSpec | None) -> PermutationSpec:
+    """The spec of A (`spec` if given); a structured (transformer) spec that was not given is
+    checked against B's (the same heads)."""
     given = spec is not None
     spec = resolve_spec(model_a, example, spec)
     if spec.structured and not given:
         check_same_structure(spec, resolve_spec(model_b, example))
-    if method == "weight":
-        pa = {k: v.detach() for k, v in model_a.named_parameters()}
-        pb = {k: v.detach() for k, v in model_b.named_parameters()}
-        init_perm = None
-        if init == "activation":
-            init_perm = activation_matching(model_a, model_b, data, activation_method, spec=spec,
-                                            num_examples=num_examples)
-        perm, trace = weight_matching(spec, pa, pb, max_iter=max_iter, seed=seed,
-                                      init_perm=init_perm)
-        finals = [trace.objective[-1]]
-        for r in range(1, restarts + 1):
-            p_r, t_r = weight_matching(spec, pa, pb, max_iter=max_iter, seed=seed + r,
-                                       init_perm=random_permutation(spec, seed + r))
-            finals.append(t_r.objective[-1])
-            if t_r.objective[-1] > trace.objective[-1]:
-                perm, trace = p_r, t_r
-        info = {"method": "weight", "init": init, **trace.to_dict()}
-        if restarts:
-            info.update(restart_objectives=finals, restart=int(np.argmax(finals)))
-        return perm, spec, info
-    if method == "activation":
-        perm = activation_matching(model_a, model_b, data, activation_method, spec=spec,
-                                   num_examples=num_examples)
-        return perm, spec, {"method": "activation", "statistic": activation_method}
+    return spec
+
+
+def _weight(model_a: nn.Module, model_b: nn.Module, data, spec: PermutationSpec,
+            o: _Options) -> tuple[Perm, dict]:
+    """Weight matching (from the identity or activation matching), plus `o.restarts` runs from
+    random permutations; the run with the highest objective wins."""
+    pa = {k: v.detach() for k, v in model_a.named_parameters()}
+    pb = {k: v.detach() for k, v in model_b.named_parameters()}
+    init_perm = None
+    if o.init == "activation":
+        init_perm = activation_matching(model_a, model_b, data, o.activation_method, spec=spec,
+                                        num_examples=o.num_examples)
+    perm, trace = weight_matching(spec, pa, pb, max_iter=o.max_iter, seed=o.seed,
+                                  init_perm=init_perm)
+    finals = [trace.objective[-1]]
+    for r in range(1, o.restarts + 1):
+        p_r, t_r = weight_matching(spec, pa, pb, max_iter=o.max_iter, seed=o.seed + r,
+                                   init_perm=random_permutation(spec, o.seed + r))
+        finals.append(t_r.objective[-1])
+        if t_r.objective[-1] > trace.objective[-1]:
+            perm, trace = p_r, t_r
+    info = {"method": "weight", "init": o.init, **trace.to_dict()}
+    if o.restarts:
+        info.update(restart_objectives=finals, restart=int(np.argmax(finals)))
+    return perm, info
+
+
+def _activation(model_a: nn.Module, model_b: nn.Module, data, spec: PermutationSpec,
+                o: _Options) -> tuple[Perm, dict]:
+    perm = activation_matching(model_a, model_b, data, o.activation_method, spec=spec,
+                               num_examples=o.num_examples)
+    return perm, {"method": "activation", "statistic": o.activation_method}
+
+
+def _ste(model_a: nn.Module, model_b: nn.Module, data, spec: PermutationSpec,
+         o: _Options) -> tuple[Perm, dict]:
     if spec.structured:
         raise ConfigError("alignment method 'ste' does not support transformers yet; use "
                           "'weight' or 'activation'")
-    perm, ste_trace = ste_matching(model_a, model_b, data, steps=steps, lr=lr, spec=spec,
-                                   batch_size=batch_size, seed=seed, max_iter=max_iter)
-    return perm, spec, {"method": "ste", **ste_trace.to_dict()}
+    perm, trace = ste_matching(model_a, model_b, data, steps=o.steps, lr=o.lr, spec=spec,
+                               batch_size=o.batch_size, seed=o.seed, max_iter=o.max_iter)
+    return perm, {"method": "ste", **trace.to_dict()}
+
+
+_Matcher = Callable[[nn.Module, nn.Module, Any, PermutationSpec, _Options], tuple[Perm, dict]]
+_MATCHERS: dict[str, _Matcher] = {"weight": _weight, "activation": _activation, "ste": _ste}
+METHODS = tuple(_MATCHERS)  # the alignment methods, in --help order
 
 
 def _example(data):

@@ -93,7 +93,7 @@ class PermutationSpec:
         return self.blocks.get((key, axis), 1)
 
     @classmethod
-    def from_groups(cls, groups: Sequence[Sequence[Axis]], shapes: Mapping[str, Sequence[int]],  # noqa: C901 - sequential checks and stages; to split next round
+    def from_groups(cls, groups: Sequence[Sequence[Axis]], shapes: Mapping[str, Sequence[int]],
                     blocks: Mapping[Axis, int] | None = None) -> PermutationSpec:
         """Build a spec from groups of (key, axis) pairs that share one permutation.
 
@@ -106,47 +106,20 @@ class PermutationSpec:
         seen: set[Axis] = set()
         for group in groups:
             members = sorted(set(group), key=lambda ax: (order.get(ax[0], len(order)), ax[1]))
-            if not members:
-                continue
-            size: int | None = None
-            for key, axis in members:
-                if key not in dims:
-                    raise ConfigError(f"permutation spec names key '{key}', which the model lacks")
-                if not 0 <= axis < len(dims[key]):
-                    raise ConfigError(f"permutation spec: key '{key}' has no axis {axis} "
-                                      f"(shape {dims[key]})")
-                if (key, axis) in seen:
-                    raise ConfigError(f"permutation spec: axis {axis} of '{key}' is in two permutations")
-                seen.add((key, axis))
-                b = blocks.get((key, axis), 1)
-                n, rem = divmod(dims[key][axis], b)
-                if rem:
-                    raise ConfigError(f"permutation spec: axis {axis} of '{key}' (size "
-                                      f"{dims[key][axis]}) is not a multiple of its block {b}")
-                if size is None:
-                    size = n
-                elif n != size:
-                    raise ConfigError(f"permutation spec: axis {axis} of '{key}' has {n} units but "
-                                      f"'{members[0][0]}' axis {members[0][1]} has {size}")
-            assert size is not None  # members is not empty
-            outs = [k for k, a in members if a == 0]
-            anchor = outs[0] if outs else members[0][0]
-            name = "P_" + (anchor.rsplit(".", 1)[0] if "." in anchor else anchor)
-            named.append(((order[members[0][0]], members[0][1]), name, members, int(size)))
+            if members:
+                size = _group_size(members, dims, blocks, seen)
+                named.append(((order[members[0][0]], members[0][1]), _canonical_name(members),
+                              members, size))
         named.sort(key=lambda t: t[0])
         perm_to_axes: dict[str, list[Axis]] = {}
         sizes: dict[str, int] = {}
         for _, name, members, size in named:
-            base, i = name, 1
-            while name in perm_to_axes:
-                i += 1
-                name = f"{base}#{i}"
+            name = _unused_name(name, perm_to_axes)
             perm_to_axes[name] = members
             sizes[name] = size
-        axes_to_perm: dict[str, tuple[str | None, ...]] = {}
         lookup = {ax: p for p, axes in perm_to_axes.items() for ax in axes}
-        for key, shape in dims.items():
-            axes_to_perm[key] = tuple(lookup.get((key, a)) for a in range(len(shape)))
+        axes_to_perm = {key: tuple(lookup.get((key, a)) for a in range(len(shape)))
+                        for key, shape in dims.items()}
         used_blocks = {ax: b for ax, b in blocks.items() if ax in lookup}
         return cls(perm_to_axes, axes_to_perm, sizes, used_blocks, dims)
 
@@ -154,6 +127,51 @@ class PermutationSpec:
         """Rows (permutation, units, number of axes, first keys) for printing."""
         return [[p, self.sizes[p], len(axes), ", ".join(f"{k}[{a}]" for k, a in axes[:3])
                  + (" ..." if len(axes) > 3 else "")] for p, axes in self.perm_to_axes.items()]
+
+
+def _group_size(members: Sequence[Axis], dims: Mapping[str, tuple[int, ...]],
+                blocks: Mapping[Axis, int], seen: set[Axis]) -> int:
+    """The number of units one group permutes, after checking each of its axes: the key
+    exists, has the axis, is in no other group (`seen`, filled here), holds a whole number of
+    blocks, and every axis holds the same number of units."""
+    size: int | None = None
+    for key, axis in members:
+        if key not in dims:
+            raise ConfigError(f"permutation spec names key '{key}', which the model lacks")
+        if not 0 <= axis < len(dims[key]):
+            raise ConfigError(f"permutation spec: key '{key}' has no axis {axis} "
+                              f"(shape {dims[key]})")
+        if (key, axis) in seen:
+            raise ConfigError(f"permutation spec: axis {axis} of '{key}' is in two permutations")
+        seen.add((key, axis))
+        b = blocks.get((key, axis), 1)
+        n, rem = divmod(dims[key][axis], b)
+        if rem:
+            raise ConfigError(f"permutation spec: axis {axis} of '{key}' (size "
+                              f"{dims[key][axis]}) is not a multiple of its block {b}")
+        if size is None:
+            size = n
+        elif n != size:
+            raise ConfigError(f"permutation spec: axis {axis} of '{key}' has {n} units but "
+                              f"'{members[0][0]}' axis {members[0][1]} has {size}")
+    assert size is not None  # members is not empty
+    return int(size)
+
+
+def _canonical_name(members: Sequence[Axis]) -> str:
+    """``P_<module>`` after the first member that is an output axis (axis 0), else the first."""
+    outs = [k for k, a in members if a == 0]
+    anchor = outs[0] if outs else members[0][0]
+    return "P_" + (anchor.rsplit(".", 1)[0] if "." in anchor else anchor)
+
+
+def _unused_name(name: str, taken: Mapping[str, Any]) -> str:
+    """`name`, or ``name#2``, ``name#3``, ... when it is taken."""
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}#{i}"
+    return name
 
 
 def parameter_keys(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> list[str]:
@@ -437,52 +455,63 @@ class _SpecBuilder:
             raise self._err(node, f"expected one tensor input, got {len(vals)}")
         return vals[0]
 
-    def _module(self, node: fx.Node) -> _Value | None:  # noqa: C901 - a sequential recipe of checks and stages; splitting it is next round's work
+    def _module(self, node: fx.Node) -> _Value | None:
+        """A leaf module: its kind's handler (`_MODULE_KINDS`, looked up along the module's
+        class hierarchy, most specific class first)."""
         name = str(node.target)
         m = self.modules[name]
-        shape = _shape(node)
-        if shape is None:
+        if _shape(node) is None:
             raise self._err(node, "its output is not a tensor")
         x = self._single_input(node)
-        if isinstance(m, nn.Linear):
-            if x.axis != x.ndim - 1:
-                raise self._err(node, "the input's units are not on its last axis")
-            self._bind(f"{name}.weight", 1, x.elem, x.block)
-            out = self._new(node, -1)
-            self._bind(f"{name}.weight", 0, out.elem)
-            if m.bias is not None:
-                self._bind(f"{name}.bias", 0, out.elem)
-            self.producers.append((name, node.name))
-            return out
-        if isinstance(m, nn.Conv1d | nn.Conv2d):
-            if m.groups != 1:
-                raise self._err(node, f"grouped convolution (groups={m.groups}) is not supported")
-            if x.axis != 1 or x.block != 1:
-                raise self._err(node, "the input's units are not on the channel axis")
-            self._bind(f"{name}.weight", 1, x.elem)
-            out = self._new(node, 1)
-            self._bind(f"{name}.weight", 0, out.elem)
-            if m.bias is not None:
-                self._bind(f"{name}.bias", 0, out.elem)
-            self.producers.append((name, node.name))
-            return out
-        if isinstance(m, nn.modules.batchnorm._BatchNorm | ChannelLayerNorm | nn.LayerNorm):
-            channel_axis = x.ndim - 1 if (isinstance(m, nn.LayerNorm)
-                                          and not isinstance(m, ChannelLayerNorm)) else 1
-            if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
-                raise self._err(node, "LayerNorm over several axes is not supported")
-            if x.axis != channel_axis or x.block != 1:
-                raise self._err(node, "it normalizes an axis that does not hold the input's units")
-            for key in m.state_dict():
-                full = f"{name}.{key}"
-                if self.state[full].dim() == 1:
-                    self._bind(full, 0, x.elem)
-            return x
-        if isinstance(m, nn.Flatten):
-            return self._flatten(node, x, m.start_dim, m.end_dim)
-        if isinstance(m, _PASS_MODULES):
-            return self._pass(node, x)
-        raise self._err(node, f"module type {type(m).__name__} is not supported")
+        handler = next((_MODULE_KINDS[k] for k in type(m).__mro__ if k in _MODULE_KINDS), None)
+        if handler is None:
+            raise self._err(node, f"module type {type(m).__name__} is not supported")
+        return handler(self, node, name, m, x)
+
+    def _produce(self, node: fx.Node, name: str, m: nn.Module, x: _Value, axis: int) -> _Value:
+        """A linear/conv layer reading units `x` and producing new units on `axis`."""
+        self._bind(f"{name}.weight", 1, x.elem, x.block)
+        out = self._new(node, axis)
+        self._bind(f"{name}.weight", 0, out.elem)
+        if getattr(m, "bias", None) is not None:
+            self._bind(f"{name}.bias", 0, out.elem)
+        self.producers.append((name, node.name))
+        return out
+
+    def _linear(self, node: fx.Node, name: str, m: nn.Module, x: _Value) -> _Value:
+        if x.axis != x.ndim - 1:
+            raise self._err(node, "the input's units are not on its last axis")
+        return self._produce(node, name, m, x, -1)
+
+    def _conv(self, node: fx.Node, name: str, m: nn.Module, x: _Value) -> _Value:
+        assert isinstance(m, nn.Conv1d | nn.Conv2d)
+        if m.groups != 1:
+            raise self._err(node, f"grouped convolution (groups={m.groups}) is not supported")
+        if x.axis != 1 or x.block != 1:
+            raise self._err(node, "the input's units are not on the channel axis")
+        return self._produce(node, name, m, x, 1)
+
+    def _norm(self, node: fx.Node, name: str, m: nn.Module, x: _Value) -> _Value:
+        """BatchNorm / ChannelLayerNorm (channel axis) or LayerNorm (last axis): its
+        per-unit tensors follow the input's units."""
+        channel_axis = x.ndim - 1 if (isinstance(m, nn.LayerNorm)
+                                      and not isinstance(m, ChannelLayerNorm)) else 1
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+            raise self._err(node, "LayerNorm over several axes is not supported")
+        if x.axis != channel_axis or x.block != 1:
+            raise self._err(node, "it normalizes an axis that does not hold the input's units")
+        for key in m.state_dict():
+            full = f"{name}.{key}"
+            if self.state[full].dim() == 1:
+                self._bind(full, 0, x.elem)
+        return x
+
+    def _flatten_module(self, node: fx.Node, name: str, m: nn.Module, x: _Value) -> _Value:
+        assert isinstance(m, nn.Flatten)
+        return self._flatten(node, x, m.start_dim, m.end_dim)
+
+    def _pass_module(self, node: fx.Node, name: str, m: nn.Module, x: _Value) -> _Value:
+        return self._pass(node, x)
 
     def _pass(self, node: fx.Node, x: _Value) -> _Value:
         shape = _shape(node)
@@ -503,60 +532,77 @@ class _SpecBuilder:
         block = x.block * math.prod(in_shape[x.axis + 1:end + 1])
         return _Value(x.elem, start, block, nd - (end - start))
 
-    def _function(self, node: fx.Node) -> _Value | None:  # noqa: C901 - a sequential recipe of checks and stages; splitting it is next round's work
-        target = node.target
+    def _function(self, node: fx.Node) -> _Value | None:
+        """A function or method call: its kind's handler (`_FUNCTION_KINDS` by function,
+        `_METHOD_KINDS` by method name); calls without a tensor result give None."""
         shape = _shape(node)
         if shape is None:  # sizes, shapes and other non-tensor values
             return None
-        is_method = node.op == "call_method"
-        if (is_method and target in _PASS_METHODS) or (not is_method and target in _PASS_FUNCTIONS):
-            return self._pass(node, self._single_input(node) if not is_method else
-                              self._tensor_value(node.args[0], node))
-        if (is_method and target in _BINARY_METHODS) or (not is_method and target in _BINARY):
-            vals = self._tensor_args(node)
-            if not vals:
-                raise self._err(node, "no tensor operand")
-            out = vals[0]
-            for v in vals[1:]:
-                if v.elem == _FIXED or out.elem == _FIXED:
-                    self.uf.union(v.elem, _FIXED)
-                    self.uf.union(out.elem, _FIXED)
-                    out = v if out.elem == _FIXED and v.ndim == len(shape) else out
-                    continue
-                if (v.axis, v.block, v.ndim) != (out.axis, out.block, out.ndim):
-                    raise self._err(node, "its operands hold their units on different axes")
-                self.uf.union(v.elem, out.elem)
-            if out.ndim != len(shape):
-                raise self._err(node, "broadcasting changes the number of axes")
-            return out
-        if target in (torch.flatten, "flatten"):
-            x = self._tensor_value(node.args[0], node)
-            args = list(node.args[1:])
-            start = self._int_arg(node, node.kwargs.get("start_dim", args[0] if args else 0))
-            end = self._int_arg(node, node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1))
-            return self._flatten(node, x, start, end)
-        if is_method and target in ("view", "reshape"):
-            x = self._tensor_value(node.args[0], node)
-            in_shape = self._known_shape(node, node.args[0])
-            if tuple(shape) == tuple(in_shape):
-                return x
-            if len(in_shape) >= 2 and tuple(shape) == (in_shape[0], math.prod(in_shape[1:])):
-                return self._flatten(node, x, 1, -1)
-            raise self._err(node, f"reshape from {tuple(in_shape)} to {tuple(shape)}")
-        if (is_method and target in _REDUCE_METHODS) or (not is_method and target in _REDUCE):
-            x = self._tensor_value(node.args[0], node)
-            dim_arg = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            if dim_arg is None:
-                raise self._err(node, "a full reduction mixes the units")
-            dims = [self._int_arg(node, d) % x.ndim
-                    for d in ([dim_arg] if isinstance(dim_arg, int) else self._sequence(node, dim_arg))]
-            if x.axis in dims and x.elem != _FIXED:
-                raise self._err(node, "it reduces over the units' axis")
-            keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
-            axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
-            return _Value(x.elem, axis, x.block, len(shape))
-        raise self._err(node, "operation not supported (supported: linear, conv, batch/layer norm, "
-                              "activations, pooling, flatten, elementwise add/sub/mul/div)")
+        kinds: Mapping[Any, _Handler] = (_METHOD_KINDS if node.op == "call_method"
+                                         else _FUNCTION_KINDS)
+        handler = kinds.get(node.target)
+        if handler is None:
+            raise self._err(node, "operation not supported (supported: linear, conv, batch/layer "
+                                  "norm, activations, pooling, flatten, elementwise "
+                                  "add/sub/mul/div)")
+        return handler(self, node, shape)
+
+    def _pass_function(self, node: fx.Node, shape: tuple[int, ...]) -> _Value:
+        return self._pass(node, self._single_input(node))
+
+    def _pass_method(self, node: fx.Node, shape: tuple[int, ...]) -> _Value:
+        return self._pass(node, self._tensor_value(node.args[0], node))
+
+    def _binary(self, node: fx.Node, shape: tuple[int, ...]) -> _Value:
+        """An elementwise op: the units of its tensor operands are unified (an operand from
+        the input or a constant fixes the others)."""
+        vals = self._tensor_args(node)
+        if not vals:
+            raise self._err(node, "no tensor operand")
+        out = vals[0]
+        for v in vals[1:]:
+            if v.elem == _FIXED or out.elem == _FIXED:
+                self.uf.union(v.elem, _FIXED)
+                self.uf.union(out.elem, _FIXED)
+                out = v if out.elem == _FIXED and v.ndim == len(shape) else out
+                continue
+            if (v.axis, v.block, v.ndim) != (out.axis, out.block, out.ndim):
+                raise self._err(node, "its operands hold their units on different axes")
+            self.uf.union(v.elem, out.elem)
+        if out.ndim != len(shape):
+            raise self._err(node, "broadcasting changes the number of axes")
+        return out
+
+    def _flatten_call(self, node: fx.Node, shape: tuple[int, ...]) -> _Value:
+        x = self._tensor_value(node.args[0], node)
+        args = list(node.args[1:])
+        start = self._int_arg(node, node.kwargs.get("start_dim", args[0] if args else 0))
+        end = self._int_arg(node, node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1))
+        return self._flatten(node, x, start, end)
+
+    def _reshape(self, node: fx.Node, shape: tuple[int, ...]) -> _Value:
+        """``view`` / ``reshape``: to the same shape, or flattening all but the batch axis."""
+        x = self._tensor_value(node.args[0], node)
+        in_shape = self._known_shape(node, node.args[0])
+        if tuple(shape) == tuple(in_shape):
+            return x
+        if len(in_shape) >= 2 and tuple(shape) == (in_shape[0], math.prod(in_shape[1:])):
+            return self._flatten(node, x, 1, -1)
+        raise self._err(node, f"reshape from {tuple(in_shape)} to {tuple(shape)}")
+
+    def _reduce(self, node: fx.Node, shape: tuple[int, ...]) -> _Value:
+        """mean / sum / amax over given axes, none of which may hold permuted units."""
+        x = self._tensor_value(node.args[0], node)
+        dim_arg = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dim_arg is None:
+            raise self._err(node, "a full reduction mixes the units")
+        dims = [self._int_arg(node, d) % x.ndim
+                for d in ([dim_arg] if isinstance(dim_arg, int) else self._sequence(node, dim_arg))]
+        if x.axis in dims and x.elem != _FIXED:
+            raise self._err(node, "it reduces over the units' axis")
+        keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        axis = x.axis if keep else x.axis - sum(d < x.axis for d in dims)
+        return _Value(x.elem, axis, x.block, len(shape))
 
     # ---- result
     def result(self) -> TracedUnits:
@@ -583,6 +629,28 @@ class _SpecBuilder:
                     follow = str(nxt[0].target)
             users[name] = follow
         return TracedUnits(spec, producers, users)
+
+
+# The node kinds the tracer reasons about: one handler per kind of leaf module (found along the
+# module's class hierarchy), of function and of method name.
+_ModuleHandler = Callable[[_SpecBuilder, fx.Node, str, nn.Module, _Value], _Value]
+_Handler = Callable[[_SpecBuilder, fx.Node, tuple[int, ...]], _Value]
+_MODULE_KINDS: dict[type, _ModuleHandler] = {
+    nn.Linear: _SpecBuilder._linear, nn.Conv1d: _SpecBuilder._conv, nn.Conv2d: _SpecBuilder._conv,
+    nn.modules.batchnorm._BatchNorm: _SpecBuilder._norm, nn.LayerNorm: _SpecBuilder._norm,
+    nn.Flatten: _SpecBuilder._flatten_module,
+    **{m: _SpecBuilder._pass_module for m in _PASS_MODULES}}
+_FUNCTION_KINDS: dict[Any, _Handler] = {
+    **{f: _SpecBuilder._pass_function for f in _PASS_FUNCTIONS},
+    **{f: _SpecBuilder._binary for f in _BINARY},
+    **{f: _SpecBuilder._reduce for f in _REDUCE},
+    torch.flatten: _SpecBuilder._flatten_call}
+_METHOD_KINDS: dict[Any, _Handler] = {
+    **{m: _SpecBuilder._pass_method for m in _PASS_METHODS},
+    **{m: _SpecBuilder._binary for m in _BINARY_METHODS},
+    **{m: _SpecBuilder._reduce for m in _REDUCE_METHODS},
+    "flatten": _SpecBuilder._flatten_call, "view": _SpecBuilder._reshape,
+    "reshape": _SpecBuilder._reshape}
 
 
 _TRACE_CACHE: OrderedDict[tuple, TracedUnits] = OrderedDict()
