@@ -353,7 +353,7 @@ def test_dirichlet_halves_are_disjoint_complete_and_skewed():
 def test_fused_wsa_treatment_follows_the_pair(digits):
     """The fused target is built from the two models being trained (not copies) and refreshed
     during lockstep training."""
-    cfg = mc.SCALE_CONFIGS["smoke"]
+    cfg = mc.ScaleConfig.at("smoke")
     train = digits["train"].subset(256)  # 2 steps per epoch
     init = models.build("mlp", (1, 8, 8), 10, seed=0, width=16, depth=1)
     ctx = mc.PairContext(mc.CONDITIONS["optimizer"], 0, cfg, init, init, train, train,
@@ -374,7 +374,7 @@ def test_fused_wsa_treatment_follows_the_pair(digits):
 
 
 def test_treatment_registry_selects_by_prefix_and_keeps_plain():
-    cfg = mc.SCALE_CONFIGS["quick"]
+    cfg = mc.ScaleConfig.at("quick")
     names = [t.name for t in mc.treatment_list(cfg)]
     assert names[:3] == ["plain", "weight-decay", "proximal"]
     n_wsa = len(cfg.kl_grid) + len(cfg.w2_grid)
@@ -406,7 +406,7 @@ def test_study_runs_end_to_end_at_smoke_scale(tmp_path):
     assert res.exit_code == 0, res.output
     d = json.loads((out / "result.json").read_text())
     assert d["command"].startswith("basinmerge experiment mode-connectivity --dataset digits")
-    cfg = mc.SCALE_CONFIGS["smoke"]
+    cfg = mc.ScaleConfig.at("smoke")
     treats = mc.treatment_list(cfg)
     records = d["data"]["records"]
     assert len(records) == sum(t.applies_to(c) for c in mc.CONDITIONS for t in treats)

@@ -517,7 +517,7 @@ def test_study_overrides_and_their_errors(capsys):
     from basinmerge.experiments import federated
 
     s = federated.settings("quick", methods=["WSA (fused)", "FedAvg"], alphas=[0.2], rounds=4)
-    assert s["methods"] == ["FedAvg", "WSA (fused)"] and s["alphas"] == [0.2] and s["rounds"] == 4
+    assert s.methods == ("FedAvg", "WSA (fused)") and s.alphas == (0.2,) and s.rounds == 4
     plan = list(federated.configs("digits", "quick", 2, methods=["FedAvg"], alphas=[0.2], rounds=4))
     assert len(plan) == 2 and all(p[4].rounds == 4 and p[4].alpha == 0.2 for p in plan)
     for kw, msg in ((dict(methods=["FedSGD"]), "methods must be among"),

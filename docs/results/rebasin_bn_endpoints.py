@@ -23,7 +23,7 @@ KEYS = ("loss_barrier", "linear_loss_barrier", "acc_barrier", "acc_a", "acc_b", 
 
 def main() -> None:
     torch.set_num_threads(1)
-    cfg = rb.SCALE_CONFIGS["quick"]
+    cfg = rb.ScaleConfig.at("quick")
     train = data_mod.load("fashion-mnist", "train")
     test = data_mod.load("fashion-mnist", "test")
     splits = {"train": rb._limit(train, cfg.eval_limit, 1), "test": rb._limit(test, cfg.eval_limit, 2)}

@@ -193,10 +193,9 @@ def fl_cmd(
 
         result = run_deployment(cfg, out=folder)
     else:
-        result = fl.simulate(model_net, train, test, parts, cfg.make_strategy(),
-                             cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed,
-                             out=folder, resume=resume is not None, config=cfg.identity(),
-                             client_timeout=client_timeout, device=device)
+        result = fl.simulate_config(cfg, model_net, train, test, parts, out=folder,
+                                    resume=resume is not None, config=cfg.identity(),
+                                    client_timeout=client_timeout, device=device)
         finish_outputs(folder, model_net, result.state, result.history,
                        {"federated": cfg.to_dict(), "backend": "embedded"},
                        title=cfg.strategy)

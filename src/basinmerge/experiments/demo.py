@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,34 @@ from basinmerge import align as align_mod
 from basinmerge import connectivity, fl, merge, models, plots, scope, wsa
 from basinmerge import data as data_mod
 from basinmerge.console import console, progress_task
-from basinmerge.errors import ConfigError
-from basinmerge.experiments.common import ExperimentResult, Table
+from basinmerge.experiments.common import ExperimentResult, StudyScale, Table
 from basinmerge.state import with_state
 from basinmerge.train import Trainer, evaluate, train_lockstep
 
-# The demo's sizes: "quick" is the real demo (minutes), "smoke" is for the test suite (seconds).
-SIZES = {
-    "quick": dict(train=20000, test=10000, width=256, epochs=3, points=11, merge_ft_epochs=2,
-                  soft_steps=300, fl_clients=10, fl_rounds=10, fl_epochs=2, fl_train=12000),
-    "smoke": dict(train=600, test=300, width=32, epochs=1, points=3, merge_ft_epochs=1,
-                  soft_steps=10, fl_clients=4, fl_rounds=2, fl_epochs=1, fl_train=400),
-}
+
+@dataclass(frozen=True)
+class ScaleConfig(StudyScale, study="demo"):
+    """The demo's sizes: "quick" is the real demo (minutes), "smoke" is for the test suite
+    (seconds). `train` / `test`: examples used; `fl_*`: the federated step."""
+
+    train: int
+    test: int
+    width: int
+    epochs: int
+    points: int
+    merge_ft_epochs: int
+    soft_steps: int
+    fl_clients: int
+    fl_rounds: int
+    fl_epochs: int
+    fl_train: int
+
+
+ScaleConfig.define("quick", train=20000, test=10000, width=256, epochs=3, points=11,
+                   merge_ft_epochs=2, soft_steps=300, fl_clients=10, fl_rounds=10, fl_epochs=2,
+                   fl_train=12000)
+ScaleConfig.define("smoke", train=600, test=300, width=32, epochs=1, points=3, merge_ft_epochs=1,
+                   soft_steps=10, fl_clients=4, fl_rounds=2, fl_epochs=1, fl_train=400)
 WSA_LAMBDA = wsa.DEFAULT_LAMBDA  # KL, mean over layers (docs/methods.md, "Weight Scope Alignment")
 SGD: dict[str, Any] = dict(optimizer="sgd", lr=0.05, momentum=0.9)
 ADAM: dict[str, Any] = dict(optimizer="adam", lr=1e-3)
@@ -66,9 +83,7 @@ def _mismatch_rows(a: nn.Module, b: nn.Module) -> list[list]:
 
 def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str = "quick",
         seed: int = 0, device: str = "cpu", progress: bool = True) -> ExperimentResult:
-    if scale not in SIZES:
-        raise ConfigError(f"unknown demo scale '{scale}'; choose one of {', '.join(SIZES)}")
-    z = SIZES[scale]
+    z = ScaleConfig.at(scale)
     t0 = time.perf_counter()
     notes = []
     if dataset is None:
@@ -78,15 +93,15 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
                          "so the demo uses MNIST-1D, which is generated offline.")
     train_full = data_mod.load(dataset, "train")
     test_full = data_mod.load(dataset, "test")
-    train = train_full.subset(min(z["train"], len(train_full)), seed=seed)
-    test = test_full.subset(min(z["test"], len(test_full)), seed=seed)
+    train = train_full.subset(min(z.train, len(train_full)), seed=seed)
+    test = test_full.subset(min(z.test, len(test_full)), seed=seed)
     notes.append(f"Data: {dataset}, {len(train)} training and {len(test)} test examples; "
-                 f"MLP with 2 hidden layers of {z['width']} units; {z['epochs']} epochs per run.")
+                 f"MLP with 2 hidden layers of {z.width} units; {z.epochs} epochs per run.")
     splits = {"test": test}
     shape, k = train.input_shape, train.num_classes
 
     def build(s: int) -> nn.Module:
-        return models.build("mlp", shape, k, seed=s, width=z["width"])
+        return models.build("mlp", shape, k, seed=s, width=z.width)
 
     tables: dict[str, Table] = {}
     figures: dict = {}
@@ -98,14 +113,14 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
     with progress_task("demo", steps, enabled=progress) as advance:
         # 1-2. scope mismatch of SGD vs Adam from one initialization, plain and with WSA
         init = build(seed)
-        plain = _pair(init, init, train, SGD, ADAM, z["epochs"], seed)
+        plain = _pair(init, init, train, SGD, ADAM, z.epochs, seed)
         advance(1, step="1. SGD/Adam pair trained")
-        aligned_scopes = _pair(init, init, train, SGD, ADAM, z["epochs"], seed, lam=WSA_LAMBDA)
+        aligned_scopes = _pair(init, init, train, SGD, ADAM, z.epochs, seed, lam=WSA_LAMBDA)
         advance(1, step="2. SGD/Adam pair trained with WSA")
         rows = []
         for name, (a, b) in (("plain", plain), (f"WSA λ={WSA_LAMBDA}", aligned_scopes)):
             div = scope.divergence(scope.weight_scope(a), scope.weight_scope(b), "kl")
-            bar = connectivity.barriers(connectivity.interpolate(a, b, splits, num_points=z["points"],
+            bar = connectivity.barriers(connectivity.interpolate(a, b, splits, num_points=z.points,
                                                                  progress=False))["test"]
             rows.append([name, evaluate(a, test)["accuracy"], evaluate(b, test)["accuracy"],
                          div.total, bar["loss_barrier"], bar["acc_barrier"]])
@@ -121,9 +136,9 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
 
         # 3. different seeds: naive, WSA, aligned, WSA + aligned
         ia, ib = build(seed + 10), build(seed + 11)
-        naive = _pair(ia, ib, train, SGD, SGD, z["epochs"], seed)
+        naive = _pair(ia, ib, train, SGD, SGD, z.epochs, seed)
         advance(1, step="3. two-seed pair trained")
-        wsa_pair = _pair(ia, ib, train, SGD, SGD, z["epochs"], seed, lam=WSA_LAMBDA)
+        wsa_pair = _pair(ia, ib, train, SGD, SGD, z.epochs, seed, lam=WSA_LAMBDA)
         advance(1, step="3. two-seed pair trained with WSA")
         naive_aligned = align_mod.align(naive[0], naive[1], "weight")
         advance(1, step="3. two-seed pair aligned")
@@ -137,7 +152,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
         }
         curves, rows = {}, []
         for name, (a, b) in variants.items():
-            c = connectivity.interpolate(a, b, splits, num_points=z["points"], progress=False, label=name)
+            c = connectivity.interpolate(a, b, splits, num_points=z.points, progress=False, label=name)
             bar = connectivity.barriers(c)["test"]
             curves[name] = c
             rows.append([name, bar["acc_a"], bar["acc_b"], bar["loss_barrier"], bar["acc_barrier"],
@@ -156,7 +171,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
         experts = []
         for i, idx in enumerate(shards):
             m = copy.deepcopy(base)
-            Trainer(m, train.subset(idx), epochs=z["merge_ft_epochs"], seed=seed + i, **ADAM).run(progress=False)
+            Trainer(m, train.subset(idx), epochs=z.merge_ft_epochs, seed=seed + i, **ADAM).run(progress=False)
             experts.append(m)
             advance(1, step=f"4. expert {i + 1} fine-tuned")
         # The malicious member: every parameter replaced by N(0, 10²) noise. (Scaling all weights of
@@ -171,7 +186,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
         options: dict[str, dict] = {"average": {}, "task_arithmetic": {"base": base, "scale": 0.3},
                                     "ties": {"base": base, "density": 0.2, "scale": 1.0},
                                     "median": {}, "soft": {"data": holdout,
-                                                           "steps": z["soft_steps"],
+                                                           "steps": z.soft_steps,
                                                            "progress": False}}
         for method in methods:
             opts = options[method]
@@ -186,15 +201,15 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
             ["method", "4 experts", "4 experts + malicious"], rows)
 
         # 5. federated: FedAvg vs WSA on label-skewed clients
-        fl_train = train.subset(min(z["fl_train"], len(train)), seed=seed + 5)
-        parts = fl.partition(fl_train.y, z["fl_clients"], scheme="dirichlet", alpha=0.1,
+        fl_train = train.subset(min(z.fl_train, len(train)), seed=seed + 5)
+        parts = fl.partition(fl_train.y, z.fl_clients, scheme="dirichlet", alpha=0.1,
                              min_size=10, seed=seed)
-        local = fl.LocalTraining(epochs=z["fl_epochs"], batch_size=64, lr=0.05)
+        local = fl.LocalTraining(epochs=z.fl_epochs, batch_size=64, lr=0.05)
         fl_curves, rows = {}, []
         for name in ("fedavg", "wsa"):
             strategy = fl.make_strategy(name, fraction=0.5, seed=seed)
             res = fl.simulate(build(seed + 30), fl_train, test, parts, strategy, local,
-                              rounds=z["fl_rounds"], seed=seed, progress=False)
+                              rounds=z.fl_rounds, seed=seed, progress=False)
             fl_curves[name] = res.accuracy_curve()
             rows.append([name, res.final_accuracy, res.best_accuracy])
             advance(1, step=f"5. federated {name}")
@@ -205,7 +220,7 @@ def run(*, out: str | Path = "runs/demo", dataset: str | None = None, scale: str
     notes.append("Different seeds need permutation alignment before their weights can be averaged; "
                  "scope alignment alone changes the barrier little (see docs/results.md).")
     result = ExperimentResult(name="basinmerge demo", config={"dataset": dataset, "scale": scale,
-                                                              "seed": seed, **z},
+                                                              "seed": seed, **z.to_dict()},
                               tables=tables, figures=figures, data=data, notes=notes,
                               command=f"basinmerge demo --scale {scale} --seed {seed}")
     result.seconds = time.perf_counter() - t0

@@ -22,7 +22,8 @@ strategy reported a collapsing target and the first round with a rejected (NaN) 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,19 @@ from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
 from basinmerge.experiments.common import (
     ExperimentResult,
+    StudyScale,
     Table,
-    check_scale,
     fmt_mean_std,
     mean_std,
 )
-from basinmerge.fl import FLConfig, build_model, build_partitions, load_data, simulate, summarize
+from basinmerge.fl import (
+    FLConfig,
+    build_model,
+    build_partitions,
+    load_data,
+    simulate_config,
+    summarize,
+)
 
 MODELS: dict[str, dict[str, Any]] = {"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.25}}
 
@@ -53,72 +61,83 @@ METHODS: dict[str, dict] = {
     "FedBN": {"strategy": "fedbn"},
 }
 
-SCALES: dict[str, dict[str, Any]] = {
-    "smoke": {"models": ["mlp"], "alphas": [0.5], "clients": 4, "rounds": 2, "local_epochs": 1,
-              "train_limit": 400, "test_limit": 200, "model_options": {"mlp": {"width": 32}},
-              "min_size": 5},
-    "quick": {"models": ["mlp"], "alphas": [0.1, 0.5, 5.0], "clients": 20, "rounds": 15,
-              "local_epochs": 2, "train_limit": 6000, "test_limit": 2000, "model_options": {},
-              "min_size": 10},
-    "full": {"models": ["mlp", "vgg"], "alphas": [0.1, 0.5, 5.0], "clients": 20, "rounds": 50,
-             "local_epochs": 2, "train_limit": None, "test_limit": None, "model_options": {},
-             "min_size": 10},
-}
+
+
+def _among(what: str, given: Sequence[str], known: Sequence[str]) -> None:
+    bad = [g for g in given if g not in known]
+    if bad or not given:
+        raise ConfigError(f"federated study {what} must be among {', '.join(known)}, got "
+                          f"{', '.join(given) or 'none'}")
+
+
+@dataclass(frozen=True)
+class ScaleConfig(StudyScale, study="federated"):
+    """What a scale fixes (and what a run may replace: models, methods, alphas, rounds).
+    `train_limit` / `test_limit` None: the whole split; `model_options`: per architecture,
+    over `MODELS`."""
+
+    models: tuple[str, ...]
+    alphas: tuple[float, ...]
+    clients: int
+    rounds: int
+    local_epochs: int
+    train_limit: int | None
+    test_limit: int | None
+    model_options: Mapping[str, Mapping[str, Any]]
+    min_size: int
+    methods: tuple[str, ...] = tuple(METHODS)
+
+    def check(self) -> None:
+        _among("models", self.models, list(MODELS))
+        _among("methods", self.methods, list(METHODS))
+        if not self.alphas or any(not a > 0 for a in self.alphas):
+            raise ConfigError(f"federated study alphas must be positive numbers, got "
+                              f"{list(self.alphas)}")
+        if self.rounds < 1:
+            raise ConfigError(f"federated study rounds must be >= 1, got {self.rounds}")
+
+
+ScaleConfig.define("smoke", models=("mlp",), alphas=(0.5,), clients=4, rounds=2, local_epochs=1,
+                   train_limit=400, test_limit=200, model_options={"mlp": {"width": 32}},
+                   min_size=5)
+ScaleConfig.define("quick", models=("mlp",), alphas=(0.1, 0.5, 5.0), clients=20, rounds=15,
+                   local_epochs=2, train_limit=6000, test_limit=2000, model_options={},
+                   min_size=10)
+ScaleConfig.define("full", models=("mlp", "vgg"), alphas=(0.1, 0.5, 5.0), clients=20, rounds=50,
+                   local_epochs=2, train_limit=None, test_limit=None, model_options={},
+                   min_size=10)
 
 
 def study_models(scale: str, models: Sequence[str] | None = None) -> list[str]:
     """The architectures a run covers: the scale's own list unless `models` names others."""
-    if models is None:
-        return list(SCALES[check_scale(scale)]["models"])
-    models = list(models)
-    bad = [m for m in models if m not in MODELS]
-    if bad or not models:
-        raise ConfigError(f"federated study models must be among {', '.join(MODELS)}, got "
-                          f"{', '.join(models) or 'none'}")
-    return models
+    return list(settings(scale, models=models).models)
 
 
 def settings(scale: str, *, models: Sequence[str] | None = None,
              methods: Sequence[str] | None = None, alphas: Sequence[float] | None = None,
-             rounds: int | None = None) -> dict:
-    """The scale's settings with any of its architectures, methods, Dirichlet alphas or number
-    of rounds replaced (each checked: one clear error naming the bad value)."""
-    s = {**SCALES[check_scale(scale)], "models": study_models(scale, models),
-         "methods": list(METHODS)}
-    if methods is not None:
-        methods = list(methods)
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise ConfigError(f"federated study methods must be among {', '.join(METHODS)}, got "
-                              f"{', '.join(methods) or 'none'}")
-        s["methods"] = [m for m in METHODS if m in methods]
-    if alphas is not None:
-        alphas = [float(a) for a in alphas]
-        if not alphas or any(not a > 0 for a in alphas):
-            raise ConfigError(f"federated study alphas must be positive numbers, got {alphas}")
-        s["alphas"] = alphas
-    if rounds is not None:
-        if int(rounds) < 1:
-            raise ConfigError(f"federated study rounds must be >= 1, got {rounds}")
-        s["rounds"] = int(rounds)
-    return s
+             rounds: int | None = None) -> ScaleConfig:
+    """The scale's config with any of its architectures, methods (run in `METHODS` order),
+    Dirichlet alphas or number of rounds replaced (each checked: one clear error naming the
+    bad value)."""
+    cfg = ScaleConfig.at(scale, models=models, methods=methods, alphas=alphas, rounds=rounds)
+    return replace(cfg, methods=tuple(m for m in METHODS if m in cfg.methods))
 
 
 def configs(dataset: str, scale: str, seeds: int, data_root: str | None = None, **overrides):
     """Every (model, alpha, method, seed, FLConfig) of a scale, in run order; `overrides` are
     those of `settings` (models, methods, alphas, rounds)."""
     s = settings(scale, **overrides)
-    for model in s["models"]:
-        opts = {**MODELS[model], **s["model_options"].get(model, {})}
-        for alpha in s["alphas"]:
-            for method in s["methods"]:
+    for model in s.models:
+        opts = {**MODELS[model], **s.model_options.get(model, {})}
+        for alpha in s.alphas:
+            for method in s.methods:
                 over = METHODS[method]
                 for seed in range(seeds):
                     yield model, alpha, method, seed, FLConfig(
-                        dataset=dataset, model=model, model_options=opts, clients=s["clients"],
-                        scheme="dirichlet", alpha=alpha, min_size=s["min_size"],
-                        rounds=s["rounds"], local_epochs=s["local_epochs"], fraction=0.5,
-                        train_limit=s["train_limit"], test_limit=s["test_limit"], seed=seed,
+                        dataset=dataset, model=model, model_options=opts, clients=s.clients,
+                        scheme="dirichlet", alpha=alpha, min_size=s.min_size,
+                        rounds=s.rounds, local_epochs=s.local_epochs, fraction=0.5,
+                        train_limit=s.train_limit, test_limit=s.test_limit, seed=seed,
                         data_root=data_root, **over)
 
 
@@ -207,9 +226,8 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
             if seed == 0 and alpha not in partitions:
                 partitions[alpha] = {**summarize(train.y, parts, train.num_classes),
                                      "classes": list(train.info.classes or [])}
-            res = simulate(build_model(cfg, train), train, test, parts, cfg.make_strategy(),
-                           cfg.local_training(), rounds=cfg.rounds, seed=cfg.seed,
-                           device=device, progress=False)
+            res = simulate_config(cfg, build_model(cfg, train), train, test, parts,
+                                  device=device, progress=False)
             runs.append({"model": model, "alpha": alpha, "method": method, "seed": seed,
                          "final_accuracy": res.final_accuracy, "best_accuracy": res.best_accuracy,
                          "accuracy": res.accuracy_curve(),
@@ -225,20 +243,20 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         name="Federated learning: FedAvg, FedProx, weight decay, WSA, SCAFFOLD, FedDyn, MOON, "
              "FedBN",
         config={"dataset": dataset, "scale": scale, "seeds": seeds, "device": device,
-                **{k: v for k, v in s.items()}, "model_architectures": MODELS,
+                **s.to_dict(), "model_architectures": MODELS,
                 "method_settings": {m: {**METHODS[m], "strategy_options": _strategy_settings(m)}
-                                    for m in s["methods"]}, "fraction": 0.5,
+                                    for m in s.methods}, "fraction": 0.5,
                 "batch_size": 64, "lr": 0.05,
                 "optimizer": "sgd (momentum 0.9)"},
         data={"runs": runs, "partitions": partitions})
-    result.tables["accuracy"] = accuracy_table(runs, s["models"], s["alphas"], seeds, s["rounds"])
-    for model in s["models"]:
+    result.tables["accuracy"] = accuracy_table(runs, list(s.models), list(s.alphas), seeds, s.rounds)
+    for model in s.models:
         acc_panels = {f"alpha={a:g}": {m: [r["accuracy"] for r in runs
                                            if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
-                                       for m in s["methods"]} for a in s["alphas"]}
+                                       for m in s.methods} for a in s.alphas}
         div_panels = {f"alpha={a:g}": {m: [r["scope_divergence"] for r in runs
                                            if (r["model"], r["alpha"], r["method"]) == (model, a, m)]
-                                       for m in s["methods"]} for a in s["alphas"]}
+                                       for m in s.methods} for a in s.alphas}
         result.figures[f"accuracy_{model}"] = fl_round_curves(acc_panels, "test accuracy",
                                                               title=f"{model}: global model")
         result.figures[f"scope_divergence_{model}"] = fl_round_curves(
@@ -247,9 +265,9 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         result.figures[f"partition_alpha{alpha:g}"] = partition_heatmap(
             summ["histogram"], summ["classes"] or None, f"Dirichlet alpha={alpha:g} (seed 0)")
     result.notes.append(
-        f"scale={scale}: models {', '.join(s['models'])}; {s['clients']} clients, 50% sampled per "
-        f"round, {s['rounds']} rounds, {s['local_epochs']} local epochs; training subset "
-        f"{s['train_limit'] or 'all'}, test subset {s['test_limit'] or 'all'} (fixed subsets)."
-        + (" The CNN runs at scale=full, or with --models vgg." if "vgg" not in s["models"] else ""))
+        f"scale={scale}: models {', '.join(s.models)}; {s.clients} clients, 50% sampled per "
+        f"round, {s.rounds} rounds, {s.local_epochs} local epochs; training subset "
+        f"{s.train_limit or 'all'}, test subset {s.test_limit or 'all'} (fixed subsets)."
+        + (" The CNN runs at scale=full, or with --models vgg." if "vgg" not in s.models else ""))
     result.seconds = time.perf_counter() - t_start
     return result

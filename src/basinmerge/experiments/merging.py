@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,14 @@ from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
 from basinmerge.experiments.common import (
     ExperimentResult,
+    StudyScale,
     Table,
-    check_scale,
     fmt_mean_std,
     mean_std,
 )
 from basinmerge.merge._common import StateSource
 from basinmerge.merge.guard import check_members
+from basinmerge.merge.registry import all_methods
 from basinmerge.state import StateDict, with_state
 from basinmerge.train import evaluate, fit, predict_logits
 
@@ -43,53 +45,118 @@ K = 4
 MALICIOUS = ("x1000", "noise", "flip")
 CONDITIONS = ("clean",) + tuple(f"+{m}" for m in MALICIOUS)
 SCALE_GRID = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
-DEFAULT_SEEDS = {"smoke": 1, "quick": 3, "full": 5}
-
-CONFIGS: dict[str, dict[str, Any]] = {
-    "smoke": dict(train_limit=1200, merge_examples=300, width=32, depth=2, base_epochs=4,
-                  ft_epochs=2, soft_steps=40, ada_steps=20, fisher_examples=16,
-                  regmean_examples=200, test_limit=500, scales=(0.5, 1.0)),
-    "quick": dict(train_limit=12000, merge_examples=2000, width=256, depth=2, base_epochs=1,
-                  ft_epochs=2, soft_steps=300, ada_steps=200, fisher_examples=256,
-                  regmean_examples=1000, test_limit=None, scales=SCALE_GRID),
-    "full": dict(train_limit=None, merge_examples=5000, width=512, depth=2, base_epochs=3,
-                 ft_epochs=5, soft_steps=1000, ada_steps=500, fisher_examples=1000,
-                 regmean_examples=2000, test_limit=None, scales=SCALE_GRID),
-}
-
-METHOD_ROWS = ("base model", "best single", "ensemble", "average", "median", "trimmed_mean",
-               "slerp", "task_arithmetic", "ties", "dare", "della", "breadcrumbs", "model_stock",
-               "greedy_soup", "fisher", "regmean", "adamerging (task)", "adamerging (layer)",
-               "soft (tensor units)", "soft (module units)")
 
 
-def study_plan(net: torch.nn.Module, cfg: dict, seed: int) -> list[tuple[str, str, dict, str | None, bool]]:
-    """Every merge the study runs, through the registry (`basinmerge.merge.merge`): (row,
-    method, options, data: None / "merge set" / "merge inputs" / "shards", tune the scale on
-    the merge set). Options not given are the library's defaults."""
-    quiet = {"progress": False}
-    return [
-        ("average", "average", {}, None, False),
-        ("median", "median", {}, None, False),
-        ("trimmed_mean", "trimmed_mean", {"trim": 0.25}, None, False),
-        ("slerp", "slerp", {}, None, False),
-        ("task_arithmetic", "task_arithmetic", {}, None, True),
-        ("ties", "ties", {"density": 0.2}, None, True),
-        ("dare", "dare", {"drop": 0.5, "seed": seed}, None, True),
-        ("della", "della", {"seed": seed}, None, True),
-        ("breadcrumbs", "breadcrumbs", {}, None, True),
-        ("model_stock", "model_stock", {}, None, False),
-        ("greedy_soup", "greedy_soup", {"model": net}, "merge set", False),
-        ("fisher", "fisher", {"model": net}, "shards", False),
-        ("regmean", "regmean", {"alpha": 0.9, "model": net,
-                                "num_examples": cfg["regmean_examples"]}, "shards", False),
-        *[(f"adamerging ({g})", "adamerging", {"granularity": g, "model": net,
-                                               "steps": cfg["ada_steps"], "seed": seed, **quiet},
-           "merge inputs", False) for g in ("task", "layer")],
-        *[(f"soft ({u} units)", "soft", {"units": u, "model": net, "steps": cfg["soft_steps"],
-                                         "seed": seed, **quiet}, "merge set", False)
-          for u in ("tensor", "module")],
-    ]
+@dataclass(frozen=True)
+class ScaleConfig(StudyScale, study="merging"):
+    """What a scale fixes. `train_limit` / `test_limit` None: the whole split; `scales`: the
+    task-vector scales tried on the merge set; `seeds`: how many seeds by default."""
+
+    train_limit: int | None
+    merge_examples: int
+    width: int
+    depth: int
+    base_epochs: int
+    ft_epochs: int
+    soft_steps: int
+    ada_steps: int
+    fisher_examples: int
+    regmean_examples: int
+    test_limit: int | None
+    scales: tuple[float, ...]
+    seeds: int
+
+    def check(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
+
+
+ScaleConfig.define("smoke", train_limit=1200, merge_examples=300, width=32, depth=2,
+                   base_epochs=4, ft_epochs=2, soft_steps=40, ada_steps=20, fisher_examples=16,
+                   regmean_examples=200, test_limit=500, scales=(0.5, 1.0), seeds=1)
+ScaleConfig.define("quick", train_limit=12000, merge_examples=2000, width=256, depth=2,
+                   base_epochs=1, ft_epochs=2, soft_steps=300, ada_steps=200,
+                   fisher_examples=256, regmean_examples=1000, test_limit=None,
+                   scales=SCALE_GRID, seeds=3)
+ScaleConfig.define("full", train_limit=None, merge_examples=5000, width=512, depth=2,
+                   base_epochs=3, ft_epochs=5, soft_steps=1000, ada_steps=500,
+                   fisher_examples=1000, regmean_examples=2000, test_limit=None,
+                   scales=SCALE_GRID, seeds=5)
+
+# The study runs every registered merge method (`basinmerge.merge.registry`), in registry
+# order, with the library's defaults except where these tables say otherwise. What a method
+# gets follows from what it declares: a base when it needs one; the labeled merge set, or its
+# inputs, for labeled / unlabeled data (each member's own shard for PER_MEMBER_DATA); the
+# study's network (option `model`), seed (`seed`) and no progress bar (`progress`) where it
+# has those options; and its `scale` chosen on the merge set from the scale's grid.
+BASELINES = ("base model", "best single", "ensemble")
+SKIPPED = {"weighted": "it needs one weight per model; 'average' is the equal-weight case"}
+STUDY_OPTIONS: dict[str, dict[str, Any]] = {
+    "trimmed_mean": {"trim": 0.25}, "ties": {"density": 0.2}, "dare": {"drop": 0.5},
+    "regmean": {"alpha": 0.9}}
+# Options whose value is a field of the scale config (option -> field).
+SCALE_OPTIONS: dict[str, dict[str, str]] = {
+    "regmean": {"num_examples": "regmean_examples"}, "adamerging": {"steps": "ada_steps"},
+    "soft": {"steps": "soft_steps"}}
+# Methods that run once per value of one option: (option, values, row label format).
+VARIANTS: dict[str, tuple[str, tuple[Any, ...], str]] = {
+    "adamerging": ("granularity", ("task", "layer"), "{}"),
+    "soft": ("units", ("tensor", "module"), "{} units")}
+PER_MEMBER_DATA = frozenset({"fisher", "regmean"})
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One row of the comparison: its label, the registered method and its fixed options."""
+
+    row: str
+    method: str
+    options: dict[str, Any]
+
+    @property
+    def data(self) -> str | None:
+        """What data the method gets: None, "merge set", "merge inputs" or "shards"."""
+        needs = M.METHODS[self.method].needs_data
+        if needs is None:
+            return None
+        if self.method in PER_MEMBER_DATA:
+            return "shards"
+        return "merge set" if needs == "labeled" else "merge inputs"
+
+    @property
+    def tune(self) -> bool:
+        """True when the method's `scale` is chosen on the merge set."""
+        return "scale" in M.METHODS[self.method].options
+
+
+def study_rows() -> list[PlanRow]:
+    """Every merge the study runs, derived from the registry and the tables above."""
+    rows = []
+    for m in all_methods():
+        if m.name in SKIPPED:
+            continue
+        option, values, label = VARIANTS.get(m.name, ("", (None,), ""))
+        for value in values:
+            extra = {option: value} if option else {}
+            name = f"{m.name} ({label.format(value)})" if option else m.name
+            rows.append(PlanRow(name, m.name, {**STUDY_OPTIONS.get(m.name, {}), **extra}))
+    return rows
+
+
+def study_plan(net: torch.nn.Module, cfg: ScaleConfig, seed: int) -> list[tuple[PlanRow, dict]]:
+    """Every row with its full options for one seed (see the tables above); options not
+    given are the library's defaults."""
+    plan = []
+    for row in study_rows():
+        declared = M.METHODS[row.method].options
+        runtime = {"model": net, "seed": seed, "progress": False}
+        opts = {k: v for k, v in runtime.items() if k in declared}
+        opts.update({k: getattr(cfg, f) for k, f in SCALE_OPTIONS.get(row.method, {}).items()})
+        plan.append((row, {**opts, **row.options}))
+    return plan
+
+
+METHOD_ROWS = BASELINES + tuple(r.row for r in study_rows())
 
 
 def skewed_shards(y: torch.Tensor, k: int, dominant: float, generator: torch.Generator) -> list[torch.Tensor]:
@@ -152,7 +219,7 @@ def _record_info(method: str, opts: dict, info: dict, ada: dict, gates: dict) ->
 
 
 def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict],
-                  shard_data: list, merge_set, test, cfg: dict, seed: int,
+                  shard_data: list, merge_set, test, cfg: ScaleConfig, seed: int,
                   fishers: list[StateDict | None]) -> tuple[dict, dict, dict]:
     """Accuracy (and seconds) of every method for one set of members. `fishers` holds the
     members' diagonal Fishers already computed (None: compute; filled in place), so the clean
@@ -172,12 +239,13 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
     vals = [val_acc(s) for s in members]
     acc["best single"] = test_acc(members[max(range(len(members)), key=lambda i: vals[i])])
     acc["ensemble"] = _ensemble_accuracy(net, members, test)
-    scales = cfg["scales"]
+    scales = cfg.scales
     chosen: dict[str, float] = {}
     ada: dict[str, dict] = {}
     gates: dict[str, list] = {}
     datas = {None: None, "merge set": merge_set, "merge inputs": val_x, "shards": shard_data}
-    for row, method, options, data_kind, tune in study_plan(net, cfg, seed):
+    for plan_row, options in study_plan(net, cfg, seed):
+        row, method = plan_row.row, plan_row.method
         m = M.METHODS[method]
         opts = dict(options)
         t0 = time.perf_counter()
@@ -185,17 +253,17 @@ def run_condition(net: torch.nn.Module, base: StateDict, members: list[StateDict
             for i, f in enumerate(fishers):
                 if f is None:
                     fishers[i] = M.diagonal_fisher(net, members[i], shard_data[i],
-                                                   num_examples=cfg["fisher_examples"])
+                                                   num_examples=cfg.fisher_examples)
             opts["fishers"] = fishers
 
         def build(scale: float | None = None, method=method, m=m, opts=opts,
-                  data_kind=data_kind) -> tuple[StateDict, dict]:
+                  data_kind=plan_row.data) -> tuple[StateDict, dict]:
             extra_opts: dict[str, Any] = {} if scale is None else {"scale": scale}
             return M.merge(members, method, base=base if m.needs_base else None,
                            data=datas[data_kind], return_info=True, **opts, **extra_opts)
 
         info: dict
-        if tune:
+        if plan_row.tune:
             def merged(sc: float, build=build) -> StateDict:
                 return build(sc)[0]
 
@@ -218,21 +286,18 @@ def run(*, dataset: str | None = None, scale: str = "quick", seeds: int | None =
         seed: int = 0, out: str | Path | None = None, device: str = "cpu",
         root: str | None = None, progress: bool = True) -> ExperimentResult:
     """Run the merging study over seeds ``seed .. seed + seeds - 1`` (default count per scale:
-    `DEFAULT_SEEDS`); `dataset` defaults to Fashion-MNIST, else MNIST-1D. `out` is only
+    the scale's `seeds`); `dataset` defaults to Fashion-MNIST, else MNIST-1D. `out` is only
     recorded (the CLI writes the result there)."""
-    check_scale(scale)
-    cfg = dict(CONFIGS[scale])
-    seeds = DEFAULT_SEEDS[scale] if seeds is None else int(seeds)
-    if seeds < 1:
-        raise ConfigError(f"seeds must be >= 1, got {seeds}")
+    cfg = ScaleConfig.at(scale, seeds=seeds)
+    seeds = cfg.seeds
     if dataset is None:
         dataset = data_mod.first_available(("fashion-mnist", "mnist1d"))
     t_start = time.perf_counter()
     train_full = data_mod.load(dataset, "train", root)
     test = data_mod.load(dataset, "test", root)
-    if cfg["test_limit"] is not None and cfg["test_limit"] < len(test):
-        test = test.subset(cfg["test_limit"], seed=0)
-    limit = cfg["train_limit"]
+    if cfg.test_limit is not None and cfg.test_limit < len(test):
+        test = test.subset(cfg.test_limit, seed=0)
+    limit = cfg.train_limit
     if limit is not None and limit >= len(train_full):
         limit = None
     per_seed: list[dict] = []
@@ -242,19 +307,19 @@ def run(*, dataset: str | None = None, scale: str = "quick", seeds: int | None =
             g = torch.Generator().manual_seed(1000 + seed)
             pool_all = train_full.subset(limit, seed=seed) if limit is not None else train_full
             perm = torch.randperm(len(pool_all), generator=g)
-            n_merge = min(cfg["merge_examples"], len(pool_all) // 5)
+            n_merge = min(cfg.merge_examples, len(pool_all) // 5)
             merge_set = pool_all.subset(perm[:n_merge])
             pool = pool_all.subset(perm[n_merge:])
             net = models.build("mlp", train_full.input_shape, train_full.num_classes, seed=seed,
-                               width=cfg["width"], depth=cfg["depth"]).to(device)
-            fit(net, pool, optimizer="sgd", lr=0.05, epochs=cfg["base_epochs"], seed=seed,
+                               width=cfg.width, depth=cfg.depth).to(device)
+            fit(net, pool, optimizer="sgd", lr=0.05, epochs=cfg.base_epochs, seed=seed,
                 progress=False, device=device)
             base = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             shards = skewed_shards(pool.y, K, 0.8, g)
             members, shard_data = [], []
             for i, idx in enumerate(shards):
                 m = copy.deepcopy(net)
-                fit(m, pool.subset(idx), optimizer="sgd", lr=0.05, epochs=cfg["ft_epochs"],
+                fit(m, pool.subset(idx), optimizer="sgd", lr=0.05, epochs=cfg.ft_epochs,
                     seed=seed * 100 + i, progress=False, device=device)
                 members.append({k: v.detach().cpu().clone() for k, v in m.state_dict().items()})
                 shard_data.append(pool.subset(idx))
@@ -277,7 +342,7 @@ def run(*, dataset: str | None = None, scale: str = "quick", seeds: int | None =
                    time.perf_counter() - t_start)
 
 
-def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict], out,
+def _result(dataset: str, scale: str, seeds: int, cfg: ScaleConfig, per_seed: list[dict], out,
             n_train: int, limit: int | None, seconds: float) -> ExperimentResult:
     rows = []
     series: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in CONDITIONS}
@@ -321,24 +386,24 @@ def _result(dataset: str, scale: str, seeds: int, cfg: dict, per_seed: list[dict
                              fmt_mean_std([rec["entropy_last"] for rec in recs], 3)])
     sub = (f"a random {limit:,}-example subset of the {n_train:,} training examples"
            if limit is not None else f"all {n_train:,} training examples")
-    notes = [f"Trained on {sub}; {cfg['merge_examples']:,} of them are held out as the merge set "
+    notes = [f"Trained on {sub}; {cfg.merge_examples:,} of them are held out as the merge set "
              f"(greedy soup, soft merging, AdaMerging inputs, scale choice).",
-             f"MLP {cfg['depth']}x{cfg['width']}, base {cfg['base_epochs']} epoch(s) SGD 0.05; "
-             f"K = {K} fine-tunes, {cfg['ft_epochs']} epoch(s) each on a class-skewed shard.",
+             f"MLP {cfg.depth}x{cfg.width}, base {cfg.base_epochs} epoch(s) SGD 0.05; "
+             f"K = {K} fine-tunes, {cfg.ft_epochs} epoch(s) each on a class-skewed shard.",
              "task_arithmetic / ties (density 0.2) / dare (drop 0.5, then task arithmetic) / della "
              "(drop 0.7, epsilon 0.1) / breadcrumbs (beta 0.01, gamma 0.85): scale chosen on the "
-             f"merge set from {list(cfg['scales'])}; slerp: the pairwise chain over the members; "
+             f"merge set from {list(cfg.scales)}; slerp: the pairwise chain over the members; "
              "model_stock: no parameter.",
-             f"fisher / regmean: each member on {cfg['fisher_examples']} / "
-             f"{cfg['regmean_examples']} examples of its own shard (the malicious copy on member "
-             f"0's shard); adamerging: {cfg['ada_steps']} steps on unlabeled merge-set inputs; "
-             f"soft: {cfg['soft_steps']} SGD steps on the labeled merge set (library defaults "
+             f"fisher / regmean: each member on {cfg.fisher_examples} / "
+             f"{cfg.regmean_examples} examples of its own shard (the malicious copy on member "
+             f"0's shard); adamerging: {cfg.ada_steps} steps on unlabeled merge-set inputs; "
+             f"soft: {cfg.soft_steps} SGD steps on the labeled merge set (library defaults "
              "otherwise)."]
     result = ExperimentResult(
         name="merging",
         config={"dataset": dataset, "scale": scale, "seeds": seeds,
-                "first_seed": per_seed[0]["seed"], "K": K, **cfg,
-                "scales": list(cfg["scales"]), "out": str(out) if out is not None else None},
+                "first_seed": per_seed[0]["seed"], "K": K, **cfg.to_dict(),
+                "scales": list(cfg.scales), "out": str(out) if out is not None else None},
         tables={
             "test accuracy": Table(["method"] + [c for c in CONDITIONS] + ["seconds (clean)"], rows,
                                    f"Test accuracy (mean ± std over {seeds} seed(s)); '+x1000' etc. "

@@ -50,8 +50,9 @@ from basinmerge.data import Dataset
 from basinmerge.errors import ConfigError
 from basinmerge.experiments.common import (
     ExperimentResult,
+    StudyScale,
     Table,
-    check_scale,
+    cpu_threads,
     fmt_mean_std,
     mean_std,
 )
@@ -112,7 +113,7 @@ CONDITIONS: dict[str, Condition] = {c.name: c for c in (
 
 
 @dataclass(frozen=True)
-class ScaleConfig:
+class ScaleConfig(StudyScale, study="mode_connectivity"):
     """Everything a scale fixes. `train_limit`/`eval_train`/`eval_test` None: the whole split."""
 
     train_limit: int | None
@@ -130,21 +131,23 @@ class ScaleConfig:
     dirichlet_alpha: float = 0.5
     reference: RunConfig = BASE
 
+    def check(self) -> None:
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be >= 1, got {self.seeds}")
 
-SCALE_CONFIGS: dict[str, ScaleConfig] = {
-    "smoke": ScaleConfig(train_limit=256, epochs=3, points=5, eval_train=256, eval_test=256,
-                         model_cfg={"mlp": {"width": 32, "depth": 1}, "vgg": {"width": 0.125},
-                                    "resnet20": {"width": 1}},
-                         kl_grid=(0.1,), w2_grid=(300.0,), seeds=1, refresh_every=2),
-    "quick": ScaleConfig(train_limit=10_000, epochs=3, points=11, eval_train=2_000, eval_test=5_000,
-                         model_cfg={"mlp": {"width": 256, "depth": 2}, "vgg": {"width": 0.5},
-                                    "resnet20": {"width": 1}},
-                         kl_grid=(0.01, 0.1), w2_grid=(100.0, 1000.0), seeds=3),
-    "full": ScaleConfig(train_limit=None, epochs=20, points=25, eval_train=10_000, eval_test=None,
-                        model_cfg={"mlp": {"width": 512, "depth": 2}, "vgg": {"width": 1.0},
-                                   "resnet20": {"width": 2}},
-                        kl_grid=(1e-3, 1e-2, 1e-1, 1.0), w2_grid=(100.0, 300.0, 1000.0), seeds=5),
-}
+
+ScaleConfig.define("smoke", train_limit=256, epochs=3, points=5, eval_train=256, eval_test=256,
+                   model_cfg={"mlp": {"width": 32, "depth": 1}, "vgg": {"width": 0.125},
+                              "resnet20": {"width": 1}},
+                   kl_grid=(0.1,), w2_grid=(300.0,), seeds=1, refresh_every=2)
+ScaleConfig.define("quick", train_limit=10_000, epochs=3, points=11, eval_train=2_000,
+                   eval_test=5_000, model_cfg={"mlp": {"width": 256, "depth": 2},
+                                               "vgg": {"width": 0.5}, "resnet20": {"width": 1}},
+                   kl_grid=(0.01, 0.1), w2_grid=(100.0, 1000.0), seeds=3)
+ScaleConfig.define("full", train_limit=None, epochs=20, points=25, eval_train=10_000,
+                   eval_test=None, model_cfg={"mlp": {"width": 512, "depth": 2},
+                                              "vgg": {"width": 1.0}, "resnet20": {"width": 2}},
+                   kl_grid=(1e-3, 1e-2, 1e-1, 1.0), w2_grid=(100.0, 300.0, 1000.0), seeds=5)
 
 # --------------------------------------------------------------------------- treatments
 
@@ -435,10 +438,8 @@ def run(*, dataset: str = "fashion-mnist", model: str = "mlp", scale: str = "qui
     studies (the CLI writes the result); nothing is cached on disk. `threads`: torch threads on
     the CPU during the run (1 is fastest on a shared 2-core machine), restored afterwards."""
     del out
-    cfg = SCALE_CONFIGS[check_scale(scale)]
-    n_seeds = cfg.seeds if seeds is None else int(seeds)
-    if n_seeds < 1:
-        raise ConfigError(f"seeds must be >= 1, got {n_seeds}")
+    cfg = ScaleConfig.at(scale, seeds=seeds)
+    n_seeds = cfg.seeds
     cond_names = list(conditions) if conditions else list(CONDITIONS)
     for c in cond_names:
         if c not in CONDITIONS:
@@ -446,15 +447,10 @@ def run(*, dataset: str = "fashion-mnist", model: str = "mlp", scale: str = "qui
     treats = treatment_list(cfg, treatments)
     model_cfg = _model_config(model, cfg)
 
-    old_threads = torch.get_num_threads()
-    if threads and str(device).startswith("cpu"):
-        torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    try:
+    with cpu_threads(threads, device):
         records, curves, weights = _run_all(dataset, model, model_cfg, cfg, n_seeds, cond_names,
                                             treats, device, root, progress)
-    finally:
-        torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
     result = _report(dataset, model, model_cfg, scale, cfg, n_seeds, cond_names, treats, records,
                      curves, weights, device)

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from basinmerge import data as data_mod
@@ -32,7 +31,13 @@ from basinmerge.connectivity import Curve, barriers, interpolate
 from basinmerge.console import progress_task
 from basinmerge.data import Dataset
 from basinmerge.errors import ConfigError
-from basinmerge.experiments.common import ExperimentResult, Table, check_scale, mean_std
+from basinmerge.experiments.common import (
+    ExperimentResult,
+    StudyScale,
+    Table,
+    cpu_threads,
+    mean_std,
+)
 from basinmerge.state import weighted_average, with_state
 from basinmerge.train import evaluate, fit, has_batchnorm, reset_bn_stats
 
@@ -40,7 +45,10 @@ METHODS = ("naive", "weight", "activation", "ste")
 
 
 @dataclass(frozen=True)
-class ScaleConfig:
+class ScaleConfig(StudyScale, study="rebasin"):
+    """What a scale fixes: the MLP widths and conv nets, their training, the evaluation sizes
+    and the number of model pairs (`pairs`; conv nets at most `conv_pairs`)."""
+
     mlp_widths: tuple[int, ...]
     mlp_depth: int
     train_limit: int | None       # MLP training subset (None: all)
@@ -62,28 +70,30 @@ class ScaleConfig:
     conv_weight_decay: float = 0.0
     conv_schedule: str = "constant"
 
+    def check(self) -> None:
+        if self.pairs < 1:
+            raise ConfigError(f"seeds (pairs of models) must be >= 1, got {self.pairs}")
 
-SCALE_CONFIGS = {
-    "smoke": ScaleConfig(mlp_widths=(16, 32), mlp_depth=2, train_limit=300, epochs=1,
-                         conv=(("vgg", "batch", 0.125), ("resnet20", "layer", 1)),
-                         conv_train_limit=100, conv_epochs=1, eval_limit=100, stats_examples=100,
-                         num_points=3, ste_steps=2, ste_on_conv=True, pairs=1, conv_pairs=1,
-                         merge_width=16),
-    "quick": ScaleConfig(mlp_widths=(128, 512, 1024), mlp_depth=3, train_limit=10000, epochs=2,
-                         conv=(("vgg", "batch", 0.25), ("vgg", "layer", 0.25),
-                               ("resnet20", "batch", 1), ("resnet20", "layer", 1)),
-                         conv_train_limit=4000, conv_epochs=3, eval_limit=1000,
-                         stats_examples=1000, num_points=7, ste_steps=20, ste_on_conv=False,
-                         pairs=2, conv_pairs=1, merge_width=512),
-    "full": ScaleConfig(mlp_widths=(128, 256, 512, 1024, 2048), mlp_depth=3, train_limit=None,
-                        epochs=10, conv=(("vgg", "batch", 1.0), ("vgg", "layer", 1.0),
-                                         ("resnet20", "batch", 1), ("resnet20", "layer", 1),
-                                         ("resnet20", "batch", 4), ("resnet20", "layer", 4)),
-                        conv_train_limit=None, conv_epochs=20, eval_limit=None,
-                        stats_examples=5000, num_points=25, ste_steps=300, ste_on_conv=True,
-                        pairs=3, conv_pairs=3, merge_width=512, conv_optimizer="adamw",
-                        conv_weight_decay=0.05, conv_schedule="cosine"),
-}
+
+ScaleConfig.define("smoke", mlp_widths=(16, 32), mlp_depth=2, train_limit=300, epochs=1,
+                   conv=(("vgg", "batch", 0.125), ("resnet20", "layer", 1)),
+                   conv_train_limit=100, conv_epochs=1, eval_limit=100, stats_examples=100,
+                   num_points=3, ste_steps=2, ste_on_conv=True, pairs=1, conv_pairs=1,
+                   merge_width=16)
+ScaleConfig.define("quick", mlp_widths=(128, 512, 1024), mlp_depth=3, train_limit=10000, epochs=2,
+                   conv=(("vgg", "batch", 0.25), ("vgg", "layer", 0.25),
+                         ("resnet20", "batch", 1), ("resnet20", "layer", 1)),
+                   conv_train_limit=4000, conv_epochs=3, eval_limit=1000,
+                   stats_examples=1000, num_points=7, ste_steps=20, ste_on_conv=False,
+                   pairs=2, conv_pairs=1, merge_width=512)
+ScaleConfig.define("full", mlp_widths=(128, 256, 512, 1024, 2048), mlp_depth=3, train_limit=None,
+                   epochs=10, conv=(("vgg", "batch", 1.0), ("vgg", "layer", 1.0),
+                                    ("resnet20", "batch", 1), ("resnet20", "layer", 1),
+                                    ("resnet20", "batch", 4), ("resnet20", "layer", 4)),
+                   conv_train_limit=None, conv_epochs=20, eval_limit=None,
+                   stats_examples=5000, num_points=25, ste_steps=300, ste_on_conv=True,
+                   pairs=3, conv_pairs=3, merge_width=512, conv_optimizer="adamw",
+                   conv_weight_decay=0.05, conv_schedule="cosine")
 
 
 @dataclass(frozen=True)
@@ -274,10 +284,8 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
     (1 is fastest on a shared 2-core machine), restored afterwards. `out` is unused (the CLI
     writes the result)."""
     del out
-    cfg = SCALE_CONFIGS[check_scale(scale)]
-    pairs = cfg.pairs if seeds is None else int(seeds)
-    if pairs < 1:
-        raise ConfigError(f"seeds (pairs of models) must be >= 1, got {pairs}")
+    cfg = ScaleConfig.at(scale, pairs=seeds)
+    pairs = cfg.pairs
     train = data_mod.load(dataset, "train", root)
     test = data_mod.load(dataset, "test", root)
     image = len(train.input_shape) == 3
@@ -285,15 +293,12 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
     splits = {"train": _limit(train, cfg.eval_limit, 1), "test": _limit(test, cfg.eval_limit, 2)}
     stats = _limit(train, cfg.stats_examples, 3)
 
-    old_threads = torch.get_num_threads()
-    if threads and str(device).startswith("cpu"):
-        torch.set_num_threads(threads)
     t_start = time.perf_counter()
     records: list[dict] = []
     example_curves: dict[str, Curve] = {}
     zoo = _Models(train, cfg, device)
     example_width = cfg.merge_width if cfg.merge_width in cfg.mlp_widths else max(cfg.mlp_widths)
-    try:
+    with cpu_threads(threads, device):
         jobs = [(arch, p) for arch in archs for p in range(pairs if arch.is_mlp else min(pairs, cfg.conv_pairs))]
         with progress_task("rebasin", len(jobs) + 1, enabled=progress) as advance:
             for arch, p in jobs:
@@ -309,8 +314,6 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
             mm_models = [zoo.get(mm_arch, s) for s in range(4)]
             mm_rows, mm_raw = _merge_many_rows(mm_models, stats, splits["test"], seed=0)
             advance(1, model="merge-many")
-    finally:
-        torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t_start
 
     result = ExperimentResult("rebasin", {"dataset": dataset, "scale": scale, "pairs": pairs,

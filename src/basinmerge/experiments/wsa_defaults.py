@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -27,7 +26,8 @@ from basinmerge import data as data_mod
 from basinmerge import models
 from basinmerge.connectivity import barriers, interpolate
 from basinmerge.console import progress_task
-from basinmerge.experiments.common import ExperimentResult, Table, check_scale, fmt_mean_std
+from basinmerge.errors import ConfigError
+from basinmerge.experiments.common import ExperimentResult, StudyScale, Table, fmt_mean_std
 from basinmerge.scope import (
     divergence,
     excess_kurtosis,
@@ -58,15 +58,37 @@ VARIANTS = (
     Variant("w2 λ=300", "w2", 300.0),
 )
 
-SCALES: dict[str, dict[str, Any]] = {
-    # dataset, train examples, eval examples, width, epochs, seeds, variants
-    "smoke": dict(dataset="digits", train=None, evaluate=None, width=32, epochs=6, seeds=(0,),
-                  variants=("none", "kl λ=1")),
-    "quick": dict(dataset="fashion-mnist", train=10_000, evaluate=5_000, width=512, epochs=3,
-                  seeds=(0, 1, 2), variants=tuple(v.name for v in VARIANTS)),
-    "full": dict(dataset="fashion-mnist", train=None, evaluate=None, width=512, epochs=10,
-                 seeds=(0, 1, 2, 3, 4), variants=tuple(v.name for v in VARIANTS)),
-}
+
+
+@dataclass(frozen=True)
+class ScaleConfig(StudyScale, study="wsa_defaults"):
+    """What a scale fixes: the dataset, training examples and evaluated examples (None: all),
+    the MLP width, epochs, seeds and the variants compared (names in `VARIANTS`)."""
+
+    dataset: str
+    train: int | None
+    evaluate: int | None
+    width: int
+    epochs: int
+    seeds: tuple[int, ...]
+    variants: tuple[str, ...]
+
+    def check(self) -> None:
+        known = [v.name for v in VARIANTS]
+        bad = [v for v in self.variants if v not in known]
+        if bad or not self.variants:
+            raise ConfigError(f"wsa_defaults study variants must be among {', '.join(known)}, "
+                              f"got {', '.join(self.variants) or 'none'}")
+        if not self.seeds:
+            raise ConfigError("wsa_defaults study seeds: give at least one seed")
+
+
+ScaleConfig.define("smoke", dataset="digits", train=None, evaluate=None, width=32, epochs=6,
+                   seeds=(0,), variants=("none", "kl λ=1"))
+ScaleConfig.define("quick", dataset="fashion-mnist", train=10_000, evaluate=5_000, width=512,
+                   epochs=3, seeds=(0, 1, 2), variants=tuple(v.name for v in VARIANTS))
+ScaleConfig.define("full", dataset="fashion-mnist", train=None, evaluate=None, width=512,
+                   epochs=10, seeds=(0, 1, 2, 3, 4), variants=tuple(v.name for v in VARIANTS))
 INITS = ("shared", "independent")
 
 
@@ -116,31 +138,29 @@ def run(*, dataset: str | None = None, scale: str = "quick", seeds: Sequence[int
         out=None, device: str = "cpu", refresh_every: int = 5,
         variants: Sequence[str] | None = None, inits: Sequence[str] = INITS) -> ExperimentResult:
     """Train the SGD/Adam pairs of every (variant, init, seed) and tabulate mean ± std."""
-    cfg = dict(SCALES[check_scale(scale)])
-    dataset = dataset or cfg["dataset"]
-    seeds = tuple(seeds) if seeds is not None else cfg["seeds"]
-    names = tuple(variants) if variants is not None else cfg["variants"]
+    cfg = ScaleConfig.at(scale, dataset=dataset or None, seeds=seeds, variants=variants)
+    dataset, seeds, names = cfg.dataset, cfg.seeds, cfg.variants
     by_name = {v.name: v for v in VARIANTS}
     chosen = [by_name[n] for n in names]
     t0 = time.perf_counter()
     train = data_mod.load(dataset, "train")
     test = data_mod.load(dataset, "test")
-    if cfg["train"] is not None and cfg["train"] < len(train):
-        train = train.subset(cfg["train"], seed=0)
-    n_eval = cfg["evaluate"]
+    if cfg.train is not None and cfg.train < len(train):
+        train = train.subset(cfg.train, seed=0)
+    n_eval = cfg.evaluate
     evals = {"train": train.subset(min(n_eval, len(train)), seed=1) if n_eval else train,
              "test": test.subset(min(n_eval, len(test)), seed=1) if n_eval else test}
     records = []
     jobs = [(v, i, s) for i in inits for v in chosen for s in seeds]
     with progress_task("wsa defaults", len(jobs)) as advance:
         for v, init, s in jobs:
-            records.append(_pair(v, init, s, train, test, evals, cfg["width"], cfg["epochs"],
+            records.append(_pair(v, init, s, train, test, evals, cfg.width, cfg.epochs,
                                  refresh_every, device))
             advance(1, variant=v.name, init=init, seed=s)
     result = ExperimentResult(
         name="WSA regularizer defaults",
         config={"dataset": dataset, "scale": scale, "seeds": list(seeds), **{
-            k: cfg[k] for k in ("train", "evaluate", "width", "epochs")},
+            k: getattr(cfg, k) for k in ("train", "evaluate", "width", "epochs")},
             "refresh_every": refresh_every, "variants": list(names), "inits": list(inits),
             "sgd": {"lr": 0.05, "momentum": 0.9}, "adam": {"lr": 1e-3}, "batch_size": 128},
         data={"records": records},

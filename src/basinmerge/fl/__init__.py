@@ -29,7 +29,13 @@ from basinmerge.fl.client import (
     client_update,
     derive_seed,
 )
-from basinmerge.fl.config import FLConfig, build_model, build_partitions, load_data
+from basinmerge.fl.config import (
+    FLConfig,
+    build_model,
+    build_partitions,
+    load_data,
+    simulate_config,
+)
 from basinmerge.fl.partition import SCHEMES, class_histogram, partition, summarize
 from basinmerge.fl.simulator import SimulationResult, simulate
 from basinmerge.fl.strategies import WSA, FedAvg, FedBN, FedDyn, FedProx, Moon, Scaffold
@@ -52,5 +58,6 @@ __all__ = [
     "SimulationResult", "Strategy", "WSA", "aggregate", "build_model", "build_partitions",
     "class_histogram", "client_update", "coordinate_median", "derive_seed", "fedavg",
     "load_data", "make_strategy", "partition", "scope_spread", "screen_updates", "simulate",
+    "simulate_config",
     "summarize", "trimmed_mean",
 ]

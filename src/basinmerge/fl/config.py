@@ -3,15 +3,18 @@
 `FLConfig` names a run completely (dataset, model, partition, local training, strategy, seed):
 the embedded simulator stores it in its checkpoints and refuses to resume under another one,
 and the Flower apps rebuild the same data, partitions, model and strategy from it on every
-node. `build(config)` returns those pieces.
+node. `load_data`, `build_partitions` and `build_model` build those pieces from it, and
+`simulate_config` runs it in the embedded simulator.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import torch
 from torch import nn
 
 from basinmerge import data as data_mod
@@ -20,11 +23,15 @@ from basinmerge.data import Dataset
 from basinmerge.errors import ConfigError
 from basinmerge.fl.client import LocalTraining
 from basinmerge.fl.partition import SCHEMES, partition
+from basinmerge.fl.simulator import SimulationResult, simulate
 from basinmerge.fl.strategy import Strategy, check_fraction, make_strategy, strategy_class
 
 # Flat options of earlier releases, read into `strategy_options` when the strategy has them.
 LEGACY_OPTIONS = {"mu": "mu", "wsa_lambda": "lambda", "wsa_target": "target",
                   "divergence": "divergence", "fusion": "fusion"}
+
+
+_LOCAL = LocalTraining()
 
 
 @dataclass(frozen=True)
@@ -38,12 +45,12 @@ class FLConfig:
     classes_per_client: int = 2
     min_size: int = 10
     rounds: int = 50
-    local_epochs: int = 2
-    batch_size: int = 64
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    local_epochs: int = _LOCAL.epochs  # local training: LocalTraining's defaults
+    batch_size: int = _LOCAL.batch_size
+    lr: float = _LOCAL.lr
+    optimizer: str = _LOCAL.optimizer
+    momentum: float = _LOCAL.momentum
+    weight_decay: float = _LOCAL.weight_decay
     fraction: float = 0.5
     strategy: str = "fedavg"
     strategy_options: dict = field(default_factory=dict)
@@ -134,3 +141,11 @@ def build_partitions(cfg: FLConfig, train: Dataset) -> list:
     return partition(train.y, cfg.clients, cfg.scheme, alpha=cfg.alpha,
                      classes_per_client=cfg.classes_per_client, min_size=cfg.min_size,
                      seed=cfg.seed)
+
+
+def simulate_config(cfg: FLConfig, model: nn.Module, train: Dataset, test: Dataset,
+                    partitions: Sequence[torch.Tensor], **options: Any) -> SimulationResult:
+    """`simulate` the run `cfg` names (its strategy, local training, rounds and seed) from
+    `model`'s weights; `options` are simulate's others (out, resume, device, progress, ...)."""
+    return simulate(model, train, test, partitions, cfg.make_strategy(), cfg.local_training(),
+                    rounds=cfg.rounds, seed=cfg.seed, **options)
