@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io as _bytesio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from basinmerge.console import markdown_table
@@ -30,24 +30,38 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _parts(r: Any) -> Iterator[tuple[str, str, Any]]:
+    """A result's parts in report order, as (kind, name, value): its command (if any), time,
+    notes, tables and figures. Each report format renders every kind."""
+    if r.command:
+        yield "command", "", r.command
+    yield "time", "", r.seconds
+    for note in r.notes:
+        yield "note", "", note
+    for name, t in r.tables.items():
+        yield "table", name, t
+    for name, fig in r.figures.items():
+        yield "figure", name, fig
+
+
 def result_markdown(r: Any, level: int = 2, figure_prefix: str = "") -> str:
     """One result as Markdown: a heading of `level`, its command, time and notes, its tables
     one level down, and its figures (PNG files under `figure_prefix`)."""
     h = "#" * level
-    lines = [f"{h} {r.name}\n"]
-    if r.command:
-        lines.append(f"Command: `{r.command}`  ")
-    lines.append(f"Time: {r.seconds:.0f} s\n")
-    for note in r.notes:
-        lines.append(f"> {note}\n")
-    for name, t in r.tables.items():
-        lines.append(f"{h}# {name}\n")
-        if t.caption:
-            lines.append(t.caption + "\n")
-        lines.append(markdown_table(t.columns, t.rows))
     prefix = figure_prefix.rstrip("/") + "/" if figure_prefix else ""
-    for name in r.figures:
-        lines.append(f"![{name}]({prefix}{name}.png)\n")
+
+    def table(name: str, t: Any) -> str:
+        return "\n".join([f"{h}# {name}\n"] + ([t.caption + "\n"] if t.caption else [])
+                         + [markdown_table(t.columns, t.rows)])
+
+    render: dict[str, Callable[[str, Any], str]] = {
+        "command": lambda _, v: f"Command: `{v}`  ",
+        "time": lambda _, v: f"Time: {v:.0f} s\n",
+        "note": lambda _, v: f"> {v}\n",
+        "table": table,
+        "figure": lambda name, _: f"![{name}]({prefix}{name}.png)\n",
+    }
+    lines = [f"{h} {r.name}\n"] + [render[kind](name, v) for kind, name, v in _parts(r)]
     return "\n".join(lines) + "\n"
 
 
@@ -90,27 +104,36 @@ def html_report(title: str, results: Sequence[Any], *, header: Mapping[str, Any]
     out.append("<nav><ul>" + "".join(f'<li><a href="#r{i}">{e(r.name)}</a></li>'
                                      for i, r in enumerate(results)) + "</ul></nav>")
     for i, r in enumerate(results):
-        out.append(f'<section id="r{i}"><h2>{e(r.name)}</h2>')
-        if r.command:
-            out.append(f"<p>Command: <code>{e(r.command)}</code></p>")
-        out.append(f"<p>Time: {r.seconds:.0f} s</p>")
-        for note in r.notes:
-            out.append(f"<blockquote>{e(note)}</blockquote>")
-        for name, t in r.tables.items():
-            out.append(f"<h3>{e(name)}</h3>")
-            if t.caption:
-                out.append(f"<p>{e(t.caption)}</p>")
-            out.append("<table><thead><tr>" + "".join(f"<th>{e(str(c))}</th>" for c in t.columns)
-                       + "</tr></thead><tbody>")
-            for row in t.rows:
-                out.append("<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in row) + "</tr>")
-            out.append("</tbody></table>")
-        given = (figures or {}).get(r.name, {})
-        for name, fig in r.figures.items():
-            png = given.get(name) or figure_png(fig)
-            b64 = base64.b64encode(png).decode("ascii")
-            out.append(f'<figure><img alt="{e(name)}" src="data:image/png;base64,{b64}">'
-                       f"<figcaption>{e(name)}</figcaption></figure>")
-        out.append("</section>")
+        out += _html_result(i, r, (figures or {}).get(r.name, {}))
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def _html_table(name: str, t: Any) -> str:
+    e = html.escape
+    return "\n".join(
+        [f"<h3>{e(name)}</h3>"] + ([f"<p>{e(t.caption)}</p>"] if t.caption else [])
+        + ["<table><thead><tr>" + "".join(f"<th>{e(str(c))}</th>" for c in t.columns)
+           + "</tr></thead><tbody>"]
+        + ["<tr>" + "".join(f"<td>{e(_cell(v))}</td>" for v in row) + "</tr>" for row in t.rows]
+        + ["</tbody></table>"])
+
+
+def _html_result(i: int, r: Any, pngs: Mapping[str, bytes]) -> list[str]:
+    """One result's section; a figure's PNG comes from `pngs` or is rendered."""
+    e = html.escape
+
+    def figure(name: str, fig: Any) -> str:
+        b64 = base64.b64encode(pngs.get(name) or figure_png(fig)).decode("ascii")
+        return (f'<figure><img alt="{e(name)}" src="data:image/png;base64,{b64}">'
+                f"<figcaption>{e(name)}</figcaption></figure>")
+
+    render: dict[str, Callable[[str, Any], str]] = {
+        "command": lambda _, v: f"<p>Command: <code>{e(v)}</code></p>",
+        "time": lambda _, v: f"<p>Time: {v:.0f} s</p>",
+        "note": lambda _, v: f"<blockquote>{e(v)}</blockquote>",
+        "table": _html_table,
+        "figure": figure,
+    }
+    return ([f'<section id="r{i}"><h2>{e(r.name)}</h2>']
+            + [render[kind](name, v) for kind, name, v in _parts(r)] + ["</section>"])

@@ -193,23 +193,26 @@ def _out_axes(state: Mapping[str, torch.Tensor], prefix: str) -> list[Axis]:
     return [(f"{prefix}.weight", 0)] + ([(f"{prefix}.bias", 0)] if f"{prefix}.bias" in state else [])
 
 
-def _mlp_groups(model: MLP, state) -> tuple[list[list[Axis]], dict]:
+def _chain_groups(state: Mapping[str, torch.Tensor], layers: str, n: int,
+                  last_reader: str) -> list[list[Axis]]:
+    """One group per layer of a chain ``<layers>.0 .. <layers>.<n-1>``, each followed by
+    ``norms.i``: the layer's outputs, its norm and the next layer's inputs (`last_reader` reads
+    the last layer)."""
     groups = []
-    n = len(model.layers)
     for i in range(n):
-        reader = f"layers.{i + 1}" if i + 1 < n else "head"
-        groups.append(_out_axes(state, f"layers.{i}") + _norm_axes(state, f"norms.{i}")
+        reader = f"{layers}.{i + 1}" if i + 1 < n else last_reader
+        groups.append(_out_axes(state, f"{layers}.{i}") + _norm_axes(state, f"norms.{i}")
                       + [(f"{reader}.weight", 1)])
-    return groups, {}
+    return groups
+
+
+def _mlp_groups(model: MLP, state) -> tuple[list[list[Axis]], dict]:
+    return _chain_groups(state, "layers", len(model.layers), "head"), {}
 
 
 def _vgg_groups(model: VGG, state) -> tuple[list[list[Axis]], dict]:
-    groups = []
     n = len(model.convs)
-    for i in range(n):
-        reader = f"convs.{i + 1}" if i + 1 < n else "fc"
-        groups.append(_out_axes(state, f"convs.{i}") + _norm_axes(state, f"norms.{i}")
-                      + [(f"{reader}.weight", 1)])
+    groups = _chain_groups(state, "convs", n, "fc")
     channels = state[f"convs.{n - 1}.weight"].shape[0]  # the last conv's out_channels
     spatial = model.fc.in_features // channels
     groups.append(_out_axes(state, "fc") + [("head.weight", 1)])

@@ -50,6 +50,18 @@ def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def comma_list(text: str | None, flag: str, convert: Callable[[str], Any] = str,
+               what: str = "values") -> list[Any] | None:
+    """A comma-separated option's items (None when the option is not given), each through
+    `convert`; an item it refuses is one error naming `flag`."""
+    if text is None:
+        return None
+    try:
+        return [convert(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise ConfigError(f"{flag} must be comma-separated {what}, got '{text}'") from e
+
+
 def parse_kv(options: Sequence[str]) -> dict[str, Any]:
     """Parse repeated ``--opt key=value`` strings; values are JSON when they parse as JSON."""
     out: dict[str, Any] = {}

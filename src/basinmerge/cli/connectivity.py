@@ -20,6 +20,7 @@ from basinmerge.cli.common import (
     LIKE_OPT,
     check_file_out,
     check_run_out,
+    comma_list,
     command_line,
     load_splits,
     on_interrupt,
@@ -139,12 +140,10 @@ def mode_connectivity_cmd(
     check_run_out(out, force)
     on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
                  f"{command_line()}")
-    def split(s: str | None) -> list[str] | None:
-        return [p.strip() for p in s.split(",") if p.strip()] if s else None
-
     result = mode_connectivity.run(dataset=dataset, model=model, scale=scale, seeds=seeds,
-                                   device=device, root=root, conditions=split(conditions),
-                                   treatments=split(treatments))
+                                   device=device, root=root,
+                                   conditions=comma_list(conditions, "--conditions") or None,
+                                   treatments=comma_list(treatments, "--treatments") or None)
     args = ["--dataset", dataset, "--model", model, "--scale", scale]
     args += ["--seeds", str(seeds)] if seeds is not None else []
     args += ["--conditions", conditions] if conditions else []

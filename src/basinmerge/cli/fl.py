@@ -17,6 +17,7 @@ from basinmerge.cli.common import (
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
+    comma_list,
     on_interrupt,
     parse_kv,
     print_table,
@@ -259,16 +260,10 @@ def federated_cmd(
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
-    def items(text: str | None) -> list[str] | None:
-        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-    try:
-        alpha_list = None if alphas is None else [float(a) for a in items(alphas) or []]
-    except ValueError as e:
-        raise ConfigError(f"--alphas must be comma-separated numbers, got '{alphas}'") from e
     result = federated.run(dataset=dataset, scale=scale, seeds=seeds, out=out, device=device,
-                           data_root=root, models=items(models), methods=items(methods),
-                           alphas=alpha_list, rounds=rounds)
+                           data_root=root, models=comma_list(models, "--models"),
+                           methods=comma_list(methods, "--methods"),
+                           alphas=comma_list(alphas, "--alphas", float, "numbers"), rounds=rounds)
     extra = "".join(f" --{name} {shlex.quote(str(value))}" for name, value in
                     (("models", models), ("methods", methods), ("alphas", alphas),
                      ("rounds", rounds), ("threads", threads if threads != 1 else None))

@@ -20,6 +20,7 @@ from basinmerge.cli.common import (
     LIKE_OPT,
     MAX_SHARD_OPT,
     PRINT_RECIPE_OPT,
+    comma_list,
     load_splits,
     parse_kv,
     print_json,
@@ -37,15 +38,6 @@ def _methods_epilog() -> str:
     for m in all_methods():
         lines.extend(m.help_lines())
     return "\n\n".join(lines)  # typer's help keeps a paragraph per line
-
-
-def _parse_weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise ConfigError(f"--weights must be comma-separated numbers, got '{text}'") from e
 
 
 def _cli_options(method: MergeMethod, given: list[str]) -> dict[str, Any]:
@@ -108,7 +100,7 @@ def merge_cmd(
 
     m = get_method(method)
     options = _cli_options(m, opt or [])
-    parsed_weights = _parse_weights(weights)
+    parsed_weights = comma_list(weights, "--weights", float, "numbers")
     # the registry's own check first (its errors name the method and option), then the record
     m.check({**options, **({"weights": parsed_weights} if parsed_weights else {})},
             has_base=base is not None, has_data=dataset is not None and bool(m.needs_data),

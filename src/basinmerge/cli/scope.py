@@ -19,6 +19,7 @@ from basinmerge.cli.common import (
     JSON_OPT,
     check_file_out,
     check_run_out,
+    comma_list,
     command_line,
     on_interrupt,
     print_json,
@@ -138,18 +139,9 @@ def wsa_defaults_cmd(
     from basinmerge.experiments import wsa_defaults
     from basinmerge.experiments.common import print_result, write_result
 
-    def split(text: str | None) -> list[str] | None:
-        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-    try:
-        seed_list = None if seeds is None else [int(x) for x in split(seeds) or []]
-    except ValueError as e:
-        raise ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from e
-    names = split(variants)
-    known = [v.name for v in wsa_defaults.VARIANTS]
-    for n in names or []:
-        if n not in known:
-            raise ConfigError(f"unknown variant '{n}'; choose from: {', '.join(known)}")
+    seed_list = comma_list(seeds, "--seeds", int, "integers")
+    names = comma_list(variants, "--variants")
+    wsa_defaults.ScaleConfig.at(scale, seeds=seed_list, variants=names)  # checked before the run
     check_run_out(out, force)
     on_interrupt(f"nothing was saved (the study writes {out} when it ends). Run again: "
                  f"{command_line()}")

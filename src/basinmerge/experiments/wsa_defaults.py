@@ -77,8 +77,8 @@ class ScaleConfig(StudyScale, study="wsa_defaults"):
         known = [v.name for v in VARIANTS]
         bad = [v for v in self.variants if v not in known]
         if bad or not self.variants:
-            raise ConfigError(f"wsa_defaults study variants must be among {', '.join(known)}, "
-                              f"got {', '.join(self.variants) or 'none'}")
+            raise ConfigError((f"unknown variant '{bad[0]}'" if bad else "no variant given")
+                              + f"; choose from: {', '.join(known)}")
         if not self.seeds:
             raise ConfigError("wsa_defaults study seeds: give at least one seed")
 
