@@ -257,21 +257,28 @@ def save(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | No
 # --------------------------------------------------------------------------- formats
 
 
-def _raw_header(path: Path) -> dict:
-    """The whole JSON header of a safetensors file (with ``__metadata__``), no tensor read."""
+def safetensors_header(path: Path) -> tuple[dict, int, int]:
+    """The whole JSON header of a safetensors file (with ``__metadata__``), its length in
+    bytes (the tensor data starts at ``8 + length``) and the file's size; no tensor read."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: checkpoint file not found") from e
     except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: malformed safetensors header")
-    return header
+    return header, n, size
+
+
+def _raw_header(path: Path) -> dict:
+    """The whole JSON header of a safetensors file (with ``__metadata__``), no tensor read."""
+    return safetensors_header(path)[0]
 
 
 def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:

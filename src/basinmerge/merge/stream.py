@@ -68,17 +68,7 @@ def read_entries(path: str | os.PathLike) -> dict[str, Entry]:
     tensor; offsets that do not fit the dtype and shape, or run past the end of the file
     (a truncated download), are refused naming the key."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: checkpoint file not found") from e
-    except (OSError, struct.error, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header, n, size = io.safetensors_header(path)
     header.pop("__metadata__", None)
     try:
         items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
