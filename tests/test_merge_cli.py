@@ -113,7 +113,7 @@ def test_experiment_merging_smoke(tmp_path):
     res = merging.run(dataset="digits", scale="smoke", seeds=1, progress=False)
     acc = res.tables["test accuracy"]
     methods = [r[0] for r in acc.rows]
-    assert methods == list(merging.METHOD_ROWS)
+    assert methods == merging.method_rows()
     guard = {r[0]: r[1] for r in res.tables["member guard"].rows}
     assert guard == {"clean": "1/1", "+x1000": "1/1", "+noise": "1/1", "+flip": "1/1"}
     assert acc.columns[1:5] == ["clean", "+x1000", "+noise", "+flip"]

@@ -156,7 +156,10 @@ def study_plan(net: torch.nn.Module, cfg: ScaleConfig, seed: int) -> list[tuple[
     return plan
 
 
-METHOD_ROWS = BASELINES + tuple(r.row for r in study_rows())
+def method_rows() -> list[str]:
+    """The rows of the accuracy table: the baselines, then every merge the study runs (read
+    from the registry when called, so a method registered after import is included)."""
+    return list(BASELINES) + [r.row for r in study_rows()]
 
 
 def skewed_shards(y: torch.Tensor, k: int, dominant: float, generator: torch.Generator) -> list[torch.Tensor]:
@@ -346,7 +349,8 @@ def _result(dataset: str, scale: str, seeds: int, cfg: ScaleConfig, per_seed: li
             n_train: int, limit: int | None, seconds: float) -> ExperimentResult:
     rows = []
     series: dict[str, tuple[list[float], list[float]]] = {c: ([], []) for c in CONDITIONS}
-    for name in METHOD_ROWS:
+    names = method_rows()
+    for name in names:
         row = [name]
         for cond in CONDITIONS:
             vals = [r[cond]["accuracy"][name] for r in per_seed]
@@ -427,5 +431,5 @@ def _result(dataset: str, scale: str, seeds: int, cfg: ScaleConfig, per_seed: li
         seconds=seconds,
     )
     result.figures["merging_accuracy"] = plots.grouped_bars(
-        list(METHOD_ROWS), series, title=f"merging on {dataset} ({scale}, {seeds} seed(s))")
+        names, series, title=f"merging on {dataset} ({scale}, {seeds} seed(s))")
     return result
