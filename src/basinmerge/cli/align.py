@@ -93,20 +93,23 @@ def align_cmd(
     else:
         check_file_out(out, (".safetensors", *io.PT_SUFFIXES))
     train = test = None
+    evaluated_on = "test"
     if data is not None:
         train, test = datasource.train_test(data, n=train_limit, seed=seed, seq_len=seq_len,
                                             tokenizer=tokenizer, root=root, model=model_a)
-        test = train if test is None else test
+        if test is None:
+            test, evaluated_on = train, "data"
         if eval_limit is not None and eval_limit < len(test):
             test = adapter.as_data(test, "evaluation data", limit=eval_limit)
     res = align_checkpoints(model_a, model_b, method, data=train, eval_data=test, options=options,
                             like=like, device=device, out=out, out_format=fmt, force=force,
                             max_shard_mib=max_shard_mib, meta={"recipe": rec.to_dict()})
-    _print_alignment(res, model_a, model_b)
+    _print_alignment(res, model_a, model_b, evaluated_on)
     console.print(f"saved {res.out}")
 
 
-def _print_alignment(res: AlignResult, model_a: Path, model_b: Path) -> None:
+def _print_alignment(res: AlignResult, model_a: Path, model_b: Path, on: str) -> None:
+    """The alignment's table; `on` names the evaluation data (``test`` split or ``data``)."""
     rows: list[list[Any]] = [["method", res.method], ["permutations", res.permutations],
                              ["seconds", res.seconds], ["⟨θ_A, θ_B⟩ before", res.objective_before],
                              ["⟨θ_A, π(θ_B)⟩ after", res.objective_after],
@@ -115,10 +118,10 @@ def _print_alignment(res: AlignResult, model_a: Path, model_b: Path) -> None:
         rows.insert(2, ["sweeps", res.sweeps])
     met = res.metrics
     if met:
-        rows += [["test acc A / B", f"{met['a']['accuracy']:.4f} / {met['b']['accuracy']:.4f}"],
-                 ["midpoint test loss naive / aligned",
+        rows += [[f"{on} acc A / B", f"{met['a']['accuracy']:.4f} / {met['b']['accuracy']:.4f}"],
+                 [f"midpoint {on} loss naive / aligned",
                   f"{met['naive']['loss']:.4f} / {met['aligned']['loss']:.4f}"],
-                 ["midpoint test acc naive / aligned",
+                 [f"midpoint {on} acc naive / aligned",
                   f"{met['naive']['accuracy']:.4f} / {met['aligned']['accuracy']:.4f}"]]
     print_table(f"align {model_b.name} to {model_a.name}", ["", "value"], rows)
 
