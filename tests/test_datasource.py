@@ -324,3 +324,20 @@ def test_recipe_data_fields(tmp_path, digits_models):
     got = io.load_state(tmp_path / "al.safetensors")[0]
     for k, v in want.state.items():
         assert torch.equal(got[k], v)
+
+
+def test_specs_in_the_python_api_equal_the_tensors_they_name(tmp_path, digits_models):
+    from basinmerge.merge.engine import Alignment
+
+    ds = data_mod.load("digits", "train").subset(40, seed=0)
+    spec = str(tmp_path / "d.safetensors")
+    save_file({"x": ds.x, "y": ds.y}, spec)
+    opts = {"num_examples": 40}
+    by_spec = merge_checkpoints(digits_models, "average", align=Alignment("activation", opts, spec))
+    by_tensors = merge_checkpoints(digits_models, "average",
+                                   align=Alignment("activation", opts, (ds.x, ds.y)))
+    by_dataset = merge_checkpoints(digits_models, "regmean", data="digits:train")
+    by_loaded = merge_checkpoints(digits_models, "regmean", data=data_mod.load("digits", "train"))
+    for a, b in ((by_spec, by_tensors), (by_dataset, by_loaded)):
+        for k, v in a.state.items():
+            assert torch.equal(b.state[k], v)

@@ -291,7 +291,7 @@ def _run(recipe: Recipe) -> tuple[Path, MergeResult | None]:
     from basinmerge.merge.engine import Alignment as EngineAlignment
     from basinmerge.merge.engine import align_checkpoints, merge_checkpoints
 
-    first = recipe.models[0]
+    first = recipe.base or recipe.models[0]  # whose tokenizer reads text data (as the CLI)
     train = recipe.data.load(first) if recipe.data is not None else None
     out_format = None if recipe.output.format == "auto" else recipe.output.format
     meta = {"recipe": recipe.to_dict()}

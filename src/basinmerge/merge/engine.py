@@ -77,11 +77,14 @@ class Alignment:
     """Permute every member's hidden units onto the first member's before merging (Git
     Re-Basin): `method` (``weight``, ``activation`` or ``ste``: `basinmerge.align.METHODS`),
     `options` (`find_permutation`'s keyword options: `alignment_options`), `data` (what
-    activation and STE matching run on; default: the merge's data)."""
+    activation and STE matching run on, any form or a data spec; default: the merge's data)."""
 
     method: str = "weight"
     options: Mapping[str, Any] = field(default_factory=dict)
     data: Any = None
+
+    def __post_init__(self) -> None:  # a data spec is read once, here
+        object.__setattr__(self, "data", datasource.resolve(self.data))
 
     @classmethod
     def of(cls, align: Alignment | Mapping[str, Any] | None) -> Alignment | None:
