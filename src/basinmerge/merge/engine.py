@@ -313,7 +313,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     m = get_method(method)
     given, opts = _options(m, options, weights, data, reset_bn, progress)
     files = [Path(p) for p in paths]
-    data, eval_data = (datasource.resolve(d, model=files[0]) for d in (data, eval_data))
+    data, eval_data = (datasource.resolve(d, model=base or files[0]) for d in (data, eval_data))
     opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
                    num_models=len(files))
     user_opts = {k: opts[k] for k in given}
