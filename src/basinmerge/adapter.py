@@ -12,9 +12,13 @@ the FL client) goes through this module, so a model only has to work here to wor
   ``pixel_values``, ...), whose ``labels`` (or ``label``) entry, if any, holds the labels;
 - a ``torch.utils.data.DataLoader`` (or any iterable of such batches), read once up to the
   number of examples the method uses;
-- a Hugging Face ``datasets.Dataset`` (duck-typed: nothing imports ``datasets``), whose tensor
-  columns become the inputs and whose ``labels``/``label`` column the labels; text columns
-  must be tokenized first.
+- a Hugging Face ``datasets.Dataset`` (duck-typed: nothing imports ``datasets``), its columns
+  mapped by `basinmerge.datasource.from_hf_dataset` (``input_ids``, ``pixel_values``, ``x``
+  ... as inputs, ``labels``/``label`` as labels, token rows of different lengths padded);
+  text columns must be tokenized first (or read through a data spec with a tokenizer).
+
+Data named by a **spec** (a dataset name, a datasets folder, a tensor file, a text corpus)
+is read by `basinmerge.datasource`; everything it gives comes here.
 
 **Models**: a dict batch is passed as keyword arguments (``model(**inputs)``), a tensor
 positionally; the output may be a tensor, a tuple or list (the first element is the logits),
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,10 +81,12 @@ def to_device(inputs: Inputs, device: torch.device | str | None) -> Inputs:
 @dataclass(frozen=True)
 class Data:
     """Inputs (a tensor or a dict of tensors with the same number of rows) and optional labels,
-    in memory. Build one with `as_data`."""
+    in memory. Build one with `as_data`. `source`: where it came from (a data spec such as
+    ``corpus.txt``), named in errors about it."""
 
     inputs: Inputs
     labels: torch.Tensor | None = None
+    source: str | None = None
 
     def __len__(self) -> int:
         return num_rows(self.inputs)
@@ -90,7 +96,8 @@ class Data:
         return len(self)
 
     def take(self, idx: Index) -> Data:
-        return Data(take_inputs(self.inputs, idx), None if self.labels is None else self.labels[idx])
+        return replace(self, inputs=take_inputs(self.inputs, idx),
+                       labels=None if self.labels is None else self.labels[idx])
 
     def head(self, n: int | None) -> Data:
         """The first `n` examples (all when None)."""
@@ -109,7 +116,7 @@ class Data:
         return self
 
     def with_labels(self, labels: torch.Tensor | None) -> Data:
-        return Data(self.inputs, labels)
+        return replace(self, labels=labels)
 
     @staticmethod
     def concat(parts: Iterable[Data]) -> Data:
@@ -185,24 +192,11 @@ def _split_labels(batch: Mapping[str, Any]) -> Data:
     return Data(inputs, labels)
 
 
-def _is_hf_dataset(obj: Any) -> bool:
-    return hasattr(obj, "column_names") and hasattr(obj, "with_format") and hasattr(obj, "__getitem__")
-
-
 def _from_hf_dataset(ds: Any, limit: int | None, what: str) -> Data:
-    n = len(ds) if limit is None else min(len(ds), int(limit))
-    table = ds.with_format("torch")[:n]
-    cols = {k: v for k, v in table.items() if isinstance(v, torch.Tensor)}
-    dropped = [k for k in table if k not in cols]
-    if not [k for k in cols if k not in LABEL_KEYS]:
-        raise ConfigError(f"{what}: the datasets.Dataset has no tensor columns to feed the model"
-                          + (f" (columns {', '.join(dropped)} are not tensors: tokenize them "
-                             "first)" if dropped else ""))
-    data = _split_labels(cols)
-    inputs = data.inputs
-    if isinstance(inputs, dict) and list(inputs) == ["x"]:  # a plain (x, label) table
-        data = Data(inputs["x"], data.labels)
-    return data
+    """A ``datasets.Dataset`` by the column rules of `basinmerge.datasource` (one place)."""
+    from basinmerge.datasource import from_hf_dataset
+
+    return from_hf_dataset(ds, n=limit, seed=None, source=what)
 
 
 def _from_batches(batches: Iterable[Any], limit: int | None, what: str) -> Data:
@@ -248,10 +242,11 @@ def as_data(data: Any, what: str = "data", *, limit: int | None = None) -> Data:
     if data is None:
         raise ConfigError(f"{what}: no data given")
     from basinmerge.data import Dataset
+    from basinmerge.datasource import is_hf_dataset
 
     if isinstance(data, Data | Dataset | torch.Tensor | Mapping | tuple | list):
         out = _one(data, what)
-    elif _is_hf_dataset(data):
+    elif is_hf_dataset(data):
         out = _from_hf_dataset(data, limit, what)
     elif isinstance(data, Iterable):  # a DataLoader or any iterable of batches
         out = _from_batches(data, limit, what)

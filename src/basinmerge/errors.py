@@ -32,3 +32,10 @@ class NonFiniteError(IncompatibleModelsError):
 
     A subclass of `IncompatibleModelsError` because a non-finite member is the one model that
     cannot take part in a merge; catch `NonFiniteError` for the bad-value policy alone."""
+
+
+class DataMismatchError(DataError, ConfigError):
+    """Data that does not fit the model it is given to (input shape, token ids past the
+    vocabulary, labels past the model's classes), named by data spec and model before any
+    long work (`basinmerge.checks.check_data_fits`). Both a `DataError` and a `ConfigError`,
+    so callers catching either keep working."""

@@ -14,7 +14,8 @@ A recipe (every field but `models`, `method` and `output` is optional)::
       - pattern: "*.attention.*"
         options: {density: 0.5}
     align: {method: weight, data: null, options: {max_iter: 100}}  # permute onto models[0]
-    data: {dataset: digits, examples: 2000}    # data-using methods, alignment, BN reset
+    data: digits                    # a data spec (basinmerge.datasource), or a mapping:
+    # data: {spec: corpus.txt, examples: 2000, seed: 0, seq_len: 128, tokenizer: bytes, root: null}
     reset_bn: true                  # after a data-free merge, when `data` is given
     repair: false                   # REPAIR the average of two (aligned) models on `data`
     like: null                      # a checkpoint giving the architecture when needed
@@ -46,14 +47,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from basinmerge import io
+from basinmerge.datasource import DEFAULT_SEQ_LEN
 from basinmerge.errors import ConfigError
-from basinmerge.state import as_state_dict, check_compatible
 
 if TYPE_CHECKING:
-    from basinmerge.merge.engine import Alignment as EngineAlignment
     from basinmerge.merge.engine import MergeResult
 
 _STRICT = ConfigDict(extra="forbid")
@@ -67,13 +75,39 @@ class Override(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class Data(BaseModel):
+    """Data for data-using methods, activation alignment and BN reset: a data spec
+    (`basinmerge.datasource`: a dataset ``NAME[:split]``, a datasets folder, a tensor file or a
+    text corpus), or the mapping below; ``dataset:`` is read as ``spec:``."""
+
+    model_config = _STRICT
+    spec: str = Field(validation_alias=AliasChoices("spec", "dataset"))
+    examples: int | None = Field(2000, gt=0)
+    seed: int = 0
+    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=2)
+    tokenizer: str | None = None  # "bytes" or a folder with tokenizer files; default the model's
+    root: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"spec": v} if isinstance(v, str) else v
+
+    def load(self, model: str | None = None) -> Any:
+        """The data it names (`datasource.load`), text read with `model`'s tokenizer by default."""
+        from basinmerge import datasource
+
+        return datasource.load(self.spec, n=self.examples, seed=self.seed, seq_len=self.seq_len,
+                               tokenizer=self.tokenizer, root=self.root, model=model)
+
+
 class Alignment(BaseModel):
     """Permute every model's hidden units onto the first's before merging (Git Re-Basin)."""
 
     model_config = _STRICT
     method: Literal["weight", "activation", "ste"]
     spec: Literal["auto"] = "auto"  # the permutation spec, found from the model's structure
-    data: str | None = None  # a dataset name (activation / ste); default: the recipe's data
+    data: Data | None = None  # a data spec (activation / ste); default: the recipe's data
     options: dict[str, Any] = Field(default_factory=dict)  # find_permutation's options
 
     @field_validator("options")
@@ -87,16 +121,6 @@ class Alignment(BaseModel):
                 raise _FieldError(f"align.options.{k}", f"alignment has no option '{k}'; "
                                   f"options: {', '.join(accepted)}")
         return v
-
-
-class Data(BaseModel):
-    """A dataset of the project: data-using methods, activation alignment and BN reset."""
-
-    model_config = _STRICT
-    dataset: str
-    examples: int | None = Field(2000, gt=0)
-    root: str | None = None
-    seed: int = 0
 
 
 class Output(BaseModel):
@@ -262,20 +286,31 @@ def load(path: str | os.PathLike) -> Recipe:
 def _run(recipe: Recipe) -> tuple[Path, MergeResult | None]:
     """Run a recipe: a merge through the merge engine (`merge_checkpoints`, which owns loading,
     streaming, alignment, the member guard, BatchNorm, REPAIR and writing), or an alignment
-    alone. Returns (output path, the engine's result; None for an alignment alone)."""
+    alone (`align_checkpoints`). Returns (output path, the engine's result; None for an
+    alignment alone)."""
     from basinmerge.merge.engine import Alignment as EngineAlignment
-    from basinmerge.merge.engine import merge_checkpoints
+    from basinmerge.merge.engine import align_checkpoints, merge_checkpoints
 
-    train = _dataset(recipe.data)
-    align = None
-    if recipe.align is not None:
-        align = EngineAlignment(recipe.align.method, recipe.align.options,
-                           _dataset(Data(dataset=recipe.align.data, examples=2000))
-                           if recipe.align.data is not None else None)
+    first = recipe.base or recipe.models[0]  # whose tokenizer reads text data (as the CLI)
+    train = recipe.data.load(first) if recipe.data is not None else None
     out_format = None if recipe.output.format == "auto" else recipe.output.format
     meta = {"recipe": recipe.to_dict()}
     if recipe.method is None:
-        return _align_only(recipe, align, train, out_format, meta), None
+        assert recipe.align is not None  # the schema: method null needs align
+        a, b = recipe.models
+        align_data = recipe.align.data.load(first) if recipe.align.data is not None else train
+        aligned = align_checkpoints(a, b, recipe.align.method, data=align_data,
+                                    options=recipe.align.options, like=recipe.like,
+                                    device=recipe.device, out=recipe.output.path,
+                                    out_format=out_format, force=recipe.output.force,
+                                    max_shard_mib=recipe.output.max_shard_mib, meta=meta)
+        assert aligned.out is not None
+        return aligned.out, None
+    align = None
+    if recipe.align is not None:
+        align = EngineAlignment(recipe.align.method, recipe.align.options,
+                                recipe.align.data.load(first) if recipe.align.data is not None
+                                else None)
     res = merge_checkpoints(
         recipe.models, recipe.method, base=recipe.base, options=recipe.options,
         overrides=[(o.pattern, o.options) for o in recipe.overrides], align=align,
@@ -286,35 +321,3 @@ def _run(recipe: Recipe) -> tuple[Path, MergeResult | None]:
         max_shard_mib=recipe.output.max_shard_mib, meta=meta)
     assert res.out is not None
     return res.out, res
-
-
-def _align_only(recipe: Recipe, align: EngineAlignment | None, train, out_format: str | None,
-                meta: dict) -> Path:
-    """The second model permuted onto the first (`engine.align_members`), written in its form."""
-    from basinmerge.merge.engine import align_members, check_output, read_model
-
-    assert align is not None  # the schema: method null needs align
-    a, b = recipe.models
-    out = check_output(recipe.output.path, io.output_format(b, out_format), recipe.output.force,
-                       inputs=[a, b])
-    align.check(train)
-    nets = [read_model(p, like=recipe.like)[0].to(recipe.device) for p in (a, b)]
-    check_compatible([n.state_dict() for n in nets], [a, b])
-    aligned = align_members(nets, align, train)[1]
-    meta = {**{k: v for k, v in io.read_meta(b).items() if k not in ("merge", "recipe")},
-            "aligned_to": a, **meta}
-    return io.save_like(as_state_dict(aligned.cpu()), out, b, meta, fmt=out_format,
-                        max_shard_mib=recipe.output.max_shard_mib, force=recipe.output.force,
-                        inputs=[a])
-
-
-def _dataset(spec: Data | None):
-    """The training split of a recipe's dataset (a random subset of `examples`)."""
-    if spec is None:
-        return None
-    from basinmerge import data as data_mod
-
-    train = data_mod.load(spec.dataset, "train", spec.root)
-    if spec.examples is not None and spec.examples < len(train):
-        train = train.subset(spec.examples, seed=spec.seed)
-    return train

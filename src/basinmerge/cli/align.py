@@ -3,20 +3,17 @@ rebasin` (the Git Re-Basin study)."""
 
 from __future__ import annotations
 
-import copy
 import shlex
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 
-from basinmerge import checks, io
-from basinmerge import train as train_mod
-from basinmerge.align import METHODS, find_permutation, objective, permuted_copy
+from basinmerge import adapter, datasource, io
+from basinmerge.align import METHODS
 from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
+    DATA_HELP,
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
@@ -25,24 +22,18 @@ from basinmerge.cli.common import (
     LIKE_OPT,
     MAX_SHARD_OPT,
     PRINT_RECIPE_OPT,
+    SEQ_LEN_OPT,
+    TOKENIZER_OPT,
     check_file_out,
     check_run_out,
     command_line,
-    load_splits,
+    data_record,
     on_interrupt,
     print_table,
 )
 from basinmerge.console import console
 from basinmerge.errors import ConfigError
-from basinmerge.state import check_compatible, lerp
-
-
-def _midpoint(a, b, train, test) -> dict:
-    net = copy.deepcopy(a)
-    net.load_state_dict(lerp(a.state_dict(), b.state_dict(), 0.5))
-    if train_mod.has_batchnorm(net):
-        train_mod.reset_bn_stats(net, train)
-    return train_mod.evaluate(net, test)
+from basinmerge.merge.engine import AlignResult, align_checkpoints
 
 
 @app.command("align")
@@ -50,17 +41,21 @@ def align_cmd(
     model_a: Path = typer.Argument(..., help="Reference checkpoint A (left unchanged)."),
     model_b: Path = typer.Argument(..., help="Checkpoint B, whose hidden units are permuted toward A."),
     method: str = typer.Option("weight", "--method", help="weight (data-free), activation or ste."),
-    data: str = typer.Option(None, "--data", help=DATASET_HELP + " Needed by activation and ste; "
-                             "with it, A, B and their midpoints are evaluated."),
+    data: str = typer.Option(None, "--data", "--dataset", help=DATA_HELP + " Needed by "
+                             "activation and ste; with it, A, B and their midpoints are "
+                             "evaluated (on a dataset's test split, else on the data itself)."),
     out: Path = typer.Option(..., "--out", "-o", help="Aligned B to write (.safetensors)."),
     statistic: str = typer.Option("corr", "--statistic", help="Activation matching: corr or ols."),
     steps: int = typer.Option(100, "--steps", help="STE: optimizer steps."),
     lr: float = typer.Option(1e-3, "--lr", help="STE: Adam learning rate."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the matching (visiting order, batches)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the matching (visiting order, batches) "
+                             "and of the data subset."),
     max_iter: int = typer.Option(100, "--max-iter", help="Weight matching: most sweeps."),
-    train_limit: int = typer.Option(5000, "--train-limit", help="Training examples used for "
-                                    "statistics, STE and BN reset."),
-    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on this many test examples."),
+    train_limit: int = typer.Option(5000, "--train-limit", help="Examples (a random subset) used "
+                                    "for statistics, STE and BN reset."),
+    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate on this many examples."),
+    seq_len: int = SEQ_LEN_OPT,
+    tokenizer: str = TOKENIZER_OPT,
     like: Path = LIKE_OPT,
     out_format: str = FORMAT_OPT,
     max_shard_mib: float = MAX_SHARD_OPT,
@@ -75,72 +70,60 @@ def align_cmd(
     if method not in METHODS:
         raise ConfigError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if method != "weight" and data is None:
-        raise ConfigError(f"--method {method} needs --data (a dataset name)")
+        raise ConfigError(f"--method {method} needs --data (a data spec)")
     from basinmerge import recipe as recipe_mod  # pydantic: only when run
 
     options: dict[str, Any] = {"seed": seed, "max_iter": max_iter, "activation_method": statistic,
                "num_examples": train_limit, "steps": steps, "lr": lr}
+    record = data_record(data, examples=train_limit, seed=seed, seq_len=seq_len,
+                         tokenizer=tokenizer, root=root)
     rec = recipe_mod.validate({
         "models": [str(model_a), str(model_b)], "method": None,
-        "align": {"method": method, "options": options},
-        "data": None if data is None else {"dataset": data, "examples": train_limit,
-                                           "root": root, "seed": seed},
+        "align": {"method": method, "options": options}, "data": record,
         "like": None if like is None else str(like), "device": device,
         "output": {"path": str(out), "format": out_format, "force": force,
                    "max_shard_mib": max_shard_mib}}, "align")
     if print_recipe:
         typer.echo(rec.to_yaml(), nl=False)
         return
-    if io.output_format(model_b, None if out_format == "auto" else out_format) == "hf":
+    fmt = None if out_format == "auto" else out_format
+    if io.output_format(model_b, fmt) == "hf":
         io.check_output(out, folder=True, overwrite=force,
                         overwrite_hint="choose another --out, or pass --force to replace it")
     else:
         check_file_out(out, (".safetensors", *io.PT_SUFFIXES))
-    net_a, meta_a = checks.load_model(model_a, like=like)
-    net_b, meta_b = checks.load_model(model_b, like=like)
-    check_compatible([net_a.state_dict(), net_b.state_dict()], [str(model_a), str(model_b)])
-    net_a, net_b = net_a.to(device), net_b.to(device)
     train = test = None
+    evaluated_on = "test"
     if data is not None:
-        train, test = load_splits(data, root, train_limit, seed)
-        for net, meta, path in ((net_a, meta_a, model_a), (net_b, meta_b, model_b)):
-            checks.check_data_fits(net, train, meta=meta, source=str(path))
+        train, test = datasource.train_test(data, n=train_limit, seed=seed, seq_len=seq_len,
+                                            tokenizer=tokenizer, root=root, model=model_a)
+        if test is None:
+            test, evaluated_on = train, "data"
         if eval_limit is not None and eval_limit < len(test):
-            test = test.subset(eval_limit)
-    t0 = time.perf_counter()
-    perm, spec, info = find_permutation(net_a, net_b, method, train, **options)
-    seconds = time.perf_counter() - t0
-    aligned = permuted_copy(net_b, spec, perm)
-    pa = {k: v.detach() for k, v in net_a.named_parameters()}
-    before = objective(pa, {k: v.detach() for k, v in net_b.named_parameters()})
-    after = objective(pa, {k: v.detach() for k, v in aligned.named_parameters()})
-    drift = None
-    if test is not None or isinstance(getattr(net_b, "config", None), dict):
-        probe = (test.x[:64] if test is not None else
-                 torch.randn(8, *net_b.config["in_shape"])).to(device)
-        with torch.no_grad():
-            drift = float((net_b.eval()(probe) - aligned.eval()(probe)).abs().max())
-    rows: list[list[Any]] = [["method", method], ["permutations", len(spec.perms)], ["seconds", seconds],
-            ["⟨θ_A, θ_B⟩ before", before], ["⟨θ_A, π(θ_B)⟩ after", after],
-            ["max |Δ logits| B vs aligned B", drift]]
-    if method == "weight":
-        rows.insert(2, ["sweeps", info["sweeps"]])
-    if test is not None:
-        rows += [["test acc A / B", f"{train_mod.evaluate(net_a, test)['accuracy']:.4f} / "
-                                    f"{train_mod.evaluate(net_b, test)['accuracy']:.4f}"]]
-        naive, al = _midpoint(net_a, net_b, train, test), _midpoint(net_a, aligned, train, test)
-        rows += [["midpoint test loss naive / aligned", f"{naive['loss']:.4f} / {al['loss']:.4f}"],
-                 ["midpoint test acc naive / aligned",
-                  f"{naive['accuracy']:.4f} / {al['accuracy']:.4f}"]]
+            test = adapter.as_data(test, "evaluation data", limit=eval_limit)
+    res = align_checkpoints(model_a, model_b, method, data=train, eval_data=test, options=options,
+                            like=like, device=device, out=out, out_format=fmt, force=force,
+                            max_shard_mib=max_shard_mib, meta={"recipe": rec.to_dict()})
+    _print_alignment(res, model_a, model_b, evaluated_on)
+    console.print(f"saved {res.out}")
+
+
+def _print_alignment(res: AlignResult, model_a: Path, model_b: Path, on: str) -> None:
+    """The alignment's table; `on` names the evaluation data (``test`` split or ``data``)."""
+    rows: list[list[Any]] = [["method", res.method], ["permutations", res.permutations],
+                             ["seconds", res.seconds], ["⟨θ_A, θ_B⟩ before", res.objective_before],
+                             ["⟨θ_A, π(θ_B)⟩ after", res.objective_after],
+                             ["max |Δ logits| B vs aligned B", res.drift]]
+    if res.sweeps is not None:
+        rows.insert(2, ["sweeps", res.sweeps])
+    met = res.metrics
+    if met:
+        rows += [[f"{on} acc A / B", f"{met['a']['accuracy']:.4f} / {met['b']['accuracy']:.4f}"],
+                 [f"midpoint {on} loss naive / aligned",
+                  f"{met['naive']['loss']:.4f} / {met['aligned']['loss']:.4f}"],
+                 [f"midpoint {on} acc naive / aligned",
+                  f"{met['naive']['accuracy']:.4f} / {met['aligned']['accuracy']:.4f}"]]
     print_table(f"align {model_b.name} to {model_a.name}", ["", "value"], rows)
-    meta = {**meta_b, "aligned_to": str(model_a), "recipe": rec.to_dict(),
-            "alignment": {"method": method, "seconds": seconds, "objective_before": before,
-                          "objective_after": after,
-                          **({"sweeps": info["sweeps"]} if method == "weight" else {})}}
-    io.save_like(aligned.cpu().state_dict(), out, model_b, meta,
-                 fmt=None if out_format == "auto" else out_format, max_shard_mib=max_shard_mib,
-                 force=force, inputs=[model_a])
-    console.print(f"saved {out}")
 
 
 def _study(name: str, run, *, dataset: str, scale: str, seeds: int | None, device: str,

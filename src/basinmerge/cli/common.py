@@ -17,6 +17,15 @@ from basinmerge.console import console, table
 from basinmerge.errors import ConfigError
 
 DATASET_HELP = f"Dataset name ({', '.join(data_mod.names())})."
+DATA_HELP = (f"Data spec: a dataset NAME[:split] ({', '.join(data_mod.names())}), a datasets "
+             "save_to_disk folder PATH[:split], a .safetensors/.pt file of tensors (x and y, or "
+             "input_ids ... and labels), or a .txt file or folder of .txt files (causal LM; "
+             "see --tokenizer, --seq-len). --dataset is the same option.")
+SEQ_LEN_OPT = typer.Option(128, "--seq-len", help="Text data: tokens per row (also the most "
+                           "kept of a datasets folder's token rows).")
+TOKENIZER_OPT = typer.Option(None, "--tokenizer", help="Text data: 'bytes' (UTF-8 bytes as "
+                             "ids) or a folder with tokenizer files (default: the first model's "
+                             "HF folder).")
 DATA_ROOT_OPT = typer.Option(None, "--data-root", help="Folder holding dataset files.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="Torch device (cpu, cuda, cuda:0, ...).")
 JSON_OPT = typer.Option(False, "--json", help="Print JSON instead of a table.")
@@ -40,6 +49,17 @@ def load_splits(name: str, root: str | None = None, train_limit: int | None = No
     if train_limit is not None and train_limit < len(train):
         train = train.subset(train_limit, seed=seed)
     return train, test
+
+
+def data_record(spec: str | None, *, examples: int | None = None, seed: int = 0,
+                seq_len: int = 128, tokenizer: str | None = None,
+                root: str | None = None) -> dict[str, Any] | None:
+    """The data a command was given, as a recipe's ``data:`` field (and as recorded in its
+    output's metadata); None without data."""
+    if spec is None:
+        return None
+    return {"spec": spec, "examples": examples, "seed": seed, "seq_len": seq_len,
+            "tokenizer": tokenizer, "root": root}
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

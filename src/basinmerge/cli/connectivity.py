@@ -9,20 +9,22 @@ from pathlib import Path
 import typer
 from torch import nn
 
-from basinmerge import checks, connectivity, io, plots
+from basinmerge import checks, connectivity, datasource, io, plots
 from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
+    DATA_HELP,
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
     FORCE_OPT,
     JSON_OPT,
     LIKE_OPT,
+    SEQ_LEN_OPT,
+    TOKENIZER_OPT,
     check_file_out,
     check_run_out,
     comma_list,
     command_line,
-    load_splits,
     on_interrupt,
     print_json,
     print_table,
@@ -49,15 +51,15 @@ def _eval_subset(ds, limit: int | None):
         return ds
     if limit < 1:
         raise ConfigError(f"--eval-limit must be >= 1, got {limit}")
-    return ds.subset(limit, seed=0)
+    return datasource.subset(ds, limit, seed=0)
 
 
 @app.command("interpolate")
 def interpolate_cmd(
     model_a: Path = typer.Argument(..., help="First checkpoint (α = 0)."),
     model_b: Path = typer.Argument(..., help="Second checkpoint (α = 1)."),
-    dataset: str = typer.Option(None, "--dataset", "-d",
-                                help=DATASET_HELP + " Default: the first checkpoint's."),
+    data_spec: str = typer.Option(None, "--data", "--dataset", "-d", help=DATA_HELP + " Default: "
+                                  "the first checkpoint's dataset (both its splits)."),
     points: int = typer.Option(25, "--points", help="Grid points on α ∈ [0, 1]."),
     plot: Path = typer.Option(None, "--plot", help="Write the loss/accuracy curves to this PNG."),
     as_json: bool = JSON_OPT,
@@ -71,22 +73,28 @@ def interpolate_cmd(
                               "weight, activation or ste (Git Re-Basin)."),
     repair: bool = typer.Option(False, "--repair", help="With --align, also the REPAIRed aligned "
                                 "curve (each merged unit gets the endpoints' interpolated statistics)."),
+    seq_len: int = SEQ_LEN_OPT,
+    tokenizer: str = TOKENIZER_OPT,
     like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
-    """Loss and accuracy along the straight line between two checkpoints, and its barriers."""
+    """Loss and accuracy along the straight line between two checkpoints, and its barriers: on
+    a dataset's train and test splits, or on the data a spec names."""
     check_file_out(plot, (".png",))
     net_a, meta_a = checks.load_model(model_a, like=like)
     net_b, meta_b = checks.load_model(model_b, like=like)
     check_compatible([as_state_dict(net_a), as_state_dict(net_b)], [str(model_a), str(model_b)])
-    name = dataset or meta_a.get("dataset") or meta_b.get("dataset")
+    name = data_spec or meta_a.get("dataset") or meta_b.get("dataset")
     if name is None:
-        raise ConfigError(f"{model_a}: the checkpoint names no dataset; pass --dataset")
-    train, test = load_splits(name, root)
+        raise ConfigError(f"{model_a}: the checkpoint names no dataset; pass --data")
+    train, test = datasource.train_test(name, seq_len=seq_len, tokenizer=tokenizer, root=root,
+                                        model=model_a)
     for net, meta, path in ((net_a, meta_a, model_a), (net_b, meta_b, model_b)):
         checks.check_data_fits(net, train, meta=meta, source=str(path))
-    data = {"train": _eval_subset(train, eval_limit), "test": _eval_subset(test, eval_limit)}
+    data = ({"train": _eval_subset(train, eval_limit), "test": _eval_subset(test, eval_limit)}
+            if test is not None else {"data": _eval_subset(train, eval_limit)})
+    bn_data = next(iter(data.values()))
     net_a, net_b = net_a.to(device), net_b.to(device)
 
     specs = [CurveSpec("naive", net_b)]
@@ -99,7 +107,7 @@ def interpolate_cmd(
         specs.append(CurveSpec(f"{align}-aligned", aligned))
         if repair:
             specs.append(CurveSpec(f"{align}-aligned + REPAIR", aligned,
-                                   {"repair": True, "bn_data": data["train"]}))
+                                   {"repair": True, "bn_data": bn_data}))
     curves = {s.name: connectivity.interpolate(
         net_a, s.model_b, data, num_points=points, bn_reset=not no_bn_reset, label=s.name,
         **s.options) for s in specs}

@@ -7,18 +7,22 @@ from typing import Any
 
 import typer
 
-from basinmerge import checks, io, models, wsa
+from basinmerge import checks, datasource, io, models, wsa
 from basinmerge import data as data_mod
 from basinmerge import train as train_mod
 from basinmerge.cli.app import app
 from basinmerge.cli.common import (
+    DATA_HELP,
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
     JSON_OPT,
     LIKE_OPT,
+    SEQ_LEN_OPT,
+    TOKENIZER_OPT,
     check_file_out,
     command_line,
+    data_record,
     load_splits,
     on_interrupt,
     parse_kv,
@@ -123,21 +127,30 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint to evaluate."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP + " Default: the checkpoint's."),
-    split: str = typer.Option("test", "--split", help="train or test."),
+    data: str = typer.Option(None, "--data", "--dataset", "-d", help=DATA_HELP + " Default: the "
+                             "checkpoint's dataset."),
+    split: str = typer.Option("test", "--split", help="train or test (a dataset named without "
+                              "a split)."),
+    seq_len: int = SEQ_LEN_OPT,
+    tokenizer: str = TOKENIZER_OPT,
     like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
-    """Evaluate a checkpoint on a dataset split."""
+    """Evaluate a checkpoint on data (a dataset split, a datasets folder, a tensor file, a
+    text corpus)."""
     net, meta = checks.load_model(checkpoint, like=like)
-    name = dataset or meta.get("dataset")
-    if name is None:
-        raise ConfigError(f"{checkpoint}: the checkpoint names no dataset; pass --dataset")
-    ds = data_mod.load(name, split, root)
+    spec = data or meta.get("dataset")
+    if spec is None:
+        raise ConfigError(f"{checkpoint}: the checkpoint names no dataset; pass --data")
+    ds = datasource.load(spec, split=split, seq_len=seq_len, tokenizer=tokenizer, root=root,
+                         model=checkpoint)
     checks.check_data_fits(net, ds, meta=meta, source=str(checkpoint))
     res = train_mod.evaluate(net, ds)
+    name = datasource.describe(ds) or spec
     if as_json:
-        print_json({"checkpoint": str(checkpoint), "dataset": name, "split": split, **res})
+        print_json({"checkpoint": str(checkpoint), "dataset": spec,
+                    "split": getattr(getattr(ds, "info", None), "split", None), **res,
+                    "data": data_record(spec, seq_len=seq_len, tokenizer=tokenizer, root=root)})
     else:
-        print_table(f"{checkpoint} on {name}/{split}", ["loss", "accuracy"], [[res["loss"], res["accuracy"]]])
+        print_table(f"{checkpoint} on {name}", ["loss", "accuracy"], [[res["loss"], res["accuracy"]]])

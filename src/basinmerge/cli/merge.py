@@ -9,8 +9,10 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+from basinmerge import datasource
 from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
+    DATA_HELP,
     DATA_ROOT_OPT,
     DATASET_HELP,
     DEVICE_OPT,
@@ -20,8 +22,10 @@ from basinmerge.cli.common import (
     LIKE_OPT,
     MAX_SHARD_OPT,
     PRINT_RECIPE_OPT,
+    SEQ_LEN_OPT,
+    TOKENIZER_OPT,
     comma_list,
-    load_splits,
+    data_record,
     parse_kv,
     print_json,
     print_table,
@@ -65,19 +69,22 @@ def merge_cmd(
                              "folder for HF models)."),
     weights: str = typer.Option(None, "--weights", help="Comma-separated per-model weights "
                                 "(average, weighted, fisher): the same as --opt weights=..."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help=DATASET_HELP + " Data for data-using "
-                                "methods and the BatchNorm reset; the members' and the merge's "
-                                "test accuracy are printed."),
-    data_examples: int = typer.Option(2000, "--data-examples", help="Training examples (a random "
-                                      "subset) given to data-using methods and the BN reset."),
+    data: str = typer.Option(None, "--data", "--dataset", "-d", help=DATA_HELP + " Data for "
+                             "data-using methods and the BatchNorm reset; for a dataset named "
+                             "without a split, the members' and the merge's test accuracy are "
+                             "printed."),
+    data_examples: int = typer.Option(2000, "--data-examples", help="Examples (a random subset) "
+                                      "given to data-using methods and the BN reset."),
     data_seed: int = typer.Option(0, "--data-seed", help="Seed of that random subset."),
+    seq_len: int = SEQ_LEN_OPT,
+    tokenizer: str = TOKENIZER_OPT,
     stream: bool = typer.Option(None, "--stream/--no-stream", help="Stream tensor by tensor "
                                 "(default: when the method allows and all inputs are safetensors)."),
     block_mib: float = typer.Option(1.0, "--block-mib", help="Streaming: MiB of a tensor read "
                                     "from each model at a time (coordinate-wise methods)."),
     reset_bn: bool = typer.Option(None, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm "
                                   "statistics on the data after merging (default: whenever "
-                                  "--dataset is given)."),
+                                  "--data is given)."),
     strict: bool = typer.Option(False, "--strict", help="Stop with an error when the member guard "
                                 "finds a member far outside the others' weight scope."),
     gates_out: Path = typer.Option(None, "--gates-out", help="soft: write the gate table (JSON) "
@@ -92,10 +99,11 @@ def merge_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Merge checkpoints with one method and save the result; the summary shows each member's
-    scope distance (the member guard) and, with --dataset, test accuracies.
+    scope distance (the member guard) and, with --data, test accuracies.
 
     Checkpoints may be basinmerge files, HF model folders (written as an HF folder, config and
-    tokenizer from --base or the first model) or bare safetensors / .pt files."""
+    tokenizer from --base or the first model) or bare safetensors / .pt files; --data takes
+    any data spec (a dataset, a datasets folder, a tensor file, a text corpus)."""
     from basinmerge import recipe as recipe_mod  # pydantic: only when run
 
     m = get_method(method)
@@ -103,15 +111,15 @@ def merge_cmd(
     parsed_weights = comma_list(weights, "--weights", float, "numbers")
     # the registry's own check first (its errors name the method and option), then the record
     m.check({**options, **({"weights": parsed_weights} if parsed_weights else {})},
-            has_base=base is not None, has_data=dataset is not None and bool(m.needs_data),
+            has_base=base is not None, has_data=data is not None and bool(m.needs_data),
             num_models=len(checkpoints))
     rec = recipe_mod.validate({
         "models": [str(p) for p in checkpoints], "base": None if base is None else str(base),
         "method": method,
         "options": {**options, **({"weights": parsed_weights} if parsed_weights else {})},
         **({} if reset_bn is None else {"reset_bn": reset_bn}),
-        "data": None if dataset is None else {"dataset": dataset, "examples": data_examples,
-                                               "root": root, "seed": data_seed},
+        "data": data_record(data, examples=data_examples, seed=data_seed, seq_len=seq_len,
+                            tokenizer=tokenizer, root=root),
         "like": None if like is None else str(like), "stream": stream, "block_mib": block_mib,
         "device": device, "strict": strict, "output": {"path": str(out), "format": out_format, "force": force,
                                      "max_shard_mib": max_shard_mib}}, "merge")
@@ -119,8 +127,10 @@ def merge_cmd(
         typer.echo(rec.to_yaml(), nl=False)
         return
     train = test = None
-    if dataset is not None:
-        train, test = load_splits(dataset, root, data_examples, data_seed)
+    if data is not None:
+        train, test = datasource.train_test(data, n=data_examples, seed=data_seed,
+                                            seq_len=seq_len, tokenizer=tokenizer, root=root,
+                                            model=base if base is not None else checkpoints[0])
     res = merge_checkpoints(checkpoints, method, base=base, options=options,
                             weights=parsed_weights, out=out, data=train, stream=stream,
                             block_mib=block_mib, device=device, reset_bn=reset_bn, strict=strict,
@@ -135,7 +145,7 @@ def merge_cmd(
                                        f"merged ({method})": res.accuracy}
         print_json(report)
         return
-    _print_result(res, dataset)
+    _print_result(res, data)
 
 
 def _print_result(res: MergeResult, dataset: str | None) -> None:

@@ -31,4 +31,4 @@ def run_cmd(
         return
     from basinmerge.cli.merge import _print_result
 
-    _print_result(rec.merge(), rec.data.dataset if rec.data is not None else None)
+    _print_result(rec.merge(), rec.data.spec if rec.data is not None else None)

@@ -48,13 +48,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from basinmerge import adapter, io
-from basinmerge.errors import ConfigError, DataError
+from basinmerge import checks, datasource, io
+from basinmerge.errors import ConfigError
 from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare
 from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
 from basinmerge.merge.registry import MergeMethod, get_method, jsonable
 from basinmerge.merge.stream import FileSource, stream_merge
-from basinmerge.state import StateDict, check_compatible, module_mode, tied_aliases, with_state
+from basinmerge.state import (
+    StateDict,
+    as_state_dict,
+    check_compatible,
+    module_mode,
+    tied_aliases,
+    with_state,
+)
 
 PathLike = str | os.PathLike
 BN_NOTE_DATA_FREE = ("the merged model has BatchNorm layers whose running statistics were "
@@ -70,11 +77,14 @@ class Alignment:
     """Permute every member's hidden units onto the first member's before merging (Git
     Re-Basin): `method` (``weight``, ``activation`` or ``ste``: `basinmerge.align.METHODS`),
     `options` (`find_permutation`'s keyword options: `alignment_options`), `data` (what
-    activation and STE matching run on; default: the merge's data)."""
+    activation and STE matching run on, any form or a data spec; default: the merge's data)."""
 
     method: str = "weight"
     options: Mapping[str, Any] = field(default_factory=dict)
     data: Any = None
+
+    def __post_init__(self) -> None:  # a data spec is read once, here
+        object.__setattr__(self, "data", datasource.resolve(self.data))
 
     @classmethod
     def of(cls, align: Alignment | Mapping[str, Any] | None) -> Alignment | None:
@@ -258,31 +268,6 @@ def check_output(out: PathLike, fmt: str = "safetensors", force: bool = False,
     return out
 
 
-def check_data_fits(model: nn.Module, data: Any, what: str, path: PathLike) -> None:
-    """One error, before any work, when `data` (a dataset, an (x, y) pair, inputs, or a list of
-    them) does not fit the network stored in `path`: its inputs do not run through it, or a
-    label is not one of its outputs."""
-    if data is None:
-        return
-    for d in (data if isinstance(data, list) else [data]):
-        dd = adapter.as_data(d, what)
-        y = dd.labels
-        meta_name = getattr(getattr(d, "info", None), "name", None)
-        label = f"{what}" + (f" ({meta_name})" if meta_name else "")
-        first = dd.head(2).inputs
-        shape = (tuple(first.shape[1:]) if isinstance(first, torch.Tensor)
-                 else {k: tuple(v.shape[1:]) for k, v in first.items()})
-        try:
-            with torch.no_grad(), module_mode(model, False):
-                out = adapter.forward(model, adapter.to_device(first, adapter.device_of(model)))
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise DataError(f"{label} does not fit the model in {path}: inputs of shape "
-                            f"{shape} ({str(e).splitlines()[0]})") from e
-        if y is not None and y.numel() and out.dim() == 2 and int(y.max()) >= out.shape[1]:
-            raise DataError(f"{label} has label {int(y.max())}, but the model in {path} has "
-                            f"{out.shape[1]} outputs")
-
-
 # --------------------------------------------------------------------------- the engine
 
 
@@ -328,6 +313,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     m = get_method(method)
     given, opts = _options(m, options, weights, data, reset_bn, progress)
     files = [Path(p) for p in paths]
+    data, eval_data = (datasource.resolve(d, model=base or files[0]) for d in (data, eval_data))
     opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
                    num_models=len(files))
     user_opts = {k: opts[k] for k in given}
@@ -358,7 +344,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
         fits = [("data", data), ("eval_data", eval_data),
                 ("alignment data", alignment.data if alignment is not None else None)]
         for what, d in fits:
-            check_data_fits(template, d, what, files[0])
+            checks.check_data_fits(template, d, source=files[0], what=what)
     timings["load"] = time.perf_counter() - t0
 
     models = None
@@ -638,3 +624,135 @@ def _evaluate(template: nn.Module, members: list[MemberSummary], source: Any,
         s = read_state(paths[i])[0] if streamed else source.states[i]
         mem.accuracy = evaluate(with_state(template, s), eval_data)["accuracy"]
     return evaluate(with_state(template, state), eval_data)["accuracy"]
+
+
+# --------------------------------------------------------------------------- alignment alone
+
+
+@dataclass
+class AlignResult:
+    """What `align_checkpoints` did: the permutation found, the objective ⟨θ_A, θ_B⟩ before and
+    after, how far B's outputs moved (they should not), and, with evaluation data, A's and B's
+    metrics and those of the naive and the aligned midpoint."""
+
+    method: str
+    permutations: int
+    seconds: float
+    objective_before: float
+    objective_after: float
+    out: Path | None = None
+    state: StateDict | None = None
+    sweeps: int | None = None
+    drift: float | None = None  # max |Δ logits| between B and the aligned B
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # a, b, naive, aligned
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "permutations": self.permutations,
+                "seconds": self.seconds, "objective_before": self.objective_before,
+                "objective_after": self.objective_after, "sweeps": self.sweeps,
+                "drift": self.drift, "metrics": self.metrics,
+                "out": str(self.out) if self.out is not None else None}
+
+    def record(self) -> dict:
+        """What the output's metadata says about the alignment."""
+        return {"method": self.method, "seconds": self.seconds,
+                "objective_before": self.objective_before,
+                "objective_after": self.objective_after,
+                **({"sweeps": self.sweeps} if self.sweeps is not None else {})}
+
+
+def align_checkpoints(model_a: PathLike, model_b: PathLike, method: str = "weight", *,
+                      data: Any = None, eval_data: Any = None,
+                      options: Mapping[str, Any] | None = None, like: PathLike | None = None,
+                      device: str = "cpu", out: PathLike | None = None,
+                      out_format: str | None = None, force: bool = False,
+                      max_shard_mib: float = io.DEFAULT_MAX_SHARD_MIB,
+                      meta: Mapping[str, Any] | None = None) -> AlignResult:
+    """Permute B's hidden units onto A's (Git Re-Basin, `basinmerge.align.find_permutation`)
+    and write the aligned B in B's form (`out`; without it the state is in the result).
+
+    `data`: what activation and STE matching run on (any form, a data spec included:
+    `basinmerge.datasource.resolve`), checked to fit both models before any work; `eval_data`:
+    data to evaluate A, B and their naive and aligned midpoints on (BatchNorm reset on `data`).
+    `options`: `find_permutation`'s keyword options (`alignment_options`)."""
+    alignment = Alignment(method, dict(options or {}), None)
+    data, eval_data = (datasource.resolve(d, model=model_a) for d in (data, eval_data))
+    alignment.check(data)
+    target = None
+    if out is not None:
+        target = check_output(out, io.output_format(model_b, out_format), force,
+                              inputs=[model_a, model_b])
+    nets, metas = [], []
+    for path in (model_a, model_b):
+        net, m = checks.load_model(path, like=like)
+        nets.append(net)
+        metas.append(m)
+    check_compatible([n.state_dict() for n in nets], [str(model_a), str(model_b)])
+    net_a, net_b = (n.to(device) for n in nets)
+    for net, m, path in ((net_a, metas[0], model_a), (net_b, metas[1], model_b)):
+        checks.check_data_fits(net, data, meta=m, source=path, what="alignment data")
+        checks.check_data_fits(net, eval_data, meta=m, source=path, what="evaluation data")
+    res = _permute(net_a, net_b, alignment, data)
+    aligned = res.pop("model")
+    result = AlignResult(**res)
+    result.drift = _drift(net_b, aligned, eval_data if eval_data is not None else data)
+    if eval_data is not None:
+        result.metrics = _align_metrics(net_a, net_b, aligned, data, eval_data)
+    state = as_state_dict(aligned.cpu())
+    if target is None:
+        result.state = state
+        return result
+    record = {**{k: v for k, v in io.read_meta(model_b).items() if k not in ("merge", "recipe")},
+              "aligned_to": str(model_a), **dict(meta or {}), "alignment": result.record()}
+    result.out = io.save_like(state, target, model_b, record, fmt=out_format,
+                              max_shard_mib=max_shard_mib, force=force, inputs=[model_a])
+    return result
+
+
+def _permute(net_a: nn.Module, net_b: nn.Module, alignment: Alignment, data: Any) -> dict:
+    from basinmerge.align import find_permutation, objective, permuted_copy
+
+    t = time.perf_counter()
+    perm, spec, info = find_permutation(net_a, net_b, alignment.method, data, **alignment.options)
+    seconds = time.perf_counter() - t
+    aligned = permuted_copy(net_b, spec, perm)
+    pa = {k: v.detach() for k, v in net_a.named_parameters()}
+    before = objective(pa, {k: v.detach() for k, v in net_b.named_parameters()})
+    after = objective(pa, {k: v.detach() for k, v in aligned.named_parameters()})
+    return {"method": alignment.method, "permutations": len(spec.perms), "seconds": seconds,
+            "objective_before": float(before), "objective_after": float(after),
+            "sweeps": info.get("sweeps") if alignment.method == "weight" else None,
+            "model": aligned}
+
+
+def _drift(net_b: nn.Module, aligned: nn.Module, data: Any) -> float | None:
+    """max |Δ logits| between B and the aligned B on a few examples of `data` (or, for a
+    project model without data, random inputs of its shape)."""
+    from basinmerge import adapter
+
+    if data is not None:
+        probe: Any = adapter.as_data(data, "evaluation data", limit=64).inputs
+    elif isinstance(cfg := getattr(net_b, "config", None), dict) and "in_shape" in cfg:
+        probe = torch.randn(8, *cfg["in_shape"])
+    else:
+        return None
+    with torch.no_grad(), module_mode(net_b, False), module_mode(aligned, False):
+        return float((adapter.forward(net_b, probe) - adapter.forward(aligned, probe)).abs().max())
+
+
+def _align_metrics(net_a: nn.Module, net_b: nn.Module, aligned: nn.Module, data: Any,
+                   eval_data: Any) -> dict[str, dict[str, float]]:
+    """A's and B's metrics on `eval_data`, and those of the naive and the aligned midpoint
+    (BatchNorm statistics reset on `data`, else on `eval_data`)."""
+    from basinmerge import train as train_mod
+    from basinmerge.state import lerp
+
+    def midpoint(b: nn.Module) -> dict[str, float]:
+        net = copy.deepcopy(net_a)
+        net.load_state_dict(lerp(net_a.state_dict(), b.state_dict(), 0.5))
+        if train_mod.has_batchnorm(net):
+            train_mod.reset_bn_stats(net, data if data is not None else eval_data)
+        return train_mod.evaluate(net, eval_data)
+
+    return {"a": train_mod.evaluate(net_a, eval_data), "b": train_mod.evaluate(net_b, eval_data),
+            "naive": midpoint(net_b), "aligned": midpoint(aligned)}
