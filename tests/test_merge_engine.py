@@ -109,6 +109,37 @@ def test_guard_flags_and_names_a_poisoned_member(trained, kind):
     assert max(honest) < report.threshold < report.distance[2]
 
 
+def _llama_shaped(seed: int, layers: int = 3, d: int = 8, ff: int = 12, vocab: int = 20) -> dict:
+    """A Llama-shaped state_dict: many weights of one shape (q, k, v, o of every layer)."""
+    g = torch.Generator().manual_seed(seed)
+    s = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=g)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            s[p + f"self_attn.{n}.weight"] = torch.randn(d, d, generator=g)
+        s[p + "mlp.gate_proj.weight"] = torch.randn(ff, d, generator=g)
+        s[p + "mlp.up_proj.weight"] = torch.randn(ff, d, generator=g)
+        s[p + "mlp.down_proj.weight"] = torch.randn(d, ff, generator=g)
+        s[p + "input_layernorm.weight"] = torch.ones(d)
+    s["model.norm.weight"] = torch.ones(d)
+    s["lm_head.weight"] = torch.randn(vocab, d, generator=g)
+    return s
+
+
+def test_guard_examines_every_weight_of_a_llama_shaped_model():
+    """Regression: shapes alone (meta tensors, all with data pointer 0) once looked tied, so
+    the guard compared one weight per distinct shape (4 of 23 here, 4 of 58 in a real Llama)."""
+    g = torch.Generator().manual_seed(0)
+    members = [_perturbed(_llama_shaped(0), 0.05, g) for _ in range(4)]
+    weights = [k for k, v in members[0].items() if v.ndim == 2]
+    assert len(weights) == 2 + 3 * 7
+    report = check_members(StateSource(members))
+    assert report.layers == len(weights)
+    members[1]["model.layers.2.self_attn.v_proj.weight"] *= 1000  # one same-shaped weight of many
+    flagged = check_members(StateSource(members))
+    assert {f.layer for f in flagged.flags} == {"model.layers.2.self_attn.v_proj.weight"}
+
+
 @pytest.mark.parametrize("kind", POISON)
 def test_engine_guard_warns_streaming_and_in_memory_and_strict_stops(finetunes, tmp_path, kind):
     _, _, paths = finetunes
