@@ -264,12 +264,17 @@ def coordinate_median(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None
     return v[k // 2] if k % 2 else (v[k // 2 - 1] + v[k // 2]) / 2
 
 
-def merged_items(source: TensorSource, kernel: Kernel,
-                 block_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+Observer = Callable[[str, slice | None, list[torch.Tensor]], None]
+
+
+def merged_items(source: TensorSource, kernel: Kernel, block_bytes: int | None = None,
+                 observe: Observer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every key of `source`, in its key order: float keys
     through `kernel`, the rest copied from the first model. With `block_bytes`, an elementwise
     kernel gets row blocks of at most that many bytes per model, and a key is yielded as
-    consecutive row blocks (the same key several times, in order).
+    consecutive row blocks (the same key several times, in order). `observe(key, rows,
+    tensors)` is shown the members' tensors of every float block as they are read (the member
+    guard's `GuardStats.observe`: one read serves the merge and the guard).
 
     BatchNorm running statistics are never task vectors: when the source has a base (the
     task-vector methods), they are the plain mean of the members' statistics, whatever the
@@ -285,6 +290,8 @@ def merged_items(source: TensorSource, kernel: Kernel,
         budget = block_bytes if k_fn is mean_kernel or is_elementwise(kernel) else None
         for rows in row_blocks(source.shape(key), source.element_size(key), budget):
             tensors = [source.model_tensor(k, key, rows) for k in range(source.num_models)]
+            if observe is not None:
+                observe(key, rows, tensors)
             dtype = tensors[0].dtype
             out = k_fn(key, tensors, source.base_tensor(key, rows))
             del tensors  # let go of the inputs (memory-mapped pages when streaming) first
