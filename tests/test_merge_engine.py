@@ -140,6 +140,59 @@ def test_guard_examines_every_weight_of_a_llama_shaped_model():
     assert {f.layer for f in flagged.flags} == {"model.layers.2.self_attn.v_proj.weight"}
 
 
+def _wide(seed: int) -> dict:
+    """A base with one layer over the guard's sample size (400 x 400 = 160,000 coordinates)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"big.weight": torch.randn(400, 400, generator=g) * 0.02,
+            "small.weight": torch.randn(16, 400, generator=g) * 0.05,
+            "small.bias": torch.zeros(16)}
+
+
+@pytest.mark.parametrize("kind", [None, *POISON])
+def test_sampled_guard_flags_poisoned_members_and_stays_quiet_on_honest_ones(kind):
+    """Layers over SAMPLE coordinates are compared on a fixed sample: the sampled mu and sigma
+    are within 1% of a sigma of the exact ones, and the verdicts are those of the exact guard."""
+    from basinmerge.merge.guard import SAMPLE, GuardStats
+
+    g = torch.Generator().manual_seed(3)
+    base = _wide(0)
+    members = [_perturbed(base, 0.05, g) for _ in range(5)]
+    if kind is not None:
+        members[3] = _poisoned(members[3], kind)
+    src = StateSource(members, names=[f"m{i}" for i in range(5)])
+    assert src.numel("big.weight") > SAMPLE
+    sampled, exact = check_members(src), check_members(src, sample=None)
+    assert sampled.flagged() == exact.flagged() == ([] if kind is None else ["m3"])
+    if kind is None:
+        assert max(sampled.distance) < sampled.threshold
+    s = layer_statistics(src, "big.weight", block_bytes=4096)
+    e = layer_statistics(src, "big.weight", sample=None)
+    assert ((s["mu"] - e["mu"]).abs() <= 0.01 * e["sigma"]).all()
+    assert torch.allclose(s["sigma"], e["sigma"], rtol=0.01)
+    stats = GuardStats(src)
+    assert stats.keys == ["big.weight", "small.weight"]
+
+
+def test_one_pass_guard_of_a_streamed_merge_equals_the_guard_read_separately(finetunes, tmp_path):
+    """`stream_merge(observe=...)` feeds the guard the blocks the merge reads: the same report
+    as `check_members` reading the files itself."""
+    from basinmerge.merge.guard import GuardStats
+    from basinmerge.merge.stream import FileSource, stream_merge
+
+    _, base, paths = finetunes
+    bad = io.save_state(_poisoned(io.load_state(paths[1])[0], "flip"), tmp_path / "flip.safetensors")
+    inputs = [*paths, bad]
+    with FileSource(inputs) as src:
+        separate = check_members(src, block_bytes=1024)
+        stats = GuardStats(src)
+    stream_merge(inputs, "ties", tmp_path / "t.safetensors", base=base, block_mib=1024 / 2**20,
+                 observe=stats.observe, density=0.5)
+    one_pass = stats.report()
+    assert one_pass.flagged() == separate.flagged() == [str(bad)]
+    assert one_pass.distance == pytest.approx(separate.distance, rel=1e-9)
+    assert one_pass.worst == separate.worst and one_pass.layers == separate.layers
+
+
 @pytest.mark.parametrize("kind", POISON)
 def test_engine_guard_warns_streaming_and_in_memory_and_strict_stops(finetunes, tmp_path, kind):
     _, _, paths = finetunes
