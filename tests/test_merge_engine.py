@@ -151,7 +151,8 @@ def _wide(seed: int) -> dict:
 @pytest.mark.parametrize("kind", [None, *POISON])
 def test_sampled_guard_flags_poisoned_members_and_stays_quiet_on_honest_ones(kind):
     """Layers over SAMPLE coordinates are compared on a fixed sample: the sampled mu and sigma
-    are within 1% of a sigma of the exact ones, and the verdicts are those of the exact guard."""
+    are within 3% of a sigma of the exact ones (differences between members within 0.5%),
+    and the verdicts are those of the exact guard."""
     from basinmerge.merge.guard import SAMPLE, GuardStats
 
     g = torch.Generator().manual_seed(3)
@@ -167,8 +168,13 @@ def test_sampled_guard_flags_poisoned_members_and_stays_quiet_on_honest_ones(kin
         assert max(sampled.distance) < sampled.threshold
     s = layer_statistics(src, "big.weight", block_bytes=4096)
     e = layer_statistics(src, "big.weight", sample=None)
-    assert ((s["mu"] - e["mu"]).abs() <= 0.01 * e["sigma"]).all()
+    assert ((s["mu"] - e["mu"]).abs() <= 0.03 * e["sigma"]).all()
     assert torch.allclose(s["sigma"], e["sigma"], rtol=0.01)
+    # the members are sampled on the same coordinates: the differences between honest ones
+    # are sharper still
+    honest = [i for i in range(5) if kind is None or i != 3]
+    diff_s, diff_e = s["mu"][honest] - s["mu"][0], e["mu"][honest] - e["mu"][0]
+    assert ((diff_s - diff_e).abs() <= 0.005 * e["sigma"][honest]).all()
     stats = GuardStats(src)
     assert stats.keys == ["big.weight", "small.weight"]
 
