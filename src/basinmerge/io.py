@@ -7,6 +7,10 @@
 - `StateReader`: a memory-mapped, tensor-by-tensor reader for streaming merges.
 - Checkpoints from anywhere (see "Formats" below): `checkpoint_format`, `load_state`,
   `read_meta`, `tensor_index`, `load_model(path, like=...)` and `save_like(state, out, like)`.
+- `safetensors_header`: the one safetensors header parser (cached per file); `read_header`,
+  `read_entries` and every reader here use it.
+- HF shards: `shard_plan`, `shard_name`, `write_hf_index`, `hf_weight_files` (also used by the
+  streaming writer, `basinmerge.merge.stream.write_hf_stream`).
 - `atomic_path`, `write_json`, `write_text`, `save_figure`: every write goes to a temporary file
   in the target folder and is renamed into place, so no half-written output is ever left.
 

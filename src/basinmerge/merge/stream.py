@@ -4,7 +4,7 @@
 with a per-key kernel: `streamable()`) over checkpoints without loading whole models. A
 checkpoint is a safetensors file or an HF model folder, single file or sharded
 (`basinmerge.io.tensor_index` says which file holds each key). Each file's
-header gives every tensor's byte offsets (`read_entries`); a tensor, or a span of its rows, is
+header gives every tensor's byte offsets (`basinmerge.io.read_entries`); a tensor, or a span of its rows, is
 read with one plain ``readinto`` into a fresh tensor (no memory map: nothing stays resident
 once a block is dropped, so each file is opened once for the whole merge), merged with the
 very kernel the in-memory function uses, and written straight into the output file.
@@ -21,7 +21,10 @@ Every block of every input is checked for NaN/Inf the first time it is read, by 
 is finite only if every term is; the exact per-element test runs only when it is not, see
 `basinmerge.state.all_finite`), and a bad value stops the merge naming the file and key. The
 output is written incrementally in the safetensors format to a temporary file and renamed into
-place; the result is bit for bit the in-memory merge of the same files.
+place; the result is bit for bit the in-memory merge of the same files. With `max_shard_mib`
+the output is an HF model folder, written shard by shard while merging (`write_hf_stream`).
+`observe` shows every block read to a callback (the member guard's `GuardStats.observe`), so
+the engine's guard costs no second read.
 """
 
 from __future__ import annotations
