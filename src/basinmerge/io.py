@@ -288,15 +288,15 @@ class SafetensorsHeader(NamedTuple):
     metadata: dict[str, str]
 
 
-_HEADERS: dict[tuple[str, int, int], SafetensorsHeader] = {}
+_HEADERS: dict[tuple[str, int, int, int, int], SafetensorsHeader] = {}
 
 
 def safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
     """The header of a safetensors file, read without any tensor: the one parser every reader
     uses. Offsets that do not fit a tensor's dtype and shape, or run past the end of the file (a
-    truncated download), are refused naming the key. Cached per file (path, size and
-    modification time), so checking, streaming and reading metadata parse it once; treat the
-    result as read-only."""
+    truncated download), are refused naming the key. Cached per file (path, inode, size,
+    modification and change times), so checking, streaming and reading metadata parse it
+    once; treat the result as read-only."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -304,7 +304,7 @@ def safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise CheckpointError(f"{path}: checkpoint file not found") from e
     except OSError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    ident = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    ident = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     hit = _HEADERS.get(ident)
     if hit is None:
         hit = _parse_safetensors_header(path, st.st_size)
