@@ -4,8 +4,10 @@ and what a second `spec_for` trace of the same model class costs within a proces
 Start-up: each command runs as a fresh process, interleaved over `REPEATS` rounds; the fastest
 run of each is kept (the minimum is the least disturbed by other processes on a shared machine).
 Bytecode is cached for every command alike: ``PYTHONPYCACHEPREFIX`` points at a fresh temporary
-folder and every command runs once, untimed, before the rounds (without it, whichever command
-first imports a module pays for compiling it, which is not start-up).
+folder (``PYTHONDONTWRITEBYTECODE`` dropped so that it is written) and every command runs once,
+untimed, before the rounds. Without it, a command whose modules have no cached bytecode (a
+fresh checkout, or an environment that sets PYTHONDONTWRITEBYTECODE) pays for compiling them
+on every run, which is not start-up.
 Baseline: ``python -c "import torch, safetensors.torch"``, what any command of the CLI must pay.
 Aim: both CLI commands within 1.2x of the baseline. Which heavy packages the CLI's import loads
 is listed too (none should be: matplotlib, SciPy, transformers, Flower, ... load on first use).
@@ -49,7 +51,10 @@ PYCACHE: dict[str, str] = {}  # PYTHONPYCACHEPREFIX, set by `run`
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **PYCACHE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **PYCACHE)
+    if PYCACHE:  # the cache must be written (PYTHONDONTWRITEBYTECODE would leave it empty)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def _time_once(cmd: list[str]) -> tuple[float, float, int]:
