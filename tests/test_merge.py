@@ -111,9 +111,15 @@ def test_ties_global_trim_differs_from_per_tensor():
     assert torch.equal(t["b"], torch.tensor([10.0, 0.0]))
 
 
-def test_ties_exact_cancellation_gives_zero_delta():
-    out = ties(_vec(0.0), [_vec(1.0), _vec(-1.0)], density=1.0)
-    assert out["w"].item() == 0.0
+def test_ties_exact_cancellation_elects_plus_as_mergekit():
+    """A zero trimmed sum elects + (mergekit's `(sum >= 0) * 2 - 1`): the positive values are
+    averaged. Coordinates: (1, -1) -> 1; (3, -1, -2) -> 3; (-2, 2, 0.5, -0.5) -> mean(2, 0.5);
+    all zero -> 0."""
+    base = _vec(0.0, 0.0, 0.0, 0.0)
+    members = [_vec(1.0, 3.0, -2.0, 0.0), _vec(-1.0, -1.0, 2.0, 0.0),
+               _vec(0.0, -2.0, 0.5, 0.0), _vec(0.0, 0.0, -0.5, 0.0)]
+    out = ties(base, members, density=1.0)
+    assert torch.equal(out["w"], torch.tensor([1.0, 3.0, 1.25, 0.0]))
 
 
 def test_dare_rescales_in_expectation():

@@ -109,6 +109,96 @@ def test_guard_flags_and_names_a_poisoned_member(trained, kind):
     assert max(honest) < report.threshold < report.distance[2]
 
 
+def _llama_shaped(seed: int, layers: int = 3, d: int = 8, ff: int = 12, vocab: int = 20) -> dict:
+    """A Llama-shaped state_dict: many weights of one shape (q, k, v, o of every layer)."""
+    g = torch.Generator().manual_seed(seed)
+    s = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=g)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            s[p + f"self_attn.{n}.weight"] = torch.randn(d, d, generator=g)
+        s[p + "mlp.gate_proj.weight"] = torch.randn(ff, d, generator=g)
+        s[p + "mlp.up_proj.weight"] = torch.randn(ff, d, generator=g)
+        s[p + "mlp.down_proj.weight"] = torch.randn(d, ff, generator=g)
+        s[p + "input_layernorm.weight"] = torch.ones(d)
+    s["model.norm.weight"] = torch.ones(d)
+    s["lm_head.weight"] = torch.randn(vocab, d, generator=g)
+    return s
+
+
+def test_guard_examines_every_weight_of_a_llama_shaped_model():
+    """Regression: shapes alone (meta tensors, all with data pointer 0) once looked tied, so
+    the guard compared one weight per distinct shape (4 of 23 here, 4 of 58 in a real Llama)."""
+    g = torch.Generator().manual_seed(0)
+    members = [_perturbed(_llama_shaped(0), 0.05, g) for _ in range(4)]
+    weights = [k for k, v in members[0].items() if v.ndim == 2]
+    assert len(weights) == 2 + 3 * 7
+    report = check_members(StateSource(members))
+    assert report.layers == len(weights)
+    members[1]["model.layers.2.self_attn.v_proj.weight"] *= 1000  # one same-shaped weight of many
+    flagged = check_members(StateSource(members))
+    assert {f.layer for f in flagged.flags} == {"model.layers.2.self_attn.v_proj.weight"}
+
+
+def _wide(seed: int) -> dict:
+    """A base with one layer over the guard's sample size (400 x 400 = 160,000 coordinates)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"big.weight": torch.randn(400, 400, generator=g) * 0.02,
+            "small.weight": torch.randn(16, 400, generator=g) * 0.05,
+            "small.bias": torch.zeros(16)}
+
+
+@pytest.mark.parametrize("kind", [None, *POISON])
+def test_sampled_guard_flags_poisoned_members_and_stays_quiet_on_honest_ones(kind):
+    """Layers over SAMPLE coordinates are compared on a fixed sample: the sampled mu and sigma
+    are within 3% of a sigma of the exact ones (differences between members within 0.5%),
+    and the verdicts are those of the exact guard."""
+    from basinmerge.merge.guard import SAMPLE, GuardStats
+
+    g = torch.Generator().manual_seed(3)
+    base = _wide(0)
+    members = [_perturbed(base, 0.05, g) for _ in range(5)]
+    if kind is not None:
+        members[3] = _poisoned(members[3], kind)
+    src = StateSource(members, names=[f"m{i}" for i in range(5)])
+    assert src.numel("big.weight") > SAMPLE
+    sampled, exact = check_members(src), check_members(src, sample=None)
+    assert sampled.flagged() == exact.flagged() == ([] if kind is None else ["m3"])
+    if kind is None:
+        assert max(sampled.distance) < sampled.threshold
+    s = layer_statistics(src, "big.weight", block_bytes=4096)
+    e = layer_statistics(src, "big.weight", sample=None)
+    assert ((s["mu"] - e["mu"]).abs() <= 0.03 * e["sigma"]).all()
+    assert torch.allclose(s["sigma"], e["sigma"], rtol=0.01)
+    # the members are sampled on the same coordinates: the differences between honest ones
+    # are sharper still
+    honest = [i for i in range(5) if kind is None or i != 3]
+    diff_s, diff_e = s["mu"][honest] - s["mu"][0], e["mu"][honest] - e["mu"][0]
+    assert ((diff_s - diff_e).abs() <= 0.005 * e["sigma"][honest]).all()
+    stats = GuardStats(src)
+    assert stats.keys == ["big.weight", "small.weight"]
+
+
+def test_one_pass_guard_of_a_streamed_merge_equals_the_guard_read_separately(finetunes, tmp_path):
+    """`stream_merge(observe=...)` feeds the guard the blocks the merge reads: the same report
+    as `check_members` reading the files itself."""
+    from basinmerge.merge.guard import GuardStats
+    from basinmerge.merge.stream import FileSource, stream_merge
+
+    _, base, paths = finetunes
+    bad = io.save_state(_poisoned(io.load_state(paths[1])[0], "flip"), tmp_path / "flip.safetensors")
+    inputs = [*paths, bad]
+    with FileSource(inputs) as src:
+        separate = check_members(src, block_bytes=1024)
+        stats = GuardStats(src)
+    stream_merge(inputs, "ties", tmp_path / "t.safetensors", base=base, block_mib=1024 / 2**20,
+                 observe=stats.observe, density=0.5)
+    one_pass = stats.report()
+    assert one_pass.flagged() == separate.flagged() == [str(bad)]
+    assert one_pass.distance == pytest.approx(separate.distance, rel=1e-9)
+    assert one_pass.worst == separate.worst and one_pass.layers == separate.layers
+
+
 @pytest.mark.parametrize("kind", POISON)
 def test_engine_guard_warns_streaming_and_in_memory_and_strict_stops(finetunes, tmp_path, kind):
     _, _, paths = finetunes

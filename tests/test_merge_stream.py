@@ -183,3 +183,46 @@ def test_writer_takes_row_blocks_and_rejects_overflowing_ones(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ConfigError, match="block_mib"):
         stream_merge([path], "average", tmp_path / "y.safetensors", block_mib=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 20), n=st.integers(1, 40), seed=st.integers(0, 2**31 - 1),
+       ties=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_coordinate_median_equals_torch_median(k, n, seed, ties, dtype):
+    """Property: the sorting-network median (K <= 16; a sort beyond) is torch.median for odd K
+    and, the project's convention, the mean of the two middle values for even K (of which
+    torch.median gives the lower one); repeated values included."""
+    from basinmerge.merge._common import coordinate_median
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(k, n, generator=g)
+    if ties:
+        x = x.round()  # many equal values per coordinate
+    tensors = [t.to(dtype) for t in x]
+    copies = [t.clone() for t in tensors]
+    got = coordinate_median(tensors)
+    stacked = torch.stack([t.to(got.dtype) for t in tensors])
+    s = stacked.sort(dim=0).values
+    assert torch.equal(s[(k - 1) // 2], stacked.median(dim=0).values)  # torch's: the lower one
+    want = s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, copies, strict=True))  # inputs kept
+
+
+def test_sorting_network_sorts_every_zero_one_input():
+    """The 0-1 principle: a comparator network that sorts every 0/1 input sorts every input."""
+    import itertools
+
+    from basinmerge.merge._common import median_network, sorting_network
+
+    for k in range(1, 11):
+        for bits in itertools.product((0, 1), repeat=k):
+            v = list(bits)
+            for i, j in sorting_network(k):
+                v[i], v[j] = min(v[i], v[j]), max(v[i], v[j])
+            assert v == sorted(bits)
+            m = list(bits)
+            for i, j in median_network(k):
+                m[i], m[j] = min(m[i], m[j]), max(m[i], m[j])
+            assert m[(k - 1) // 2] == v[(k - 1) // 2] and m[k // 2] == v[k // 2]

@@ -7,6 +7,10 @@
 - `StateReader`: a memory-mapped, tensor-by-tensor reader for streaming merges.
 - Checkpoints from anywhere (see "Formats" below): `checkpoint_format`, `load_state`,
   `read_meta`, `tensor_index`, `load_model(path, like=...)` and `save_like(state, out, like)`.
+- `safetensors_header`: the one safetensors header parser (cached per file); `read_header`,
+  `read_entries` and every reader here use it.
+- HF shards: `shard_plan`, `shard_name`, `write_hf_index`, `hf_weight_files` (also used by the
+  streaming writer, `basinmerge.merge.stream.write_hf_stream`).
 - `atomic_path`, `write_json`, `write_text`, `save_figure`: every write goes to a temporary file
   in the target folder and is renamed into place, so no half-written output is ever left.
 
@@ -39,6 +43,7 @@ rebuilds the model (whose constructor ties them) and fills a missing tied key fr
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -47,7 +52,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -257,41 +262,101 @@ def save(model: nn.Module, path: str | os.PathLike, meta: Mapping[str, Any] | No
 # --------------------------------------------------------------------------- formats
 
 
-def safetensors_header(path: Path) -> tuple[dict, int, int]:
-    """The whole JSON header of a safetensors file (with ``__metadata__``), its length in
-    bytes (the tensor data starts at ``8 + length``) and the file's size; no tensor read."""
+# safetensors dtype names
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+ST_DTYPE_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+class Entry(NamedTuple):
+    """One tensor of a safetensors file: dtype name, shape, and its bytes' absolute offsets."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class SafetensorsHeader(NamedTuple):
+    """A safetensors file's header: its tensors (`Entry`, in the file's data order) and its
+    ``__metadata__`` strings."""
+
+    entries: dict[str, Entry]
+    metadata: dict[str, str]
+
+
+_HEADERS: dict[tuple[str, int, int, int, int], SafetensorsHeader] = {}
+
+
+def safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """The header of a safetensors file, read without any tensor: the one parser every reader
+    uses. Offsets that do not fit a tensor's dtype and shape, or run past the end of the file (a
+    truncated download), are refused naming the key. Cached per file (path, inode, size,
+    modification and change times), so checking, streaming and reading metadata parse it
+    once; treat the result as read-only."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: checkpoint file not found") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    ident = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    hit = _HEADERS.get(ident)
+    if hit is None:
+        hit = _parse_safetensors_header(path, st.st_size)
+        if len(_HEADERS) > 256:
+            _HEADERS.clear()
+        _HEADERS[ident] = hit
+    return hit
+
+
+def _parse_safetensors_header(path: Path, size: int) -> SafetensorsHeader:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100_000_000:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
-            size = os.fstat(f.fileno()).st_size
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: checkpoint file not found") from e
     except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: malformed safetensors header")
-    return header, n, size
-
-
-def _raw_header(path: Path) -> dict:
-    """The whole JSON header of a safetensors file (with ``__metadata__``), no tensor read."""
-    return safetensors_header(path)[0]
+    metadata = header.pop("__metadata__", None) or {}
+    try:
+        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        entries = {}
+        for k, v in items:
+            shape = tuple(int(d) for d in v["shape"])
+            a, b = (8 + n + int(o) for o in v["data_offsets"])
+            entries[k] = Entry(v["dtype"], shape, a, b)
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
+    for k, ent in entries.items():
+        if ent.dtype in ST_DTYPES:
+            want = math.prod(ent.shape) * ST_DTYPES[ent.dtype].itemsize
+            if ent.end - ent.start != want:
+                raise CheckpointError(f"{path}: key '{k}' has {ent.end - ent.start} bytes, its "
+                                      f"dtype and shape need {want}")
+        if ent.end > size:
+            raise CheckpointError(f"{path}: key '{k}' runs past the end of the file (truncated?)")
+    return SafetensorsHeader(entries, dict(metadata))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Key -> (dtype name, shape) from a safetensors header, in the file's data order, without
     reading any tensor."""
-    path = Path(path)
-    header = _raw_header(path)
-    header.pop("__metadata__", None)
-    try:
-        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        return {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in items}
-    except (KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
+    return {k: (e.dtype, e.shape) for k, e in safetensors_header(path).entries.items()}
+
+
+def read_entries(path: str | os.PathLike) -> dict[str, Entry]:
+    """Key -> `Entry` (dtype, shape, byte offsets) from a safetensors header, in data order."""
+    return dict(safetensors_header(path).entries)
 
 
 def _hf_weights(folder: Path) -> Path:
@@ -324,7 +389,7 @@ def checkpoint_format(path: str | os.PathLike) -> str:
         return "hf"
     if path.suffix in PT_SUFFIXES:
         return "pt"
-    raw = _header_meta(_raw_header(path).get("__metadata__"))
+    raw = _header_meta(safetensors_header(path).metadata)
     return "basinmerge" if "model" in _parse_meta(path, raw) else "safetensors"
 
 
@@ -430,12 +495,7 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def _safetensors_meta(path: Path) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = _header_meta(f.metadata())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    return _parse_meta(path, raw)
+    return _parse_meta(path, _header_meta(safetensors_header(path).metadata))
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -753,17 +813,51 @@ def hf_output(out: str | os.PathLike, like: str | os.PathLike, force: bool = Fal
         yield tmp
 
 
-def _shards(state: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def shard_plan(sizes: Iterable[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """The keys of each shard, in order, for tensors of the given byte `sizes` (``(key,
+    bytes)`` in write order): a shard is closed when the next tensor would take it past
+    `max_shard_bytes`; a tensor larger than that gets a shard of its own (as `transformers`
+    does). Always at least one shard."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
+    for key, n in sizes:
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][k] = v
+        shards[-1].append(key)
         size += n
     return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    """HF's name of shard `i` (from 1) of `n`: ``model-00001-of-00003.safetensors``."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def max_shard_bytes(max_shard_mib: float) -> int:
+    """`max_shard_mib` in bytes, checked."""
+    if not max_shard_mib > 0:
+        raise ConfigError(f"max_shard_mib must be positive, got {max_shard_mib}")
+    return max(1, int(max_shard_mib * 2**20))
+
+
+def write_hf_index(folder: str | os.PathLike, weight_map: Mapping[str, str], total_size: int) -> Path:
+    """Write ``model.safetensors.index.json`` (``metadata.total_size``: the tensors' bytes;
+    ``weight_map``: key -> shard file name) into `folder`."""
+    path = Path(folder) / HF_SAFETENSORS_INDEX
+    index = {"metadata": {"total_size": int(total_size)}, "weight_map": dict(weight_map)}
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def hf_weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of an HF model folder that hold (or index) its weights: ``model.safetensors``,
+    or the shards and their index (``pytorch_model.bin`` likewise)."""
+    folder = Path(folder)
+    kind, files = _weight_files(folder)
+    if isinstance(files, Path):
+        return [files]
+    return [*dict.fromkeys(files.values()), _hf_weights(folder)]
 
 
 def write_hf_weights(folder: Path, state: Mapping[str, torch.Tensor],
@@ -771,24 +865,21 @@ def write_hf_weights(folder: Path, state: Mapping[str, torch.Tensor],
                      max_shard_mib: float = DEFAULT_MAX_SHARD_MIB) -> list[Path]:
     """Write `state` into `folder` as HF does: ``model.safetensors``, or shards of at most
     `max_shard_mib` MiB with ``model.safetensors.index.json``. Returns the files written."""
-    if not max_shard_mib > 0:
-        raise ConfigError(f"max_shard_mib must be positive, got {max_shard_mib}")
+    limit = max_shard_bytes(max_shard_mib)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     header = header_metadata(meta)
-    shards = _shards(tensors, max(1, int(max_shard_mib * 2**20)))
+    sizes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    shards = shard_plan(sizes.items(), limit)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / HF_SAFETENSORS), metadata=header)
+        save_file(tensors, str(folder / HF_SAFETENSORS), metadata=header)
         return [folder / HF_SAFETENSORS]
     files, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / name), metadata=header)
+    for i, keys in enumerate(shards, 1):
+        name = shard_name(i, len(shards))
+        save_file({k: tensors[k] for k in keys}, str(folder / name), metadata=header)
         files.append(folder / name)
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / HF_SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return [*files, folder / HF_SAFETENSORS_INDEX]
+        weight_map.update({k: name for k in keys})
+    return [*files, write_hf_index(folder, weight_map, sum(sizes.values()))]
 
 
 def save_like(state: Mapping[str, torch.Tensor], out: str | os.PathLike,

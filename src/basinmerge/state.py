@@ -177,7 +177,8 @@ def tied_groups(obj: nn.Module | Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Groups of names that hold one tensor (tied parameters, e.g. GPT-2's ``lm_head.weight``
     and ``transformer.wte.weight``), each with at least two names, the canonical one first:
     the name ``named_parameters()`` keeps for a model (the first registered), the first key for
-    a state_dict (tensors sharing their storage, offset, shape and strides)."""
+    a state_dict (tensors sharing their storage, offset, shape and strides). Tensors on the
+    ``meta`` device have no storage (every one reports data pointer 0): they are never tied."""
     groups: dict[tuple, list[str]] = {}
     if isinstance(obj, nn.Module):
         seen: dict[int, list[str]] = {}
@@ -185,7 +186,7 @@ def tied_groups(obj: nn.Module | Mapping[str, torch.Tensor]) -> list[list[str]]:
             seen.setdefault(id(p), []).append(name)
         return [names for names in seen.values() if len(names) > 1]
     for k, v in obj.items():
-        if isinstance(v, torch.Tensor) and v.numel() > 0:
+        if isinstance(v, torch.Tensor) and v.numel() > 0 and not v.is_meta:
             groups.setdefault(_storage_id(v), []).append(k)
     return [names for names in groups.values() if len(names) > 1]
 

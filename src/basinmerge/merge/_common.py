@@ -212,12 +212,69 @@ def mean_kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None
     return stack_work(tensors).mean(dim=0)
 
 
-def merged_items(source: TensorSource, kernel: Kernel,
-                 block_bytes: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+# A sorting network beats a sort along the stacked axis for the few members a merge has:
+# each compare-exchange is one elementwise minimum and maximum over whole tensors.
+NETWORK_MAX_K = 16
+
+
+def sorting_network(k: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for `k` inputs (any k, not only powers of two): the
+    compare-exchange pairs (i, j), i < j, in order; afterwards position i holds the i-th
+    smallest value."""
+    pairs = []
+    p = 1
+    while p < k:
+        step = p
+        while step >= 1:
+            for j in range(step % p, k - step, 2 * step):
+                for i in range(min(step, k - j - step)):
+                    if (i + j) // (2 * p) == (i + j + step) // (2 * p):
+                        pairs.append((i + j, i + j + step))
+            step //= 2
+        p *= 2
+    return pairs
+
+
+def median_network(k: int) -> list[tuple[int, int]]:
+    """The compare-exchanges of `sorting_network(k)` that the middle position(s) depend on
+    (the others are dropped, walking backwards from the middle)."""
+    needed = {(k - 1) // 2, k // 2}
+    kept = []
+    for i, j in reversed(sorting_network(k)):
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed |= {i, j}
+    return kept[::-1]
+
+
+def coordinate_median(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The coordinate-wise median of K same-shaped tensors, in `dtype` (default: the work dtype,
+    `work_dtype`); for an even K the mean of the two middle values (the project's convention;
+    ``torch.median`` would give the lower one). Up to `NETWORK_MAX_K` tensors it runs a sorting
+    network (`median_network`: elementwise minimum/maximum, no stacked copy, no sort); beyond,
+    a sort along the stacked axis. The inputs are not modified."""
+    k = len(tensors)
+    dt = dtype or work_dtype(tensors[0].dtype)
+    if k > NETWORK_MAX_K:
+        s = torch.stack([t.to(dt) for t in tensors]).sort(dim=0).values
+        return s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
+    v = [t.to(dt) for t in tensors]
+    for i, j in median_network(k):
+        v[i], v[j] = torch.minimum(v[i], v[j]), torch.maximum(v[i], v[j])
+    return v[k // 2] if k % 2 else (v[k // 2 - 1] + v[k // 2]) / 2
+
+
+Observer = Callable[[str, slice | None, list[torch.Tensor]], None]
+
+
+def merged_items(source: TensorSource, kernel: Kernel, block_bytes: int | None = None,
+                 observe: Observer | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged tensor)`` for every key of `source`, in its key order: float keys
     through `kernel`, the rest copied from the first model. With `block_bytes`, an elementwise
     kernel gets row blocks of at most that many bytes per model, and a key is yielded as
-    consecutive row blocks (the same key several times, in order).
+    consecutive row blocks (the same key several times, in order). `observe(key, rows,
+    tensors)` is shown the members' tensors of every float block as they are read (the member
+    guard's `GuardStats.observe`: one read serves the merge and the guard).
 
     BatchNorm running statistics are never task vectors: when the source has a base (the
     task-vector methods), they are the plain mean of the members' statistics, whatever the
@@ -233,6 +290,8 @@ def merged_items(source: TensorSource, kernel: Kernel,
         budget = block_bytes if k_fn is mean_kernel or is_elementwise(kernel) else None
         for rows in row_blocks(source.shape(key), source.element_size(key), budget):
             tensors = [source.model_tensor(k, key, rows) for k in range(source.num_models)]
+            if observe is not None:
+                observe(key, rows, tensors)
             dtype = tensors[0].dtype
             out = k_fn(key, tensors, source.base_tensor(key, rows))
             del tensors  # let go of the inputs (memory-mapped pages when streaming) first

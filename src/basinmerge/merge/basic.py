@@ -16,6 +16,7 @@ from basinmerge.merge._common import (
     ModelLike,
     StateSource,
     TensorSource,
+    coordinate_median,
     elementwise,
     prepare,
     run_kernel,
@@ -41,11 +42,7 @@ def median_kernel(source: TensorSource) -> Kernel:
     """Coordinate-wise median; for an even K the mean of the two middle values."""
 
     def kernel(key: str, tensors: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-        s = stack_work(tensors).sort(dim=0).values
-        k = s.shape[0]
-        if k % 2:
-            return s[k // 2]
-        return (s[k // 2 - 1] + s[k // 2]) / 2
+        return coordinate_median(tensors)
 
     return elementwise(kernel)
 

@@ -50,10 +50,10 @@ from torch import nn
 
 from basinmerge import checks, datasource, io
 from basinmerge.errors import ConfigError
-from basinmerge.merge._common import StateSource, bn_keys, model_names, prepare
-from basinmerge.merge.guard import THRESHOLD, GuardReport, check_members
+from basinmerge.merge._common import StateSource, bn_keys, merged_items, model_names, prepare
+from basinmerge.merge.guard import THRESHOLD, GuardReport, GuardStats, observe_all
 from basinmerge.merge.registry import MergeMethod, get_method, jsonable
-from basinmerge.merge.stream import FileSource, stream_merge
+from basinmerge.merge.stream import FileSource, merge_source
 from basinmerge.state import (
     StateDict,
     as_state_dict,
@@ -271,7 +271,7 @@ def check_output(out: PathLike, fmt: str = "safetensors", force: bool = False,
 # --------------------------------------------------------------------------- the engine
 
 
-def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike | None = None,  # noqa: C901 - sequential checks and stages; to split next round
+def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike | None = None,
                       options: Mapping[str, Any] | None = None,
                       weights: Sequence[float] | None = None, out: PathLike | None = None,
                       data: Any = None, stream: bool | None = None, block_mib: float = 1.0,
@@ -309,119 +309,262 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     False). `dtype`: ``float32``, ``float16`` or ``bfloat16``: the output's floating tensors
     are cast to it. Each of these merges in memory (no streaming)."""
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
+    plan = _plan(paths, method, base=base, options=options, weights=weights, out=out, data=data,
+                 stream=stream, block_mib=block_mib, device=device, reset_bn=reset_bn,
+                 strict=strict, names=names, progress=progress, eval_data=eval_data,
+                 gates_out=gates_out, guard_threshold=guard_threshold, like=like,
+                 out_format=out_format, force=force, max_shard_mib=max_shard_mib, meta=meta,
+                 overrides=overrides, align=align, repair=repair, dtype=dtype)
+    plan.timings["load"] = time.perf_counter() - t0
+    res = _Run(plan).run()
+    res.timings["total"] = time.perf_counter() - t0
+    return res
+
+
+@dataclass
+class _Plan:
+    """A merge request after every check (`_plan`): what is merged, how and where; nothing has
+    been merged or written yet. The fields not described are `merge_checkpoints`' arguments."""
+
+    m: MergeMethod
+    files: list[Path]
+    base: PathLike | None
+    opts: dict[str, Any]  # every option passed to the method (checked)
+    user_opts: dict[str, Any]  # those the caller gave (recorded)
+    groups: list[tuple[str, dict[str, Any]]]  # each override's full options
+    alignment: Alignment | None
+    target: Output | None  # where and in which form the output goes
+    out: Path | None
+    names: list[str]
+    streamed: bool
+    template: nn.Module | None  # the first member as a model, when a step runs the network
+    meta: dict | None  # the first checkpoint's metadata, when the template was read
+    extra_meta: dict[str, Any]
+    data: Any
+    eval_data: Any
+    reset_bn: bool | None
+    strict: bool
+    block_mib: float
+    device: str
+    guard_threshold: float
+    gates_out: PathLike | None
+    like: PathLike | None
+    overrides: Overrides
+    repair: bool
+    dtype: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def block_bytes(self) -> int:
+        return max(1, int(self.block_mib * 2**20))
+
+
+def _plan(paths: Sequence[PathLike], method: str, *, base: PathLike | None,
+          options: Mapping[str, Any] | None, weights: Sequence[float] | None,
+          out: PathLike | None, data: Any, stream: bool | None, block_mib: float, device: str,
+          reset_bn: bool | None, strict: bool, names: Sequence[str] | None,
+          progress: bool | None, eval_data: Any, gates_out: PathLike | None,
+          guard_threshold: float, like: PathLike | None, out_format: str | None, force: bool,
+          max_shard_mib: float, meta: Mapping[str, Any] | None, overrides: Overrides,
+          align: Alignment | Mapping[str, Any] | None, repair: bool, dtype: str | None) -> _Plan:
+    """Every check before any work (options, base, data, output, the steps around the merge),
+    whether to stream, and the template model when a step runs the network."""
     m = get_method(method)
     given, opts = _options(m, options, weights, data, reset_bn, progress)
     files = [Path(p) for p in paths]
     data, eval_data = (datasource.resolve(d, model=base or files[0]) for d in (data, eval_data))
     opts = m.check(opts, has_base=base is not None, has_data=data is not None and bool(m.needs_data),
                    num_models=len(files))
-    user_opts = {k: opts[k] for k in given}
     alignment = Alignment.of(align)
     groups = _check_extras(m, opts, overrides, alignment, repair, dtype, data, len(files),
                            has_base=base is not None)
-    like_path = Path(base) if base is not None else files[0]
-    inputs = tuple(files) + ((Path(base),) if base is not None else ()) + \
-        ((Path(like),) if like is not None else ())
-    target = None
-    if out is not None:
-        target = Output(Path(out), io.output_format(like_path, out_format), like_path, force,
-                        max_shard_mib, inputs)
-    out = _check_request(data, reset_bn, target, gates_out, block_mib)
-    extra_meta = dict(meta or {})
-    names = model_names(len(files), [str(p) for p in files] if names is None else names)
+    target = _output(files, base, like, out, out_format, force, max_shard_mib)
+    checked_out = _check_request(data, reset_bn, target, gates_out, block_mib)
     in_memory = next((why for why, on in (("per-tensor overrides", overrides),
                                           ("alignment", alignment), ("REPAIR", repair),
                                           ("a dtype cast", dtype)) if on), None)
-    streamed = _streaming(m, files, base, target, stream, in_memory)
-    needs_members = alignment is not None or repair
-    template, meta = (read_model(files[0], like) if needs_members or _runs_network(m, data, eval_data)
-                      else (None, None))
-    if template is not None:
-        template.to(device)
-        if "model" in m.options:  # the network a data-using method runs
-            opts.setdefault("model", template)
-        fits = [("data", data), ("eval_data", eval_data),
-                ("alignment data", alignment.data if alignment is not None else None)]
-        for what, d in fits:
-            checks.check_data_fits(template, d, source=files[0], what=what)
-    timings["load"] = time.perf_counter() - t0
+    plan = _Plan(m, files, base, opts, {k: opts[k] for k in given}, groups, alignment, target,
+                 checked_out, model_names(len(files), [str(p) for p in files] if names is None
+                                          else names),
+                 _streaming(m, files, base, target, stream, in_memory), None, None,
+                 dict(meta or {}), data, eval_data, reset_bn, strict, block_mib, device,
+                 guard_threshold, gates_out, like, overrides, repair, dtype)
+    if alignment is not None or repair or _runs_network(m, data, eval_data):
+        plan.template, plan.meta = _template(plan)
+    return plan
 
-    models = None
-    if needs_members:
-        assert template is not None
-        t = time.perf_counter()
-        models = _member_models(template, files, like, device, names, alignment, data)
-        timings["align"] = time.perf_counter() - t
-    t = time.perf_counter()
-    source, first_meta = _open_sources(m, files, base, names, streamed, models)
-    meta = first_meta if meta is None else meta
-    report = check_members(source, threshold=guard_threshold,
-                           block_bytes=max(1, int(block_mib * 2**20)))
-    if strict:
-        report.raise_if_flagged()
-    warnings = report.warnings()
-    timings["guard"] = time.perf_counter() - t
 
-    record = {"method": method, "options": jsonable(user_opts), "inputs": [str(p) for p in files],
-              "base": str(base) if base is not None else None, "streamed": streamed,
-              **_extras_record(overrides, alignment, repair, dtype)}
-    inherited = ("merge", "recipe", "aligned_to", "alignment", *io.FORMAT_KEYS)
-    out_meta = {**{k: v for k, v in (meta or {}).items() if k not in inherited}, **extra_meta}
-    members = [MemberSummary(n, d, w, n in report.flagged())
-               for n, d, w in zip(names, report.distance, report.worst, strict=True)]
-    info: dict[str, Any] = {}
-    gates_path = accuracy = None
-    # everything up to the evaluation happens before the output is renamed into place: a
-    # failure anywhere leaves nothing at `out`
-    with _target(target) as tmp:
-        t = time.perf_counter()
-        if streamed:
-            assert tmp is not None and target is not None  # streaming needs `out` (checked above)
-            tmp = tmp / io.HF_SAFETENSORS if target.fmt == "hf" else tmp
-            stream_merge(files, method, tmp, base=base, block_mib=block_mib, device=device,
+def _output(files: list[Path], base: PathLike | None, like: PathLike | None,
+            out: PathLike | None, out_format: str | None, force: bool,
+            max_shard_mib: float) -> Output | None:
+    """Where the output goes, in the inputs' form (the base's, else the first model's) unless
+    `out_format` says otherwise."""
+    if out is None:
+        return None
+    like_path = Path(base) if base is not None else files[0]
+    inputs = tuple(files) + ((Path(base),) if base is not None else ()) + \
+        ((Path(like),) if like is not None else ())
+    return Output(Path(out), io.output_format(like_path, out_format), like_path, force,
+                  max_shard_mib, inputs)
+
+
+def _template(plan: _Plan) -> tuple[nn.Module, dict]:
+    """The first member as a model on the device (the network a data-using method runs, set
+    as its ``model`` option), with every given dataset checked to fit it."""
+    template, meta = read_model(plan.files[0], plan.like)
+    template.to(plan.device)
+    if "model" in plan.m.options:
+        plan.opts.setdefault("model", template)
+    fits = [("data", plan.data), ("eval_data", plan.eval_data),
+            ("alignment data", plan.alignment.data if plan.alignment is not None else None)]
+    for what, d in fits:
+        checks.check_data_fits(template, d, source=plan.files[0], what=what)
+    return template, meta
+
+
+class _Run:
+    """The stages of a planned merge, in order (`run`): members (aligned when asked), the
+    guard and the merge (one pass over the tensors where the method has a per-key kernel),
+    BatchNorm / REPAIR, the dtype cast, writing, evaluation, the result."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+        self.timings = plan.timings
+        self.models: list[nn.Module] | None = None
+        self.info: dict[str, Any] = {}
+
+    def run(self) -> MergeResult:
+        p = self.plan
+        if p.alignment is not None or p.repair:
+            assert p.template is not None
+            t = time.perf_counter()
+            self.models = _member_models(p.template, p.files, p.like, p.device, p.names,
+                                         p.alignment, p.data)
+            self.timings["align"] = time.perf_counter() - t
+        source, first_meta = _open_sources(p.m, p.files, p.base, p.names, p.streamed, self.models,
+                                           p.device)
+        try:
+            return self._merge_and_write(source, first_meta if p.meta is None else p.meta)
+        finally:
+            if isinstance(source, FileSource):
+                source.close()
+
+    def _merge_and_write(self, source: Any, meta: dict | None) -> MergeResult:
+        p = self.plan
+        stats = GuardStats(source)
+        one_pass = p.streamed or self._kernel(source) is not None
+        if not one_pass:  # the method reads the members itself: the guard reads them first
+            t = time.perf_counter()
+            observe_all(stats, source, p.block_bytes)
+            self._check_guard(stats.report(p.guard_threshold))
+            self.timings["guard"] = time.perf_counter() - t
+        record = {"method": p.m.name, "options": jsonable(p.user_opts),
+                  "inputs": [str(f) for f in p.files],
+                  "base": str(p.base) if p.base is not None else None, "streamed": p.streamed,
+                  **_extras_record(p.overrides, p.alignment, p.repair, p.dtype)}
+        inherited = ("merge", "recipe", "aligned_to", "alignment", *io.FORMAT_KEYS)
+        out_meta = {**{k: v for k, v in (meta or {}).items() if k not in inherited}, **p.extra_meta}
+        accuracy = None
+        gates_path = None
+        # everything up to the evaluation happens before the output is renamed into place: a
+        # failure anywhere (a member the strict guard refuses included) leaves nothing at `out`
+        with _target(p.target) as tmp:
+            t = time.perf_counter()
+            state, has_bn = self._merge(source, stats, tmp, out_meta)
+            self.timings["merge"] = time.perf_counter() - t
+            if one_pass:  # the guard was fed by the merge
+                t = time.perf_counter()
+                self._check_guard(stats.report(p.guard_threshold))
+                self.timings["guard"] = time.perf_counter() - t
+            bn, state = self._after_merge(state, has_bn)
+            self._write(tmp, state, bn, out_meta, record)
+            if p.eval_data is not None and p.template is not None and state is not None:
+                t = time.perf_counter()
+                accuracy = _evaluate(p.template, self.members, source, p.files, state,
+                                     p.eval_data, p.streamed)
+                self.timings["evaluate"] = time.perf_counter() - t
+            if p.out is not None and self.info.get("gates") is not None:
+                gates_path = (Path(p.gates_out) if p.gates_out is not None
+                              else p.out.with_suffix(".gates.json"))
+                io.write_json(gates_path, self.info["gates"].to_dict())
+        warnings = self.report.warnings()
+        if bn == "averaged":
+            warnings.append(BN_NOTE_DATA_FREE)
+        return MergeResult(p.m.name, p.user_opts, self.members, self.report, out=p.out,
+                           state=None if p.out is not None else state, streamed=p.streamed,
+                           bn=bn, accuracy=accuracy, warnings=warnings, info=self.info,
+                           gates_path=gates_path, timings=self.timings)
+
+    def _check_guard(self, report: GuardReport) -> None:
+        """Keep the guard's report; with `strict`, a flagged member is an error."""
+        self.report = report
+        self.members = [MemberSummary(n, d, w, n in report.flagged())
+                        for n, d, w in zip(self.plan.names, report.distance, report.worst,
+                                           strict=True)]
+        if self.plan.strict:
+            report.raise_if_flagged()
+
+    def _kernel(self, source: Any) -> Any:
+        """The method's per-key kernel over an in-memory `source`, when the merge can be run
+        through it (and so feed the guard as it goes): a kernel, no option groups."""
+        p = self.plan
+        if p.m.kernel is None or p.groups or p.streamed:
+            return None
+        return p.m.kernel
+
+    def _merge(self, source: Any, stats: GuardStats, tmp: Path | None,
+               out_meta: dict[str, Any]) -> tuple[StateDict | None, bool]:
+        """(the merged state, or None when streamed to `tmp` and not needed in memory,
+        whether the model has BatchNorm statistics)."""
+        p = self.plan
+        if p.streamed:
+            assert tmp is not None and p.target is not None  # streaming needs `out` (checked)
+            hf = p.target.fmt == "hf"
+            merge_source(source, p.m.name, tmp, p.opts, block_mib=p.block_mib,
                          meta={k: v for k, v in out_meta.items() if source.meta.get(k) != v},
-                         **opts)
+                         observe=stats.observe, inputs=[str(f) for f in p.files],
+                         max_shard_bytes=io.max_shard_bytes(p.target.max_shard_mib) if hf else None)
             has_bn = bool(bn_keys(source.keys()))
-            wanted = (has_bn and data is not None and reset_bn is not False) or eval_data is not None
-            state = read_state(tmp)[0] if wanted else None
+            wanted = ((has_bn and p.data is not None and p.reset_bn is not False)
+                      or p.eval_data is not None)
+            return (read_state(tmp)[0] if wanted else None), has_bn
+        make_kernel = self._kernel(source)
+        if make_kernel is not None:
+            merged = merged_items(source, make_kernel(source, **p.opts), observe=stats.observe)
+            state = {k: v.detach().cpu() for k, v in merged}
         else:
-            state, info = _run_method(m, source, data, names, opts, groups)
-            has_bn = bool(bn_keys(state))
-        timings["merge"] = time.perf_counter() - t
-        if repair:
-            assert models is not None and state is not None  # REPAIR merges in memory
-            bn, state = _repair(models, state, opts, data, reset_bn, has_bn, timings)
+            state, self.info = _run_method(p.m, source, p.data, p.names, p.opts, p.groups)
+        return state, bool(bn_keys(state))
+
+    def _after_merge(self, state: StateDict | None, has_bn: bool) -> tuple[str, StateDict | None]:
+        """REPAIR or the BatchNorm handling, then the dtype cast: (what happened to BatchNorm,
+        the state)."""
+        p = self.plan
+        if p.repair:
+            assert self.models is not None and state is not None  # REPAIR merges in memory
+            bn, state = _repair(self.models, state, p.opts, p.data, p.reset_bn, has_bn, self.timings)
         else:
-            bn, state = _batchnorm(m, template, state, data, reset_bn, has_bn, opts, timings)
-        if dtype is not None and state is not None:
-            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+            bn, state = _batchnorm(p.m, p.template, state, p.data, p.reset_bn, has_bn, p.opts,
+                                   self.timings)
+        if p.dtype is not None and state is not None:
+            state = {k: v.to(DTYPES[p.dtype]) if v.is_floating_point() else v
                      for k, v in state.items()}
-        if tmp is not None and state is not None and (not streamed or bn.startswith("reset")):
-            assert target is not None
-            t = time.perf_counter()
-            if streamed and target.fmt == "hf":  # rewrite the streamed file (sharded as asked)
-                tmp = tmp.parent
-                (tmp / io.HF_SAFETENSORS).unlink()
-            io.write_like(tmp, state, target.like, {**out_meta, "merge": {**record, "bn": bn}},
-                          fmt=target.fmt, max_shard_mib=target.max_shard_mib)
-            timings["write"] = time.perf_counter() - t
-        if eval_data is not None and template is not None and state is not None:
-            t = time.perf_counter()
-            accuracy = _evaluate(template, members, source, files, state, eval_data, streamed)
-            timings["evaluate"] = time.perf_counter() - t
-        if out is not None and info.get("gates") is not None:
-            gates_path = Path(gates_out) if gates_out is not None else out.with_suffix(".gates.json")
-            io.write_json(gates_path, info["gates"].to_dict())
-    if isinstance(source, FileSource):
-        source.close()  # its file handles (the merge itself opened its own)
-    if bn == "averaged":
-        warnings.append(BN_NOTE_DATA_FREE)
-    timings["total"] = time.perf_counter() - t0
-    return MergeResult(method, user_opts, members, report, out=out,
-                       state=None if out is not None else state, streamed=streamed, bn=bn,
-                       accuracy=accuracy, warnings=warnings, info=info, gates_path=gates_path,
-                       timings=timings)
+        return bn, state
+
+    def _write(self, tmp: Path | None, state: StateDict | None, bn: str,
+               out_meta: dict[str, Any], record: dict[str, Any]) -> None:
+        """Write an in-memory merge (or a streamed one whose BatchNorm was reset) to `tmp`."""
+        p = self.plan
+        if tmp is None or state is None or (p.streamed and not bn.startswith("reset")):
+            return
+        assert p.target is not None
+        t = time.perf_counter()
+        if p.streamed and p.target.fmt == "hf":  # replace the streamed weights
+            for f in io.hf_weight_files(tmp):
+                f.unlink()
+        io.write_like(tmp, state, p.target.like, {**out_meta, "merge": {**record, "bn": bn}},
+                      fmt=p.target.fmt, max_shard_mib=p.target.max_shard_mib)
+        self.timings["write"] = time.perf_counter() - t
 
 
 def _check_request(data: Any, reset_bn: bool | None, out: Output | None,
@@ -456,13 +599,14 @@ def _streaming(m: MergeMethod, files: list[Path], base: PathLike | None, out: Ou
 
 
 def _open_sources(m: MergeMethod, files: list[Path], base: PathLike | None, names: list[str],
-                  streamed: bool, members: Sequence[nn.Module] | None = None) -> tuple[Any, dict]:
+                  streamed: bool, members: Sequence[nn.Module] | None = None,
+                  device: str | None = None) -> tuple[Any, dict]:
     """The members as a `TensorSource` (the files themselves when streaming, else their
     state_dicts, or those of `members` when they were loaded as models), checked for keys,
     shapes, dtypes and NaN/Inf, and the first file's metadata (empty for `members`: the
     caller has it)."""
     if streamed:
-        source = FileSource(files, base)
+        source = FileSource(files, base, device=None if device in (None, "cpu") else device)
         source.names = names
         return source, source.meta
     aliases = tied_aliases(members[0]) if members is not None else {}

@@ -4,7 +4,7 @@
 with a per-key kernel: `streamable()`) over checkpoints without loading whole models. A
 checkpoint is a safetensors file or an HF model folder, single file or sharded
 (`basinmerge.io.tensor_index` says which file holds each key). Each file's
-header gives every tensor's byte offsets (`read_entries`); a tensor, or a span of its rows, is
+header gives every tensor's byte offsets (`basinmerge.io.read_entries`); a tensor, or a span of its rows, is
 read with one plain ``readinto`` into a fresh tensor (no memory map: nothing stays resident
 once a block is dropped, so each file is opened once for the whole merge), merged with the
 very kernel the in-memory function uses, and written straight into the output file.
@@ -21,7 +21,10 @@ Every block of every input is checked for NaN/Inf the first time it is read, by 
 is finite only if every term is; the exact per-element test runs only when it is not, see
 `basinmerge.state.all_finite`), and a bad value stops the merge naming the file and key. The
 output is written incrementally in the safetensors format to a temporary file and renamed into
-place; the result is bit for bit the in-memory merge of the same files.
+place; the result is bit for bit the in-memory merge of the same files. With `max_shard_mib`
+the output is an HF model folder, written shard by shard while merging (`write_hf_stream`).
+`observe` shows every block read to a callback (the member guard's `GuardStats.observe`), so
+the engine's guard costs no second read.
 """
 
 from __future__ import annotations
@@ -31,63 +34,28 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from basinmerge import io
 from basinmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
-from basinmerge.io import META_KEY, atomic_path, read_header  # noqa: F401 - read_header: its old home
-from basinmerge.merge._common import merged_items
+from basinmerge.io import (  # noqa: F401 - read_header, read_entries, Entry: their old home
+    META_KEY,
+    Entry,
+    atomic_path,
+    read_entries,
+    read_header,
+)
+from basinmerge.merge._common import Observer, merged_items
 from basinmerge.merge.registry import all_methods, get_method
 from basinmerge.state import all_finite, bad_value_kind, check_compatible
 
-# safetensors dtype names
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPES = io.ST_DTYPES
+DTYPE_NAMES = io.ST_DTYPE_NAMES
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
-
-class Entry(NamedTuple):
-    """One tensor of a safetensors file: dtype name, shape, and its bytes' absolute offsets."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-def read_entries(path: str | os.PathLike) -> dict[str, Entry]:
-    """Key -> `Entry` from a safetensors header, in the file's data order, without reading any
-    tensor; offsets that do not fit the dtype and shape, or run past the end of the file
-    (a truncated download), are refused naming the key."""
-    path = Path(path)
-    header, n, size = io.safetensors_header(path)
-    header.pop("__metadata__", None)
-    try:
-        items = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        entries = {}
-        for k, v in items:
-            shape = tuple(int(d) for d in v["shape"])
-            a, b = (8 + n + int(o) for o in v["data_offsets"])
-            entries[k] = Entry(v["dtype"], shape, a, b)
-    except (KeyError, TypeError, IndexError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from e
-    for k, ent in entries.items():
-        if ent.dtype in DTYPES:
-            want = math.prod(ent.shape) * DTYPES[ent.dtype].itemsize
-            if ent.end - ent.start != want:
-                raise CheckpointError(f"{path}: key '{k}' has {ent.end - ent.start} bytes, its "
-                                      f"dtype and shape need {want}")
-        if ent.end > size:
-            raise CheckpointError(f"{path}: key '{k}' runs past the end of the file (truncated?)")
-    return entries
 
 
 class _TensorFile:
@@ -289,9 +257,52 @@ def streamable() -> list[str]:
     return [m.name for m in all_methods() if m.streams]
 
 
+def write_hf_stream(folder: str | os.PathLike,
+                    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+                    items: Iterable[tuple[str, torch.Tensor]],
+                    metadata: dict[str, str] | None = None,
+                    max_shard_bytes: int | None = None) -> list[Path]:
+    """Write streamed tensors into the HF model folder `folder` (the caller's temporary folder,
+    e.g. from `basinmerge.io.hf_output`, renamed into place when all is written) as they come:
+    ``model.safetensors``, or, past `max_shard_bytes`, shards (`basinmerge.io.shard_plan`,
+    HF's names) and ``model.safetensors.index.json``. Each shard is written with
+    `write_safetensors_stream` while the merge runs; only one block is held at a time. Returns
+    the files written."""
+    folder = Path(folder)
+    sizes = [(k, math.prod(shape) * torch.empty((), dtype=dt).element_size()) for k, dt, shape in specs]
+    plan = io.shard_plan(sizes, max_shard_bytes) if max_shard_bytes is not None else [[k for k, _ in sizes]]
+    if len(plan) == 1:
+        return [write_safetensors_stream(folder / io.HF_SAFETENSORS, specs, items, metadata)]
+    by_key = {spec[0]: spec for spec in specs}
+    stream = iter(items)
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def shard_items(keys: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        while True:
+            if not pending:
+                nxt = next(stream, None)
+                if nxt is None:
+                    return
+                pending.append(nxt)
+            if pending[0][0] not in keys:
+                return
+            yield pending.pop()
+
+    files, weight_map = [], {}
+    for i, keys in enumerate(plan, 1):
+        name = io.shard_name(i, len(plan))
+        files.append(write_safetensors_stream(folder / name, [by_key[k] for k in keys],
+                                              shard_items(set(keys)), metadata))
+        weight_map.update({k: name for k in keys})
+    if pending or next(stream, None) is not None:
+        raise CheckpointError(f"{folder}: the stream holds tensors beyond the header")
+    return [*files, io.write_hf_index(folder, weight_map, sum(n for _, n in sizes))]
+
+
 def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.PathLike, *,
                  base: str | os.PathLike | None = None, meta: dict | None = None,
                  block_mib: float = 1.0, device: str | torch.device | None = None,
+                 observe: Observer | None = None, max_shard_mib: float | None = None,
                  **options: Any) -> Path:
     """Merge safetensors files with a data-free method, streaming, into `out` (atomically).
 
@@ -299,25 +310,56 @@ def stream_merge(paths: Sequence[str | os.PathLike], method: str, out: str | os.
     coordinate-wise method. `device`: where the kernels run (``"cuda"``: blocks are copied
     there and the results back; the output is the same). The output's metadata is the first
     model's (so `basinmerge.io.load` rebuilds it) plus a ``merge`` record (method, options,
-    inputs) and anything in `meta`."""
+    inputs) and anything in `meta`. `observe(key, rows, tensors)` is shown every float block
+    of the members as it is read (e.g. the member guard's `GuardStats.observe`).
+
+    `max_shard_mib`: write an HF model folder at `out` instead of one file: the base's (else
+    the first model's) config and tokenizer files, and the weights as ``model.safetensors`` or,
+    past that many MiB, shards with their index, written while merging into a temporary folder
+    renamed onto `out` at the end (an existing non-empty `out` is refused)."""
     if not block_mib > 0:
         raise ConfigError(f"block_mib must be positive, got {block_mib}")
-    block_bytes = max(1, int(block_mib * 2**20))
+    shard_bytes = io.max_shard_bytes(max_shard_mib) if max_shard_mib is not None else None
     m = get_method(method)
     if not m.streams:
         raise ConfigError(f"method '{method}' cannot stream; streaming methods: {', '.join(streamable())}")
     options = m.check(options, has_base=base is not None, num_models=len(paths))
-    needs_base = m.needs_base
+    with FileSource(paths, base if m.needs_base else None, device=device) as source:
+        if shard_bytes is None:
+            return merge_source(source, method, out, options, block_mib=block_mib, meta=meta,
+                                observe=observe)
+        like = Path(base) if base is not None else Path(paths[0])
+        with io.hf_output(out, like, inputs=[Path(p) for p in paths]) as tmp:
+            merge_source(source, method, tmp, options, block_mib=block_mib, meta=meta,
+                         observe=observe, max_shard_bytes=shard_bytes)
+        return Path(out)
+
+
+def merge_source(source: FileSource, method: str, out: str | os.PathLike,
+                 options: dict[str, Any], *, block_mib: float = 1.0, meta: dict | None = None,
+                 observe: Observer | None = None, max_shard_bytes: int | None = None,
+                 inputs: Sequence[str] | None = None) -> Path:
+    """The work of `stream_merge` over an open `source` with options already checked
+    (`MergeMethod.check`): into the file `out` (atomically), or with `max_shard_bytes` into
+    the (temporary, caller-owned) HF folder `out` (`write_hf_stream`). `inputs`: the names
+    the merge record gives the inputs (default: the source's)."""
+    block_bytes = max(1, int(block_mib * 2**20))
+    m = get_method(method)
     make_kernel = m.kernel
     assert make_kernel is not None  # m.streams holds exactly when the method has a kernel
-    with FileSource(paths, base if needs_base else None, device=device) as source:
-        kernel_opts = dict(options)
-        if "block_bytes" in inspect.signature(make_kernel).parameters:
-            kernel_opts["block_bytes"] = block_bytes
-        kernel = make_kernel(source, **kernel_opts)
-        record = {"method": method, "options": options, "inputs": source.names,
-                  "base": str(base) if needs_base else None, "streamed": True}
-        full_meta = {**source.meta, **(meta or {}), "merge": record}
-        specs = [(k, DTYPES[dt], shape) for k, (dt, shape) in source.headers[0].items()]
-        return write_safetensors_stream(out, specs, merged_items(source, kernel, block_bytes),
-                                        {"format": "pt", META_KEY: json.dumps(full_meta, default=str)})
+    kernel_opts = dict(options)
+    if "block_bytes" in inspect.signature(make_kernel).parameters:
+        kernel_opts["block_bytes"] = block_bytes
+    kernel = make_kernel(source, **kernel_opts)
+    record = {"method": method, "options": options,
+              "inputs": list(inputs) if inputs is not None else source.names,
+              "base": str(source.base_path) if source.base_path is not None else None,
+              "streamed": True}
+    full_meta = {**source.meta, **(meta or {}), "merge": record}
+    specs = [(k, DTYPES[dt], shape) for k, (dt, shape) in source.headers[0].items()]
+    items = merged_items(source, kernel, block_bytes, observe)
+    header = {"format": "pt", META_KEY: json.dumps(full_meta, default=str)}
+    if max_shard_bytes is not None:
+        write_hf_stream(out, specs, items, header, max_shard_bytes)
+        return Path(out)
+    return write_safetensors_stream(out, specs, items, header)

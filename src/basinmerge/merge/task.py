@@ -168,10 +168,13 @@ def _trim_mask(key: str, tau: torch.Tensor, density: float,
 
 def ties_merge_deltas(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Elect a sign by total mass and average the agreeing trimmed values (disjoint mean).
-    `tau` (a temporary) is overwritten."""
+    A coordinate whose trimmed values sum to exactly zero elects +, as mergekit does
+    (``sign = (sum >= 0) * 2 - 1``). `tau` (a temporary) is overwritten."""
     trimmed = tau.masked_fill_(~keep, 0.0)
     del keep
-    elected = torch.sign(trimmed.sum(dim=0))
+    total_mass = trimmed.sum(dim=0)
+    elected = torch.where(total_mass >= 0, 1.0, -1.0).to(trimmed.dtype)
+    del total_mass
     agree = (trimmed * elected) > 0  # same sign as elected, and non-zero
     count = agree.sum(dim=0).clamp(min=1).to(tau.dtype)
     total = trimmed.masked_fill_(~agree, 0.0).sum(dim=0)
