@@ -200,3 +200,28 @@ def test_cli_interpolate_unknown_repair_mode_fails_before_loading(tmp_path, caps
               "weight", "--repair", "--repair-mode", "norms"])
     assert exc.value.code == 1
     assert "unknown REPAIR mode 'norms'" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_recipe_repair_mode_reaches_the_engine(tmp_path):
+    import copy
+
+    from basinmerge import data as data_mod
+    from basinmerge import io, models, recipe
+    from basinmerge.align.repair import repair
+
+    paths = [io.save(models.build("mlp", (1, 8, 8), 10, depth=2, width=8, seed=s, norm="layer"),
+                     tmp_path / f"{s}.safetensors") for s in (1, 2)]
+    out = recipe.validate({"models": [str(p) for p in paths], "method": "average",
+                           "repair": "layernorm", "data": {"dataset": "digits", "examples": 300},
+                           "output": {"path": str(tmp_path / "r.safetensors")}}).run()
+    na, nb = (io.load_model(p)[0] for p in paths)
+    train = data_mod.load("digits", "train").subset(300, seed=0)
+    merged = io.load_into(copy.deepcopy(na), lerp(na.state_dict(), nb.state_dict(), 0.5))
+    want = repair(na, nb, merged, train, 0.5, mode="layernorm").state_dict()
+    got, meta = io.load_state(out)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    # Only LayerNorm affines moved (the Linear layers keep the plain average).
+    plain = lerp(na.state_dict(), nb.state_dict(), 0.5)
+    moved = {k for k in plain if not torch.allclose(got[k], plain[k])}
+    assert moved and all(".norms." in k or "norm" in k for k in moved), moved
+    assert meta["merge"]["repair"] == "layernorm"
