@@ -502,29 +502,3 @@ def test_orthogonal_alignment_refuses_a_raw_stream_reader():
     model = _model("encoder-preln")  # its head reads the stream without a final LayerNorm
     with pytest.raises(ConfigError, match="layer 'head' reads the residual stream without a LayerNorm"):
         fold_layernorms(model, _data(model, 2))
-
-
-# --------------------------------------------------------------------------- the study
-
-
-@pytest.mark.slow
-def test_study_smoke_end_to_end(tmp_path):
-    import json
-
-    from basinmerge.cli import main
-
-    out = tmp_path / "tf"
-    with pytest.raises(SystemExit) as e:
-        main(["-q", "experiment", "transformers", "--scale", "smoke", "--out", str(out)])
-    assert e.value.code in (0, None)
-    result = json.loads((out / "result.json").read_text())
-    rows = {(r[0], r[1]): r for r in result["tables"]["barriers"]["rows"]}
-    from basinmerge.experiments.transformers import METHODS
-
-    assert {m for _, m in rows} == set(METHODS)
-    for family in ("vit", "gpt2-lm"):
-        # Every alignment leaves B's function alone: the endpoints' accuracy is the same.
-        ends = {rows[(family, m)][3] for m in METHODS}
-        assert max(ends) - min(ends) < 1e-9
-    assert (out / "paths_vit.png").exists() and (out / "paths_gpt2-lm.png").exists()
-    assert len(result["tables"]["mergemany"]["rows"]) == 3 + 3

@@ -121,7 +121,7 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
                 bn_reset: bool = True, bn_data=None,
                 bn_examples: int | None = None, reset_endpoints: bool | None = None,
                 transform: Transform | None = None, label: str = "", progress: bool = True,
-                repair: bool = False) -> Curve:
+                repair: bool | str = False) -> Curve:
     """Evaluate the linear path between two models (or the piecewise path through a list).
 
     data: a mapping split -> data (a Dataset, (x, y), a dict batch, a DataLoader, ...: any form
@@ -135,8 +135,11 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
     to keep the nodes' own statistics (then a curve's ends equal `evaluate` of the models).
     `transform` is applied to each interpolated model. ``repair=True`` applies REPAIR
     (`basinmerge.align.Repair`, statistics from `bn_data`) to every point between the nodes,
-    before `transform`; for BatchNorm models it amounts to the BN reset."""
+    before `transform`; for BatchNorm models it amounts to the BN reset. A string picks the
+    REPAIR mode (``"layernorm"``, ``"mlp"``, ``"both"`` for transformers, ``"units"``; True is
+    ``"auto"``: see `basinmerge.align.repair`)."""
     models = _path_nodes(model_a, model_b)
+    mode = _repair_mode(repair)
     if data is None:
         raise ConfigError("interpolate needs data to evaluate on")
     all_splits = _as_splits(data)
@@ -151,8 +154,9 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
     reset_endpoints = needs_bn if reset_endpoints is None else bool(reset_endpoints)
     if bn_data is None:  # statistics for the BN reset and REPAIR
         bn_data = all_splits.get("train", next(iter(all_splits.values())))
-    if repair:
-        transform = _repair_transform(models, bn_data, not needs_bn, reset_endpoints, transform)
+    if mode is not None:
+        transform = _repair_transform(models, bn_data, not needs_bn, reset_endpoints, transform,
+                                      mode)
     grid = path_grid(len(models), num_points)
     metrics: dict[str, dict[str, list[float]]] = {s: {"loss": [], "accuracy": []} for s in chosen}
     t_values = []
@@ -174,11 +178,18 @@ def interpolate(model_a: nn.Module | Sequence[nn.Module], model_b: nn.Module | N
     return Curve(t_values, metrics, len(models), label,
                  {"bn_reset": bool(needs_bn), "reset_endpoints": reset_endpoints,
                   "num_points": num_points, "bn_examples": bn_examples,
-                  "repair": bool(repair)})
+                  "repair": mode is not None, "repair_mode": mode})
+
+
+def _repair_mode(repair: bool | str) -> str | None:
+    """None (no REPAIR) or the checked REPAIR mode."""
+    from basinmerge.align.repair import check_mode
+
+    return None if repair is False or repair is None else check_mode(repair)
 
 
 def _repair_transform(models: Sequence[nn.Module], data, bn_reset: bool, at_nodes: bool,
-                      then: Transform | None) -> Transform:
+                      then: Transform | None, mode: str = "auto") -> Transform:
     """REPAIR each point of a segment toward its two nodes (endpoint statistics measured once
     per segment), then apply `then`."""
     from basinmerge.align.repair import Repair
@@ -188,7 +199,8 @@ def _repair_transform(models: Sequence[nn.Module], data, bn_reset: bool, at_node
     def apply(net: nn.Module, seg: int, alpha: float) -> nn.Module:
         if at_nodes or alpha not in (0.0, 1.0):
             if seg not in repairers:
-                repairers[seg] = Repair([models[seg], models[seg + 1]], data, bn_reset=bn_reset)
+                repairers[seg] = Repair([models[seg], models[seg + 1]], data, bn_reset=bn_reset,
+                                        mode=mode)
             net = repairers[seg](net, alpha)
         return then(net, seg, alpha) if then is not None else net
 

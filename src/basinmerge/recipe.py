@@ -17,7 +17,8 @@ A recipe (every field but `models`, `method` and `output` is optional)::
     data: digits                    # a data spec (basinmerge.datasource), or a mapping:
     # data: {spec: corpus.txt, examples: 2000, seed: 0, seq_len: 128, tokenizer: bytes, root: null}
     reset_bn: true                  # after a data-free merge, when `data` is given
-    repair: false                   # REPAIR the average of two (aligned) models on `data`
+    repair: false                   # REPAIR the average of two (aligned) models on `data`;
+                                    # or a mode: layernorm / mlp / both (transformers), units
     like: null                      # a checkpoint giving the architecture when needed
     stream: null                    # null: stream when the method and inputs allow
     block_mib: 1.0
@@ -143,7 +144,7 @@ class Recipe(BaseModel):
     align: Alignment | None = None
     data: Data | None = None
     reset_bn: bool = True
-    repair: bool = False
+    repair: bool | str = False  # a string: the REPAIR mode (`align.repair.REPAIR_MODES`)
     like: str | None = None
     stream: bool | None = None
     block_mib: float = Field(1.0, gt=0)
@@ -159,6 +160,15 @@ class Recipe(BaseModel):
 
         if v is not None and v not in DTYPES:
             raise ValueError(f"unknown dtype '{v}'; choose one of: {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("repair")
+    @classmethod
+    def _known_repair_mode(cls, v: bool | str) -> bool | str:
+        from basinmerge.align.repair import REPAIR_MODES
+
+        if isinstance(v, str) and v not in REPAIR_MODES:
+            raise ValueError(f"unknown REPAIR mode '{v}'; choose one of: {', '.join(REPAIR_MODES)}")
         return v
 
     @field_validator("method")

@@ -19,6 +19,24 @@ correction is already active (like BatchNorm in train mode: each batch is normal
 own statistics while running averages are collected); the running averages are then folded.
 `Repair` measures the endpoints once and can repair many merged models (an interpolation
 curve); `repair` is the one-shot function.
+
+Transformers (shared/REFERENCE.md §8; torch.fx cannot trace them) have their own points,
+chosen by ``mode``:
+
+- ``"layernorm"``: the output of every LayerNorm, per channel of the residual stream, folded
+  into the norm's affine (exact, as above). This is the LayerNorm counterpart of REPAIR: a
+  LayerNorm renormalizes each token across channels, so interpolation does not shrink the
+  per-token scale, but the per-channel statistics that the next layers read still drift; the
+  LayerNorm's input is the residual stream, a sum no single layer owns, so its output (which
+  every attention/MLP branch and the head read) is where a per-channel correction can be folded;
+- ``"mlp"``: the MLP hidden units (the first MLP projection's outputs, before the
+  nonlinearity; found from the transformer permutation spec), folded into that projection's
+  output rows and bias (HF ``Conv1D`` columns);
+- ``"both"``: the two together; ``"units"``: the traced hidden layers above (plain networks);
+  ``"auto"`` (``repair=True``): ``"both"`` for a transformer, ``"units"`` otherwise.
+
+Tokens whose ``attention_mask`` is 0 (padding) are left out of every statistic: of the
+endpoints', of the merged model's, and of the calibration batches' own.
 """
 
 from __future__ import annotations
@@ -31,16 +49,27 @@ import torch
 from torch import nn
 
 from basinmerge import adapter
-from basinmerge.adapter import forward_hooks
+from basinmerge.adapter import forward_hooks, is_conv1d
 from basinmerge.align.spec import trace_units
 from basinmerge.errors import ConfigError
 from basinmerge.models import ChannelLayerNorm
-from basinmerge.state import as_state_dict, check_compatible
-from basinmerge.train import batched_outputs, has_batchnorm, reset_bn_stats
+from basinmerge.state import as_state_dict, check_compatible, module_mode
+from basinmerge.train import has_batchnorm, reset_bn_stats
 
-__all__ = ["Repair", "RepairPoint", "repair", "repair_points", "reset_bn_stats"]
+__all__ = ["REPAIR_MODES", "Repair", "RepairPoint", "check_mode", "repair", "repair_points",
+           "reset_bn_stats"]
 
 EPS = 1e-5
+REPAIR_MODES = ("auto", "units", "layernorm", "mlp", "both")
+
+
+def check_mode(mode: bool | str) -> str:
+    """The REPAIR mode named by `mode` (True: ``"auto"``), or one clear error."""
+    if mode is True:
+        return "auto"
+    if not isinstance(mode, str) or mode not in REPAIR_MODES:
+        raise ConfigError(f"unknown REPAIR mode {mode!r}; choose one of {', '.join(REPAIR_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -56,9 +85,66 @@ class RepairPoint:
     channel_axis: int
 
 
-def repair_points(model: nn.Module, example_input: adapter.Inputs) -> tuple[list[RepairPoint], bool]:
-    """The REPAIR points of `model` (hidden layers in graph order) and whether it has hidden
-    layers followed by BatchNorm (which are handled by resetting BN statistics instead)."""
+def repair_points(model: nn.Module, example_input: adapter.Inputs,
+                  mode: bool | str = "auto") -> tuple[list[RepairPoint], bool]:
+    """The REPAIR points of `model` for `mode` (see the module docstring; ``"units"``: hidden
+    layers in graph order) and whether it has hidden layers followed by BatchNorm (which are
+    handled by resetting BN statistics instead)."""
+    from basinmerge.align.transformer import is_transformer
+
+    mode = check_mode(mode)
+    if mode == "auto":
+        mode = "both" if is_transformer(model) else "units"
+    if mode == "units":
+        return _unit_points(model, example_input)
+    points = []
+    if mode in ("layernorm", "both"):
+        points += _layernorm_points(model)
+    if mode in ("mlp", "both"):
+        points += _mlp_points(model, example_input)
+    return points, has_batchnorm(model)
+
+
+def _layernorm_points(model: nn.Module) -> list[RepairPoint]:
+    points = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.LayerNorm | ChannelLayerNorm):
+            continue
+        if not m.elementwise_affine or getattr(m, "bias", None) is None:
+            raise ConfigError(f"repair: LayerNorm '{name}' has no affine weight and bias to fold "
+                              "the correction into")
+        points.append(RepairPoint(name, "norm", 1 if isinstance(m, ChannelLayerNorm) else -1))
+    if not points:
+        raise ConfigError(f"repair mode 'layernorm': {type(model).__name__} has no LayerNorm "
+                          "(use mode 'units' or 'mlp')")
+    return points
+
+
+def _mlp_points(model: nn.Module, example_input: adapter.Inputs) -> list[RepairPoint]:
+    """The first MLP projection of every transformer block: the linear layers whose output
+    units form their own permutation group ``P_<layer>`` in the transformer spec."""
+    from basinmerge.align.transformer import is_transformer, transformer_spec
+
+    if not is_transformer(model):
+        raise ConfigError(f"repair mode 'mlp': {type(model).__name__} is not a transformer "
+                          "(use mode 'units')")
+    spec = transformer_spec(model, example_input)
+    modules = dict(model.named_modules())
+    points = []
+    for perm in spec.perm_to_axes:
+        name = perm[2:]
+        layer = modules.get(name)
+        if layer is None or not (isinstance(layer, nn.Linear) or is_conv1d(layer)):
+            continue
+        if layer.bias is None:
+            raise ConfigError(f"repair: layer '{name}' has no bias to fold the correction into")
+        points.append(RepairPoint(name, "layer", -1))
+    if not points:
+        raise ConfigError(f"repair mode 'mlp': found no MLP hidden layer in {type(model).__name__}")
+    return points
+
+
+def _unit_points(model: nn.Module, example_input: adapter.Inputs) -> tuple[list[RepairPoint], bool]:
     units = trace_units(model, example_input)
     modules = dict(model.named_modules())
     points, has_bn = [], False
@@ -82,9 +168,32 @@ def repair_points(model: nn.Module, example_input: adapter.Inputs) -> tuple[list
     return points, has_bn
 
 
-def _per_unit(t: torch.Tensor, axis: int) -> torch.Tensor:
-    """(samples, units) view of an output: every other axis counts as samples."""
+def _per_unit(t: torch.Tensor, axis: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(samples, units) view of an output: every other axis counts as samples. With a token
+    `mask` (batch, length) and a (batch, length, units) output, only the tokens the mask keeps
+    (attention_mask != 0) count."""
+    if (mask is not None and t.dim() == 3 and axis in (-1, 2)
+            and tuple(t.shape[:2]) == tuple(mask.shape)):
+        return t[mask]
     return t.movedim(axis, -1).reshape(-1, t.shape[axis])
+
+
+class _Tokens:
+    """The token mask of the batch being run (None: every token counts)."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+
+def _run(model: nn.Module, x: adapter.Data, batch_size: int, tokens: _Tokens) -> None:
+    """Run `x` through `model` in eval mode, batch by batch, keeping `tokens.mask` set to the
+    current batch's ``attention_mask != 0`` (the statistics hooks read it)."""
+    with module_mode(model, False):
+        for _, batch in x.batches(batch_size):
+            mask = adapter._attention_mask(batch.inputs)
+            tokens.mask = None if mask is None else (mask != 0).to(adapter.device_of(model))
+            adapter.forward(model, batch.inputs)
+    tokens.mask = None
 
 
 class _Stats:
@@ -114,11 +223,12 @@ def unit_statistics(model: nn.Module, points: Sequence[RepairPoint], x,
     `adapter.as_data` accepts), in eval mode."""
     modules = dict(model.named_modules())
     stats = {p.module: _Stats() for p in points}
-    hooks = [(modules[p.module], lambda m, a, out, p=p: stats[p.module].add(_per_unit(out, p.channel_axis)))
+    tokens = _Tokens()
+    hooks = [(modules[p.module],
+              lambda m, a, out, p=p: stats[p.module].add(_per_unit(out, p.channel_axis, tokens.mask)))
              for p in points]
     with forward_hooks(hooks):
-        for _ in batched_outputs(model, x, batch_size):
-            pass
+        _run(model, adapter.as_data(x).with_labels(None), batch_size, tokens)
     return {k: s.mean_std() for k, s in stats.items()}
 
 
@@ -138,10 +248,11 @@ class Repair:
     model and interpolation weights returns a repaired copy. For two endpoints,
     ``Repair([a, b], data)(merged, alpha)`` targets ``(1 − α)·stats(A) + α·stats(B)``; for more
     (MergeMany), pass ``weights`` summing to 1. ``bn_reset=False`` skips the BatchNorm reset
-    (when the caller has already done it)."""
+    (when the caller has already done it). `mode`: which units (see the module docstring)."""
 
     def __init__(self, endpoints: Sequence[nn.Module], data, *, num_examples: int | None = 2000,
-                 batch_size: int = 500, bn_reset: bool = True):
+                 batch_size: int = 500, bn_reset: bool = True, mode: bool | str = "auto"):
+        self.mode = check_mode(mode)
         if len(endpoints) < 2:
             raise ConfigError("repair needs at least two endpoint models")
         states = [as_state_dict(m) for m in endpoints]
@@ -149,7 +260,7 @@ class Repair:
         self.x = adapter.as_data(data, "REPAIR data", limit=num_examples).with_labels(None)
         self.batch_size = batch_size
         self.bn_reset = bn_reset
-        self.points, self.has_bn = repair_points(endpoints[0], self.x.head(2).inputs)
+        self.points, self.has_bn = repair_points(endpoints[0], self.x.head(2).inputs, self.mode)
         self.stats = ([unit_statistics(m, self.points, self.x, batch_size) for m in endpoints]
                       if self.points else [{} for _ in endpoints])
 
@@ -178,10 +289,11 @@ class Repair:
     def _fold(self, net: nn.Module, goal: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         modules = dict(net.named_modules())
         running = {p.module: _Stats() for p in self.points}
+        tokens = _Tokens()
 
         def correct(point: RepairPoint):
             def hook(m, args, out):
-                z = _per_unit(out, point.channel_axis)
+                z = _per_unit(out, point.channel_axis, tokens.mask)
                 running[point.module].add(z)
                 mean = z.mean(0)
                 std = (z.var(0, unbiased=False) + EPS).sqrt()
@@ -193,8 +305,7 @@ class Repair:
             return hook
 
         with forward_hooks([(modules[p.module], correct(p)) for p in self.points]):
-            for _ in batched_outputs(net, self.x, self.batch_size):
-                pass
+            _run(net, self.x, self.batch_size, tokens)
         for p in self.points:
             mean, std = running[p.module].mean_std()
             g_mean, g_std = goal[p.module]
@@ -203,6 +314,8 @@ class Repair:
             module = modules[p.module]
             w = module.weight
             view = [-1] + [1] * (w.dim() - 1)
+            if is_conv1d(module):  # weight stored (in, out)
+                view = [1, -1]
             # out' = scale · out + shift, with out = W x + b (layer) or γ x̂ + β (norm).
             w.mul_(scale.to(w.dtype).view(view))
             module.bias.mul_(scale.to(w.dtype)).add_(shift.to(w.dtype))
@@ -210,9 +323,10 @@ class Repair:
 
 def repair(model_a: nn.Module, model_b: nn.Module, merged: nn.Module, data, alpha: float = 0.5,
            *, num_examples: int | None = 2000, batch_size: int = 500,
-           bn_reset: bool = True) -> nn.Module:
+           bn_reset: bool = True, mode: bool | str = "auto") -> nn.Module:
     """A repaired copy of `merged` = ``(1 − α) θ_A + α θ_B`` (B aligned to A): every hidden unit
     gets the interpolated mean and std of its units in A and B, folded into the weights (see
-    the module docstring). `data`: a Dataset, (x, y) or input tensor (training data)."""
+    the module docstring; `mode` picks the units). `data`: a Dataset, (x, y), an input tensor
+    or a dict batch (training data)."""
     return Repair([model_a, model_b], data, num_examples=num_examples, batch_size=batch_size,
-                  bn_reset=bn_reset)(merged, alpha)
+                  bn_reset=bn_reset, mode=mode)(merged, alpha)

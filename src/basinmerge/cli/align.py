@@ -170,7 +170,7 @@ def rebasin_cmd(
 @experiment_app.command("transformers")
 def transformers_cmd(
     dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP + " (the ViTs'; "
-                                "the language models read the Python standard library's source)"),
+                                "the LMs and MLMs read the Python standard library's source)"),
     scale: str = typer.Option("quick", "--scale", help="smoke (seconds), quick (~15 min on 2 CPU "
                               "cores), full (for a GPU)."),
     seeds: int = typer.Option(None, "--seeds", help="Pairs of models per family (default: 1 "
@@ -180,9 +180,10 @@ def transformers_cmd(
     device: str = DEVICE_OPT,
     force: bool = FORCE_OPT,
 ) -> None:
-    """Barriers between independently trained ViTs and GPT-2-style LMs: naive vs weight (with
-    restarts, from activation matching), activation and orthogonal alignment; MergeMany of
-    ViTs; WSA on ViTs."""
+    """Barriers between independently trained ViTs, GPT-2-style LMs and BERT-style MLMs: naive
+    vs weight (with restarts, from activation matching), activation and orthogonal alignment
+    (not for post-LN BERT), activation matching + LayerNorm REPAIR; MergeMany of ViTs; WSA on
+    ViTs."""
     from basinmerge.experiments import transformers
 
     _study("transformers", lambda: transformers.run(dataset=dataset, scale=scale, seeds=seeds,

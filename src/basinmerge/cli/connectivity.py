@@ -75,6 +75,10 @@ def interpolate_cmd(
                                 "curve (each merged unit gets the endpoints' interpolated statistics)."),
     seq_len: int = SEQ_LEN_OPT,
     tokenizer: str = TOKENIZER_OPT,
+    repair_mode: str = typer.Option("auto", "--repair-mode", help="Which units --repair corrects: "
+                                    "auto (transformers: both; else units), units (traced hidden "
+                                    "layers), layernorm (every LayerNorm's output channels), mlp "
+                                    "(transformer MLP hidden units), both."),
     like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,
@@ -82,6 +86,9 @@ def interpolate_cmd(
     """Loss and accuracy along the straight line between two checkpoints, and its barriers: on
     a dataset's train and test splits, or on the data a spec names."""
     check_file_out(plot, (".png",))
+    from basinmerge.align.repair import check_mode
+
+    check_mode(repair_mode)
     net_a, meta_a = checks.load_model(model_a, like=like)
     net_b, meta_b = checks.load_model(model_b, like=like)
     check_compatible([as_state_dict(net_a), as_state_dict(net_b)], [str(model_a), str(model_b)])
@@ -106,8 +113,9 @@ def interpolate_cmd(
         aligned = align_model(net_a, net_b, align, data=None if align == "weight" else train)
         specs.append(CurveSpec(f"{align}-aligned", aligned))
         if repair:
-            specs.append(CurveSpec(f"{align}-aligned + REPAIR", aligned,
-                                   {"repair": True, "bn_data": bn_data}))
+            label = "REPAIR" if repair_mode == "auto" else f"REPAIR ({repair_mode})"
+            specs.append(CurveSpec(f"{align}-aligned + {label}", aligned,
+                                   {"repair": repair_mode, "bn_data": bn_data}))
     curves = {s.name: connectivity.interpolate(
         net_a, s.model_b, data, num_points=points, bn_reset=not no_bn_reset, label=s.name,
         **s.options) for s in specs}

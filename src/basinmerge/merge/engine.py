@@ -282,7 +282,7 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
                       out_format: str | None = None, force: bool = False,
                       max_shard_mib: float = io.DEFAULT_MAX_SHARD_MIB,
                       meta: Mapping[str, Any] | None = None, overrides: Overrides = (),
-                      align: Alignment | Mapping[str, Any] | None = None, repair: bool = False,
+                      align: Alignment | Mapping[str, Any] | None = None, repair: bool | str = False,
                       dtype: str | None = None) -> MergeResult:
     """Merge the checkpoints at `paths` with `method` (see the module docstring).
 
@@ -306,7 +306,8 @@ def merge_checkpoints(paths: Sequence[PathLike], method: str, *, base: PathLike 
     are then per group). `align`: an `Alignment` (or a mapping of its fields): the members are
     permuted onto the first before the merge. `repair`: REPAIR the merge of two members
     (average or weighted) on `data` (its BatchNorm layers are reset unless ``reset_bn`` is
-    False). `dtype`: ``float32``, ``float16`` or ``bfloat16``: the output's floating tensors
+    False); a string names the REPAIR mode (``layernorm``, ``mlp``, ``both``, ``units``;
+    `basinmerge.align.repair`). `dtype`: ``float32``, ``float16`` or ``bfloat16``: the output's floating tensors
     are cast to it. Each of these merges in memory (no streaming)."""
     t0 = time.perf_counter()
     plan = _plan(paths, method, base=base, options=options, weights=weights, out=out, data=data,
@@ -350,7 +351,7 @@ class _Plan:
     gates_out: PathLike | None
     like: PathLike | None
     overrides: Overrides
-    repair: bool
+    repair: bool | str
     dtype: str | None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -366,7 +367,8 @@ def _plan(paths: Sequence[PathLike], method: str, *, base: PathLike | None,
           progress: bool | None, eval_data: Any, gates_out: PathLike | None,
           guard_threshold: float, like: PathLike | None, out_format: str | None, force: bool,
           max_shard_mib: float, meta: Mapping[str, Any] | None, overrides: Overrides,
-          align: Alignment | Mapping[str, Any] | None, repair: bool, dtype: str | None) -> _Plan:
+          align: Alignment | Mapping[str, Any] | None, repair: bool | str,
+          dtype: str | None) -> _Plan:
     """Every check before any work (options, base, data, output, the steps around the merge),
     whether to stream, and the template model when a step runs the network."""
     m = get_method(method)
@@ -542,7 +544,8 @@ class _Run:
         p = self.plan
         if p.repair:
             assert self.models is not None and state is not None  # REPAIR merges in memory
-            bn, state = _repair(self.models, state, p.opts, p.data, p.reset_bn, has_bn, self.timings)
+            bn, state = _repair(self.models, state, p.opts, p.data, p.reset_bn, has_bn, self.timings,
+                               p.repair)
         else:
             bn, state = _batchnorm(p.m, p.template, state, p.data, p.reset_bn, has_bn, p.opts,
                                    self.timings)
@@ -634,7 +637,7 @@ def _member_models(template: nn.Module, files: list[Path], like: PathLike | None
 
 
 def _check_extras(m: MergeMethod, opts: Mapping[str, Any], overrides: Overrides,
-                  align: Alignment | None, repair: bool, dtype: str | None, data: Any,
+                  align: Alignment | None, repair: bool | str, dtype: str | None, data: Any,
                   num_models: int, has_base: bool) -> list[tuple[str, dict[str, Any]]]:
     """The steps around the merge checked before any work; each override's full options."""
     if overrides and m.needs_data:
@@ -645,12 +648,16 @@ def _check_extras(m: MergeMethod, opts: Mapping[str, Any], overrides: Overrides,
         align.check(data)
     if repair and (num_models != 2 or m.name not in REPAIR_METHODS or data is None):
         raise ConfigError("REPAIR needs two models, merge method average or weighted, and data")
+    if repair:
+        from basinmerge.align.repair import check_mode
+
+        check_mode(repair)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
     return groups
 
 
-def _extras_record(overrides: Overrides, align: Alignment | None, repair: bool,
+def _extras_record(overrides: Overrides, align: Alignment | None, repair: bool | str,
                    dtype: str | None) -> dict[str, Any]:
     """What the merge record says about the steps around the merge (only those taken)."""
     out: dict[str, Any] = {}
@@ -659,7 +666,7 @@ def _extras_record(overrides: Overrides, align: Alignment | None, repair: bool,
     if align is not None:
         out["align"] = align.to_dict()
     if repair:
-        out["repair"] = True
+        out["repair"] = True if repair is True else repair
     if dtype is not None:
         out["dtype"] = dtype
     return out
@@ -743,8 +750,8 @@ def _batchnorm(m: MergeMethod, template: nn.Module | None, state: StateDict | No
 
 
 def _repair(members: Sequence[nn.Module], state: StateDict, opts: Mapping[str, Any], data: Any,
-            reset_bn: bool | None, has_bn: bool, timings: dict[str, float]
-            ) -> tuple[str, StateDict]:
+            reset_bn: bool | None, has_bn: bool, timings: dict[str, float],
+            mode: bool | str = "auto") -> tuple[str, StateDict]:
     """REPAIR of the merge of two members: each hidden unit gets the interpolated statistics of
     its units in the two members (`basinmerge.align.repair`); BatchNorm is reset on `data`."""
     from basinmerge.align.repair import repair
@@ -753,7 +760,8 @@ def _repair(members: Sequence[nn.Module], state: StateDict, opts: Mapping[str, A
     w = opts.get("weights") or [1.0, 1.0]
     alpha = float(w[1]) / float(sum(w))
     merged = io.load_into(copy.deepcopy(members[0]), state, source="merged")
-    fixed = repair(members[0], members[1], merged, data, alpha, bn_reset=reset_bn is not False)
+    fixed = repair(members[0], members[1], merged, data, alpha, bn_reset=reset_bn is not False,
+                   mode=mode)
     timings["repair"] = time.perf_counter() - t
     bn = "none" if not has_bn else "reset (REPAIR)" if reset_bn is not False else "kept (REPAIR)"
     return bn, {k: v.detach().cpu() for k, v in fixed.state_dict().items()}
