@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -376,6 +377,30 @@ class _WeightMatcher:
         return gain
 
 
+def coordinate_ascent(steps: Sequence[Callable[[MatchingTrace], float | None]], total: float,
+                      trace: MatchingTrace, max_iter: int, seed: int) -> None:
+    """The sweep loop of weight matching (one place for every matcher): each sweep runs the
+    `steps` (one per permutation, or per group of permutations solved together) in a fresh
+    random order (numpy ``default_rng(seed)``); a step returns the objective's gain if it
+    changed something, else None. Stops after a sweep without a gain or `max_iter` sweeps.
+    Records sweeps, accepted steps, the objective after each sweep (`total` plus the gains)
+    and convergence in `trace`."""
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        trace.sweeps += 1
+        progress = False
+        for i in rng.permutation(len(steps)):
+            gain = steps[i](trace)
+            if gain is not None:
+                progress = True
+                trace.accepted += 1
+                total += gain
+        trace.objective.append(total)
+        if not progress:
+            trace.converged = True
+            return
+
+
 def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
                     params_b: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
                     init_perm: Mapping[str, torch.Tensor] | None = None,
@@ -409,21 +434,8 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         total = objective(params_a, params_b, fixed) + matcher.start_objective()
         trace.objective.append(total)
         trace.setup_seconds = time.perf_counter() - t_start
-        rng = np.random.default_rng(seed)
-        names = matcher.active
-        for _ in range(max_iter):
-            trace.sweeps += 1
-            progress = False
-            for i in rng.permutation(len(names)):
-                gain = matcher.step(names[i], trace)
-                if gain is not None:
-                    progress = True
-                    trace.accepted += 1
-                    total += gain
-            trace.objective.append(total)
-            if not progress:
-                trace.converged = True
-                break
+        steps = [partial(matcher.step, p) for p in matcher.active]
+        coordinate_ascent(steps, total, trace, max_iter, seed)
     trace.seconds = time.perf_counter() - t_start
     return matcher.perm, trace
 
