@@ -190,7 +190,7 @@ def _head_step(matcher: _WeightMatcher, perms: list[str], d: int, trace: Matchin
     trace.cost_seconds += t1 - t0
     trace.lap_seconds += t2 - t1
     trace.laps += len(perms)
-    trace.cost_flops += sum(2.0 * c.shape[0] ** 2 * matcher.A[p].shape[1]
+    trace.cost_flops += sum(2.0 * c.shape[0] ** 2 * matcher.columns(p)
                             for p, c in zip(perms, costs, strict=True))
     for p in perms:
         matcher.dirty.discard(p)
@@ -201,12 +201,9 @@ def _head_step(matcher: _WeightMatcher, perms: list[str], d: int, trace: Matchin
         rows = torch.nonzero(sigma != torch.arange(len(sigma))).reshape(-1)
         if not len(rows):
             continue
-        device = matcher.B[p].device
-        # Only the moved units' slices are rewritten; cached neighbour cost matrices follow by
-        # low-rank corrections (the matcher's own bookkeeping).
-        t_cost += matcher._apply(p, sigma.to(device), rows.to(device))
-        matcher.b_norm[p] = matcher.b_norm[p][sigma.numpy()]
-        matcher.dirty |= matcher.neighbours[p]
+        device = costs[0].device
+        # Only the moved units' slices are rewritten; cached cost matrices follow.
+        t_cost += matcher.accept(p, sigma.to(device), rows.to(device))
     trace.cost_seconds += t_cost
     trace.update_seconds += time.perf_counter() - t2 - t_cost
     return gain
