@@ -677,26 +677,33 @@ class _Moments:
         self.sa, self.sb, self.saa, self.sbb, self.sab = z(n), z(n), z(n), z(n), z(n, n)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add a batch; float32 sums are added into the float64 totals in place (no float64
+        copies of the (n, n) product)."""
         a, b = a.float(), b.float()
         self.count += a.shape[0]
-        self.sa += a.sum(0).double()
-        self.sb += b.sum(0).double()
-        self.saa += (a * a).sum(0).double()
-        self.sbb += (b * b).sum(0).double()
-        self.sab += (a.T @ b).double()
+        self.sa.add_(a.sum(0))
+        self.sb.add_(b.sum(0))
+        self.saa.add_((a * a).sum(0))
+        self.sbb.add_((b * b).sum(0))
+        self.sab.add_(a.T @ b)
 
     def cost(self, method: str) -> torch.Tensor:
+        """The (n, n) cost matrix: ``E[a bᵀ]`` (ols) or the Pearson correlation, computed in
+        place on one (n, n) buffer."""
         m = max(self.count, 1)
         if method == "ols":
             return self.sab / m
         ma, mb = self.sa / m, self.sb / m
-        cov = self.sab / m - ma[:, None] * mb[None, :]
+        cov = (self.sab / m).sub_(torch.outer(ma, mb))
         sa = (self.saa / m - ma * ma).clamp_min(0).sqrt()
         sb = (self.sbb / m - mb * mb).clamp_min(0).sqrt()
-        denom = sa[:, None] * sb[None, :]
+        denom = torch.outer(sa, sb)
         # Dead (zero-variance) units correlate with nothing: cost 0 instead of NaN.
-        corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
-        return torch.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+        dead = denom <= 1e-12 if float(sa.min()) * float(sb.min()) <= 1e-12 else None
+        corr = cov.div_(denom.clamp_min_(1e-300))
+        if dead is not None:
+            corr.masked_fill_(dead, 0.0)
+        return corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @torch.no_grad()
