@@ -60,7 +60,7 @@ def floor_seconds(trace, rate: float) -> float:
     return trace.lap_seconds + trace.cost_flops / rate
 
 
-def _profile_rows(prof: cProfile.Profile, top: int = 8) -> list[str]:
+def profile_rows(prof: cProfile.Profile, top: int = 8) -> list[str]:
     stats = pstats.Stats(prof)
     entries = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     total = sum(v[2] for v in stats.stats.values())
@@ -122,7 +122,7 @@ def _wide(rate_rows: list) -> tuple[list, list[str]]:
                       f"{100 * tr.lap_seconds / wall:.0f}%", f"{100 * tr.cost_seconds / wall:.0f}%",
                       f"{final:.6f}", "", "", f"{rate / 1e9:.0f}", f"{floor:.2f}",
                       f"{wall / floor:.2f}x", f"{wall / tr.lap_seconds:.1f}x"])
-    return rate_rows, _profile_rows(prof)
+    return rate_rows, profile_rows(prof)
 
 
 def run() -> str:
