@@ -42,10 +42,13 @@ within about 1.05x of the LAP+product floor (set-up, row moves and float64 check
 per cent). The LAP-only ratio also moves with the LAP's own speed, which varies with memory \
 state and load on this shared machine by up to 1.6x for the same matrices.
 
-Before this version (commit 8223e96; the same two models, seed 0, runs interleaved in one \
-shell): GPT-2 small 36.3 s (setup 9.3 s: each weight copied into two unit-major buffers, 1.4 GB \
-for GPT-2; cost matrices 8.7 s; LAPs 15.8 s; 2.30x the LAP-only floor, 1.66x the LAP+product \
-floor, matmul 101 GFLOP/s), ViT-S 2.9 s (1.84x, 1.23x). Now each tensor of B is kept once in \
+Before this version (commit 8223e96; same models and seed, measured on this machine on \
+2026-12-05 at load 1.2 and 101 GFLOP/s, the rate of the rows above): GPT-2 small 36.3 s \
+(setup 9.3 s: each weight copied into two unit-major buffers, 1.4 GB for GPT-2; cost matrices \
+8.7 s; LAPs 15.8 s; 2.30x the LAP-only floor, 1.66x the LAP+product floor), ViT-S 2.9 s \
+(1.84x, 1.23x). Two interleaved old/new pairs at load 3.3-4.5: GPT-2 small 67.2 / 34.3 s and \
+52.2 / 16.5 s. (The earlier activation table timed one batch including the one-time step: \
+3.1x / 1.7x two forward passes on 2026-12-04.) Now each tensor of B is kept once in \
 its own layout and A's are read in place (2-D weights as transposed views), the residual \
 stream's cost matrix is cached as one partial product per group of tensors that share their \
 other permutations, and only stale groups are recomputed; own-σ column gathers are deferred \
