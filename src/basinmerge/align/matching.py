@@ -166,6 +166,8 @@ def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
 def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
     """``Σ a·b`` with float64 products and sums, over chunks of about `chunk` elements (no
     float64 copy of whole tensors)."""
+    if not a.numel():
+        return 0.0
     a2 = a.reshape(a.shape[0], -1) if a.dim() else a.reshape(1, 1)
     b2 = b.reshape(b.shape[0], -1) if b.dim() else b.reshape(1, 1)
     rows = max(1, chunk // max(a2.shape[1], 1))
