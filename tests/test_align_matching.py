@@ -21,7 +21,7 @@ from basinmerge.align import (
     weight_matching,
     weight_matching_reference,
 )
-from basinmerge.align.matching import _activation_costs
+from basinmerge.align.matching import _activation_costs, dot64
 from basinmerge.errors import ConfigError
 from basinmerge.state import weighted_average
 
@@ -185,3 +185,15 @@ def test_align_returns_an_equivalent_copy_closer_to_a():
     assert aligned.config == b.config and aligned.alignment["method"] == "weight"
     with pytest.raises(ConfigError, match="unknown alignment method"):
         align(a, b, "greedy")
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (), (7,), (3, 4, 5), (30000,), (40, 30)])
+def test_dot64_is_the_float64_inner_product(shape):
+    """Chunked float64 products and sums: the exact float64 inner product, for any shape and
+    for a transposed (non-contiguous) view, across chunk boundaries."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    expected = float((a.double() * b.double()).sum())
+    assert dot64(a, b, chunk=1000) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    if len(shape) == 2:
+        assert dot64(a.T, b.T, chunk=7) == pytest.approx(expected, rel=1e-12, abs=1e-12)

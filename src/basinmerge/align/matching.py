@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from basinmerge.align.permute import (
     identity_permutation,
     permute_tensor,
 )
-from basinmerge.align.spec import PermutationSpec, parameter_keys, resolve_spec
+from basinmerge.align.spec import Axis, PermutationSpec, parameter_keys, resolve_spec
 from basinmerge.errors import ConfigError
 from basinmerge.state import (
     StateDict,
@@ -64,18 +65,26 @@ def _matched_params(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     return [k for k, v in params_a.items() if v.is_floating_point()]
 
 
-def _unit_layout(shape: Sequence[int], spec: PermutationSpec, key: str, axis: int):
-    """How to view a tensor of `shape` as a (units, rest) matrix for `axis`.
-
-    Blocked axes (a flattened conv output) are split into (units, block) first. Returns the
-    expanded shape, the position the units of `axis` have in it, and, for every tagged axis of
-    the key, the dimension its units occupy after moving `axis`'s units to the front."""
+def _expanded(shape: Sequence[int], spec: PermutationSpec, key: str
+              ) -> tuple[list[int], dict[int, int]]:
+    """`shape` with blocked axes (a flattened conv output) split into (units, block), and the
+    dimension each axis's units occupy in it."""
     expanded: list[int] = []
     unit_pos: dict[int, int] = {}
     for a, d in enumerate(shape):
         b = spec.block(key, a)
         unit_pos[a] = len(expanded)
         expanded += [d // b, b] if b != 1 else [d]
+    return expanded, unit_pos
+
+
+def _unit_layout(shape: Sequence[int], spec: PermutationSpec, key: str, axis: int):
+    """How to view a tensor of `shape` as a (units, rest) matrix for `axis`.
+
+    Blocked axes (a flattened conv output) are split into (units, block) first. Returns the
+    expanded shape, the position the units of `axis` have in it, and, for every tagged axis of
+    the key, the dimension its units occupy after moving `axis`'s units to the front."""
+    expanded, unit_pos = _expanded(shape, spec, key)
     src = unit_pos[axis]
     moved_dim = {a: 0 if j == src else (j + 1 if j < src else j) for a, j in unit_pos.items()}
     return expanded, src, moved_dim
@@ -97,8 +106,8 @@ def objective(params_a: Mapping[str, torch.Tensor], params_b: Mapping[str, torch
               keys: Sequence[str] | None = None) -> float:
     """``Σ_k ⟨A_k, B_k⟩`` in float64: the quantity weight matching maximizes over π(B)."""
     keys = list(params_a) if keys is None else keys
-    return float(sum(torch.dot(params_a[k].reshape(-1).double(), params_b[k].reshape(-1).double())
-                     for k in keys if params_a[k].is_floating_point()))
+    return float(sum(dot64(params_a[k], params_b[k]) for k in keys
+                     if params_a[k].is_floating_point()))
 
 
 @dataclass
@@ -140,194 +149,288 @@ def _lap(cost: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- weight matching
 
 
-class _Member:
-    """One (key, axis) of a permutation: its column block in the permutation's buffers."""
+def _units_of(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` (a tensor in its expanded layout, `_expanded`) as a (units, rest) matrix with the
+    units of dimension `dim` as rows: a view where the strides allow (a 2-D weight from either
+    side: the matrix product reads the transposed view in place), else a copy."""
+    return t.movedim(dim, 0).reshape(t.shape[dim], -1)
 
-    __slots__ = ("key", "axis", "perm", "c0", "c1", "shape", "dims")
 
-    def __init__(self, key, axis, perm, c0, c1, shape, dims):
-        self.key, self.axis, self.perm, self.c0, self.c1 = key, axis, perm, c0, c1
-        self.shape, self.dims = shape, dims
+def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The norms of the units of dimension `dim` of `t` (the rows of `_units_of(t, dim)`),
+    reduced in place (no copy of a transposed layout)."""
+    others = [j for j in range(t.dim()) if j != dim]
+    return torch.linalg.vector_norm(t, dim=others) if others else t.abs()
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """``Σ a·b`` with float64 products and sums, over chunks of about `chunk` elements (no
+    float64 copy of whole tensors)."""
+    if not a.numel():
+        return 0.0
+    a2 = a.reshape(a.shape[0], -1) if a.dim() else a.reshape(1, 1)
+    b2 = b.reshape(b.shape[0], -1) if b.dim() else b.reshape(1, 1)
+    rows = max(1, chunk // max(a2.shape[1], 1))
+    total = 0.0
+    for i in range(0, a2.shape[0], rows):
+        x, y = a2[i:i + rows].double().reshape(-1), b2[i:i + rows].double().reshape(-1)
+        total += float(torch.dot(x, y))
+    return total
+
+
+class _Group:
+    """Members of one permutation whose tensors carry the same other permutations: their share
+    of its cost matrix (a partial product) goes stale together."""
+
+    __slots__ = ("members", "columns", "partial", "updates", "pending")
+
+    def __init__(self) -> None:
+        self.members: list[Axis] = []
+        self.columns = 0  # Σ numel / n over the members: the products' inner length
+        self.partial: torch.Tensor | None = None
+        self.updates = 0  # low-rank corrections since `partial` was last computed in full
+        # Column order owed to `partial` by accepted σ of its own permutation (gathered only
+        # if the partial is used again before it goes stale).
+        self.pending: torch.Tensor | None = None
+
+    def current(self) -> torch.Tensor | None:
+        """The partial product in the current coordinates of B (None: stale)."""
+        if self.partial is not None and self.pending is not None:
+            self.partial = self.partial.index_select(1, self.pending)
+        self.pending = None
+        return self.partial
 
 
 class _WeightMatcher:
-    """Coordinate ascent with every (key, axis) kept in a precomputed unit-major layout.
+    """Coordinate ascent state: B's tensors under the current permutation, and every
+    permutation's cost matrix cached as partial products per group of its tensors.
 
-    For each permutation p, the layouts of all its (key, axis) members are stored side by side
-    in one (n_p, Σ m) buffer for A (constant) and one for B (kept permuted by the current
-    assignment). The cost matrix for p is then a single matrix product ``A_p @ B_pᵀ`` in the
-    current coordinates of B; the LAP gives a relative permutation σ; an accepted σ is applied
-    to the moved rows of B_p and to the matching dimension of the key's layouts in the other
-    permutations' buffers (the only tensors that change). Cost matrices are cached and kept
-    current (see `_apply`), and a permutation whose cost matrix has not changed since it was
-    last solved is skipped (see `step`)."""
+    Each tensor of B is kept once, in its own (expanded, `_expanded`) layout: a private copy,
+    permuted along an axis when that axis's permutation changes. A's tensors are not copied.
+    The cost matrix of p in the current coordinates of B is ``Σ_members unit(A_k) @ unit(B_k)ᵀ``
+    with p's units as rows (`_units_of`: for a 2-D weight a plain or transposed view, which the
+    matrix product reads in place).
+
+    The members of p are grouped by the other permutations their tensors carry, and each
+    group's partial product is cached: when q is accepted only the groups holding a tensor of q
+    go stale (or take a low-rank correction when q moved few units), and only those are
+    recomputed when p is next solved; p's own σ permutes the columns of its partials. A
+    permutation whose cost matrix has not changed since it was last solved is skipped (see
+    `step`)."""
 
     def __init__(self, spec: PermutationSpec, params_a, params_b, keys, perm: Perm,
                  dtype: torch.dtype):
         self.spec = spec
         self.perm = {p: v.clone() for p, v in perm.items()}
-        self.A: dict[str, torch.Tensor] = {}
-        self.B: dict[str, torch.Tensor] = {}
-        self.members: dict[str, list[_Member]] = {}
-        self.by_key: dict[str, list[_Member]] = {}
         keyset = set(keys)
-        self.start_identity = all(bool((v == torch.arange(len(v))).all()) for v in perm.values())
-        self._params_a, self._params_b = params_a, params_b
-        self._b_started: dict[str, torch.Tensor] = {}
+        self.groups: dict[str, list[_Group]] = {}
+        self.group_of: dict[Axis, _Group] = {}
+        self.by_key: dict[str, list[tuple[str, int]]] = {}  # key -> [(perm, axis)]
         for p, axes in spec.perm_to_axes.items():
             axes = [(k, a) for k, a in axes if k in keyset]
-            if not axes:
-                continue
-            n = spec.sizes[p]
-            cols, mems = 0, []
-            for k, a in axes:
-                expanded, src, dims = _unit_layout(params_a[k].shape, spec, k, a)
-                moved = [expanded[src]] + [d for j, d in enumerate(expanded) if j != src]
-                m = params_a[k].numel() // n
-                mems.append(_Member(k, a, p, cols, cols + m, moved, dims))
-                cols += m
-            device = params_a[axes[0][0]].device
-            self.A[p] = torch.empty(n, cols, dtype=dtype, device=device)
-            self.B[p] = torch.empty(n, cols, dtype=dtype, device=device)
-            self.members[p] = mems
-            for mem in mems:
-                # One strided copy per tensor and side, straight into its column block.
-                self._view(mem, "A").copy_(_unit_major(params_a[mem.key], spec, mem.key, mem.axis))
-                self._view(mem, "B").copy_(_unit_major(self._b_start(mem.key), spec, mem.key, mem.axis))
-                self.by_key.setdefault(mem.key, []).append(mem)
-        self.active = list(self.members)
+            if axes:
+                self.groups[p] = self._group(p, axes, params_a)
+                for g in self.groups[p]:
+                    self.group_of.update({m: g for m in g.members})
+                for k, a in axes:
+                    self.by_key.setdefault(k, []).append((p, a))
+        self.active = list(self.groups)
+        self.members = {p: [m for g in gs for m in g.members] for p, gs in self.groups.items()}
+        self.dim: dict[Axis, int] = {}  # (key, axis) -> the dimension of its units, expanded
+        start_identity = all(bool((v == torch.arange(len(v))).all()) for v in perm.values())
+        self.A: dict[str, torch.Tensor] = {}
+        self.B: dict[str, torch.Tensor] = {}
+        for k, tagged in self.by_key.items():
+            expanded, pos = _expanded(params_a[k].shape, spec, k)
+            self.dim.update({(k, a): pos[a] for _, a in tagged})
+            b = params_b[k] if start_identity else permute_tensor(spec, self.perm, k, params_b[k])
+            self.A[k] = params_a[k].to(dtype).reshape(expanded)
+            self.B[k] = b.to(dtype).clone(memory_format=torch.contiguous_format).reshape(expanded)
+        self._a_units: dict[Axis, torch.Tensor] = {}
         self.coupled = {p for p, mems in self.members.items()
-                        if len({m.key for m in mems}) < len(mems)}
+                        if len({k for k, _ in mems}) < len(mems)}
         # p's cost matrix changes only when a permutation sharing a key with p is accepted.
-        self.neighbours = {p: {m.perm for mem in mems for m in self.by_key[mem.key]} - {p}
+        self.neighbours = {p: {q for k, _ in mems for q, _ in self.by_key[k]} - {p}
                            for p, mems in self.members.items()}
         self.dirty = set(self.active)
         self.M: dict[str, torch.Tensor | None] = {}
-        self.updates: dict[str, int] = {}
         # Row norms bound the rounding error of cost matrix entries (`_gain`); B's row norms only
-        # move with p's own σ (neighbours permute entries within rows). Computed in float32
-        # and inflated by 0.1% to stay upper bounds.
-        self.a_norm = {p: self._row_norms(self.A[p]) for p in self.active}
-        self.b_norm = {p: self._row_norms(self.B[p]) for p in self.active}
+        # move with p's own σ (neighbours permute entries within rows). Inflated by 0.1%.
+        self.a_norm = {p: self._row_norms(p, self.A) for p in self.active}
+        self.b_norm = {p: self._row_norms(p, self.B) for p in self.active}
 
-    def _b_start(self, key: str) -> torch.Tensor:
-        """B's tensor `key` under the starting permutation (computed once per key)."""
-        if self.start_identity:
-            return self._params_b[key]
-        if key not in self._b_started:
-            self._b_started[key] = permute_tensor(self.spec, self.perm, key, self._params_b[key])
-        return self._b_started[key]
+    def _group(self, p: str, axes: list[Axis], params_a) -> list[_Group]:
+        """p's members grouped by the other permutations their tensors carry. Members with no
+        other permutation (biases, LayerNorms, embeddings) never go stale: they form a group of
+        their own when that saves work (at least n columns), else join the first group."""
+        found: dict[tuple[str, ...], _Group] = {}
+        for k, a in axes:
+            others = tuple(sorted({q for q in self.spec.axes_to_perm[k] if q} - {p}))
+            g = found.setdefault(others, _Group())
+            g.members.append((k, a))
+            g.columns += params_a[k].numel() // self.spec.sizes[p]
+        fixed = found.get(())
+        if fixed is not None and len(found) > 1 and fixed.columns < self.spec.sizes[p]:
+            del found[()]
+            first = next(iter(found.values()))
+            first.members += fixed.members
+            first.columns += fixed.columns
+        return list(found.values())
 
-    def start_objective(self) -> float:
-        """Σ ⟨A_k, π(B)_k⟩ over every key that carries a permutation at the starting permutation,
-        exactly in float64, from the original (contiguous) tensors."""
-        total = objective({k: self._params_a[k] for k in self.by_key},
-                          {k: self._b_start(k) for k in self.by_key})
-        self._b_started.clear()
-        return total
+    def _row_norms(self, p: str, side: Mapping[str, torch.Tensor]) -> np.ndarray:
+        sq = sum(_row_norms(side[k], self.dim[(k, a)]).double() ** 2 for k, a in self.members[p])
+        return torch.as_tensor(sq).sqrt().cpu().numpy() * 1.001
 
-    @staticmethod
-    def _row_norms(buf: torch.Tensor) -> np.ndarray:
-        return torch.linalg.vector_norm(buf, dim=1).cpu().numpy().astype(np.float64) * 1.001
+    def objective(self, keys=None) -> float:
+        """Σ ⟨A_k, π(B)_k⟩ over `keys` (default: every key that carries a permutation), with
+        float64 products and sums."""
+        return sum(dot64(self.A[k], self.B[k]) for k in (self.by_key if keys is None else keys))
 
-    def _view(self, mem: _Member, side: str = "B") -> torch.Tensor:
-        buf = self.B if side == "B" else self.A
-        return buf[mem.perm][:, mem.c0:mem.c1].view(mem.shape)
+    def columns(self, p: str) -> int:
+        """The inner length of p's cost-matrix product (its FLOPs are 2 n² times this)."""
+        return sum(g.columns for g in self.groups[p])
+
+    # ---- cost matrices
+    def _a_unit(self, key: str, axis: int) -> torch.Tensor:
+        u = self._a_units.get((key, axis))
+        if u is None:
+            u = self._a_units[(key, axis)] = _units_of(self.A[key], self.dim[(key, axis)])
+        return u
+
+    def _partial(self, g: _Group) -> torch.Tensor:
+        current = g.current()
+        if current is not None:
+            return current
+        out: torch.Tensor | None = None
+        for k, a in g.members:
+            ua, ub = self._a_unit(k, a), _units_of(self.B[k], self.dim[(k, a)])
+            out = ua @ ub.T if out is None else out.addmm_(ua, ub.T)
+        assert out is not None  # a group has members
+        g.partial, g.updates = out, 0
+        return out
 
     def cost(self, p: str) -> torch.Tensor:
-        """p's cost matrix in the current coordinates of B (cached, kept up to date)."""
+        """p's cost matrix in the current coordinates of B: the sum of its groups' partial
+        products in a fixed order (cached; only stale partials are recomputed)."""
         m = self.M.get(p)
         if m is None:
-            m = self.M[p] = self.A[p] @ self.B[p].T
-            self.updates[p] = 0
+            parts = [self._partial(g) for g in self.groups[p]]
+            m = parts[0]
+            if len(parts) > 1:
+                m = m.clone()
+                for part in parts[1:]:
+                    m += part
+            self.M[p] = m
         return m
 
-    def _apply(self, p: str, sigma: torch.Tensor, rows: torch.Tensor | None = None) -> float:
-        """Reorder p's units of B by sigma everywhere they appear.
+    # ---- moving B's units
+    def _stale(self, q: str, g: _Group) -> None:
+        g.partial = g.pending = None
+        self.M[q] = None
 
-        `rows` are the units that move (None: treat all as moving); only their slices are
-        rewritten. Cached
-        cost matrices follow: p's own by a column gather, a neighbour's by a low-rank
-        correction over the moved units (or it is dropped and recomputed when that would not be
-        cheaper). Returns the seconds spent on cost matrices."""
+    def _neighbour_update(self, k: str, axis: int, rows: torch.Tensor, old: torch.Tensor,
+                          new: torch.Tensor) -> None:
+        """Keep the partials that read `k` through another permutation current when the
+        units `rows` of `axis` change from `old` to `new`: a low-rank correction over the
+        moved units, or stale when that would not be cheaper than recomputing."""
+        n_p = self.B[k].shape[self.dim[(k, axis)]]
+        a_sub: torch.Tensor | None = None
+        for q, a_q in self.by_key[k]:
+            if a_q == axis:
+                continue
+            g = self.group_of[(k, a_q)]
+            if g.partial is None:
+                continue
+            self.M[q] = None
+            moved = self.B[k].numel() // self.spec.sizes[q] // n_p * len(rows)
+            if g.updates >= _REFRESH or 2 * moved >= g.columns:
+                self._stale(q, g)
+                continue
+            d, d_q = self.dim[(k, axis)], self.dim[(k, a_q)]
+            if a_sub is None:
+                a_sub = self.A[k].index_select(d, rows)
+            partial = g.current()
+            assert partial is not None
+            partial.addmm_(_units_of(a_sub, d_q), _units_of(new - old, d_q).T)
+            g.updates += 1
+
+    def _move(self, p: str, sigma: torch.Tensor, rows: torch.Tensor | None) -> float:
+        """Reorder p's units of B by σ in every tensor of p (`rows`: the units that move; None:
+        all, and every partial reading those tensors goes stale). Returns the seconds spent
+        keeping cost matrices current."""
         t_cost = 0.0
-        n_p = self.spec.sizes[p]
-        if rows is None:
-            self.B[p] = self.B[p].index_select(0, sigma)
-        else:
-            self.B[p].index_copy_(0, rows, self.B[p].index_select(0, sigma[rows]))
-        m_p = self.M.get(p)
-        if m_p is not None:
-            self.M[p] = None if p in self.coupled else m_p.index_select(1, sigma)
-        for mem in self.members[p]:
-            for other in self.by_key[mem.key]:
-                if other is mem or (other.perm == p and other.axis == mem.axis):
-                    continue
-                view = self._view(other)
-                d = other.dims[mem.axis]
-                if rows is None:
-                    view.copy_(view.index_select(d, sigma))
-                    self.M[other.perm] = None
-                    continue
-                new = view.index_select(d, sigma[rows])
-                q = other.perm
-                m_q = self.M.get(q)
-                if m_q is not None:
-                    t0 = time.perf_counter()
-                    n_q = self.spec.sizes[q]
-                    moved_cols = (other.c1 - other.c0) // n_p * len(rows)
-                    if self.updates[q] >= _REFRESH or 2 * moved_cols >= self.A[q].shape[1]:
-                        self.M[q] = None
-                    else:
-                        old = view.index_select(d, rows)
-                        a = self._view(other, "A").index_select(d, rows)
-                        m_q.addmm_(a.reshape(n_q, -1), (new - old).reshape(n_q, -1).T)
-                        self.updates[q] += 1
-                    t_cost += time.perf_counter() - t0
-                view.index_copy_(d, rows, new)
+        for k, a in self.members[p]:
+            d = self.dim[(k, a)]
+            if rows is None:
+                self.B[k] = self.B[k].index_select(d, sigma)
+                for q, a_q in self.by_key[k]:
+                    if a_q != a:
+                        self._stale(q, self.group_of[(k, a_q)])
+                continue
+            new = self.B[k].index_select(d, sigma[rows])
+            t0 = time.perf_counter()
+            self._neighbour_update(k, a, rows, self.B[k].index_select(d, rows), new)
+            t_cost += time.perf_counter() - t0
+            self.B[k].index_copy_(d, rows, new)
+        if p in self.coupled or rows is None:
+            for g in self.groups[p]:
+                self._stale(p, g)
+        else:  # p's own partials: their columns move with σ (the same products, reordered)
+            self.M[p] = None
+            for g in self.groups[p]:
+                if g.partial is not None:
+                    g.pending = sigma if g.pending is None else g.pending[sigma]
         self.perm[p] = self.perm[p][sigma.cpu()]
         return t_cost
 
-    def objective(self, keys=None) -> float:
-        """Σ ⟨A_k, π(B)_k⟩ over `keys` (default: every key that carries a permutation, each
-        once), exactly in float64."""
-        total = 0.0
-        for k in (self.by_key if keys is None else keys):
-            mem = self.by_key[k][0]
-            a = self.A[mem.perm][:, mem.c0:mem.c1].double()
-            b = self.B[mem.perm][:, mem.c0:mem.c1].double()
-            total += float((a * b).sum())
-        return total
+    def accept(self, p: str, sigma: torch.Tensor, rows: torch.Tensor) -> float:
+        """Take σ for p (a non-coupled permutation; `rows`: the units that move): B, cached
+        cost matrices, row norms and the neighbours' dirty flags follow. Returns the seconds
+        spent keeping cost matrices current."""
+        t_cost = self._move(p, sigma, rows)
+        self.b_norm[p] = self.b_norm[p][sigma.cpu().numpy()]
+        self.dirty |= self.neighbours[p]
+        return t_cost
+
+    def _exact_gain(self, p: str, sigma: torch.Tensor, rows: torch.Tensor) -> float | None:
+        """The change of the objective under σ from the moved rows (float32 products summed
+        in float64, each product within u of exact), or None unless it clears the tolerance
+        by more than that bound."""
+        value = slack = 0.0
+        for k, a in self.members[p]:
+            d = self.dim[(k, a)]
+            a_rows = self.A[k].index_select(d, rows)
+            prod = a_rows * (self.B[k].index_select(d, sigma[rows]) - self.B[k].index_select(d, rows))
+            value += float(prod.sum(dtype=torch.float64))
+            slack += float(prod.abs().sum(dtype=torch.float64)) * torch.finfo(prod.dtype).eps
+        return value if value - slack > ACCEPT_TOL else None
 
     def _gain(self, p: str, cost: torch.Tensor, cols: np.ndarray, changed: np.ndarray,
               sigma: torch.Tensor) -> float | None:
         """The objective's change if p's units move by σ, or None if it is not provably above
         the tolerance.
 
-        The change is Σ_rows (C[i, σ(i)] − C[i, i]) over the moved rows. Each cost entry is
-        within (K + n_upd·(2K + 3) + 1)·u·‖a_i‖‖b_j‖ of its exact value (a float32 product of
-        length K, plus n_upd low-rank updates), so the decision is settled from the cost matrix
-        whenever the change clears the tolerance by more than that bound either way; otherwise
-        it is recomputed from the moved rows in float64 (exact products, rounding bounded by
-        2u per term). An accepted step therefore always raises the exact objective by more
-        than the tolerance: the objective never decreases and the loop cannot cycle."""
-        c = cost.detach().cpu().numpy().astype(np.float64)
-        estimate = float(c[changed, cols[changed]].sum() - c[changed, changed].sum())
-        k = self.A[p].shape[1]
-        u = torch.finfo(self.A[p].dtype).eps / 2
-        factor = 1.01 * (k + self.updates.get(p, 0) * (2 * k + 3) + 1) * u
+        The change is Σ_rows (C[i, σ(i)] − C[i, i]) over the moved rows (only those entries
+        are read). Each cost entry is the sum of G partial products, each of length K_g with up
+        to n_upd low-rank corrections, so it is within (K + n_upd·(2K + 3) + G + 1)·u·‖a_i‖‖b_j‖
+        of its exact value (K = Σ K_g); the decision is settled from the cost matrix whenever
+        the change clears the tolerance by more than that bound either way; otherwise it is
+        recomputed from the moved rows (`_exact_gain`). An accepted step therefore always raises
+        the exact objective by more than the tolerance: the objective never decreases and the
+        loop cannot cycle."""
+        idx = torch.as_tensor(changed, device=cost.device)
+        estimate = float(cost[idx, sigma[idx]].double().sum() - cost[idx, idx].double().sum())
+        k = self.columns(p)
+        upd = max(g.updates for g in self.groups[p])
+        u = torch.finfo(cost.dtype).eps / 2
+        factor = 1.01 * (k + upd * (2 * k + 3) + len(self.groups[p]) + 1) * u
         a_n, b_n = self.a_norm[p][changed], self.b_norm[p]
         bound = factor * float((a_n * (b_n[cols[changed]] + b_n[changed])).sum())
         if estimate - bound > ACCEPT_TOL:
             return estimate
         if estimate + bound <= ACCEPT_TOL:
             return None
-        rows = torch.as_tensor(changed, device=self.B[p].device)
-        prod = self.A[p].index_select(0, rows) * (
-            self.B[p].index_select(0, sigma[rows]) - self.B[p].index_select(0, rows))
-        value = float(prod.sum(dtype=torch.float64))
-        slack = float(prod.abs().sum(dtype=torch.float64)) * torch.finfo(prod.dtype).eps
-        return value if value - slack > ACCEPT_TOL else None
+        return self._exact_gain(p, sigma, idx)
 
     def step(self, p: str, trace: MatchingTrace) -> float | None:
         """One LAP for permutation p; returns the objective's gain if the new assignment was
@@ -349,31 +452,53 @@ class _WeightMatcher:
         trace.cost_seconds += t1 - t0
         trace.lap_seconds += t2 - t1
         trace.laps += 1
-        trace.cost_flops += 2.0 * self.A[p].shape[0] ** 2 * self.A[p].shape[1]
+        trace.cost_flops += 2.0 * cost.shape[0] ** 2 * self.columns(p)
         changed = np.flatnonzero(cols != np.arange(cost.shape[0]))
         gain = None
         t_cost = 0.0
         if changed.size:
-            sigma = torch.as_tensor(cols, dtype=torch.long, device=self.B[p].device)
+            sigma = torch.as_tensor(cols, dtype=torch.long, device=cost.device)
             if p in self.coupled:  # a key with p on two axes: the objective is not linear in σ
-                keys = list(dict.fromkeys(m.key for m in self.members[p]))
+                keys = list(dict.fromkeys(k for k, _ in self.members[p]))
                 before = self.objective(keys)
-                self._apply(p, sigma)
+                self._move(p, sigma, None)
                 gain = self.objective(keys) - before
                 if gain <= ACCEPT_TOL:
-                    self._apply(p, torch.argsort(sigma))
+                    self._move(p, torch.argsort(sigma), None)
                     gain = None
+                else:
+                    self.dirty |= self.neighbours[p]
             else:
                 gain = self._gain(p, cost, cols, changed, sigma)
                 if gain is not None:
-                    rows = torch.as_tensor(changed, device=self.B[p].device)
-                    t_cost = self._apply(p, sigma, rows)
-                    self.b_norm[p] = self.b_norm[p][cols]
-            if gain is not None:
-                self.dirty |= self.neighbours[p]
+                    t_cost = self.accept(p, sigma, torch.as_tensor(changed, device=cost.device))
         trace.cost_seconds += t_cost
         trace.update_seconds += time.perf_counter() - t2 - t_cost
         return gain
+
+
+def coordinate_ascent(steps: Sequence[Callable[[MatchingTrace], float | None]], total: float,
+                      trace: MatchingTrace, max_iter: int, seed: int) -> None:
+    """The sweep loop of weight matching (one place for every matcher): each sweep runs the
+    `steps` (one per permutation, or per group of permutations solved together) in a fresh
+    random order (numpy ``default_rng(seed)``); a step returns the objective's gain if it
+    changed something, else None. Stops after a sweep without a gain or `max_iter` sweeps.
+    Records sweeps, accepted steps, the objective after each sweep (`total` plus the gains)
+    and convergence in `trace`."""
+    rng = np.random.default_rng(seed)
+    for _ in range(max_iter):
+        trace.sweeps += 1
+        progress = False
+        for i in rng.permutation(len(steps)):
+            gain = steps[i](trace)
+            if gain is not None:
+                progress = True
+                trace.accepted += 1
+                total += gain
+        trace.objective.append(total)
+        if not progress:
+            trace.converged = True
+            return
 
 
 def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
@@ -406,24 +531,11 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         matcher = _WeightMatcher(spec, params_a, params_b, keys, perm, dtype)
         fixed = [k for k in keys if k not in matcher.by_key]
         # The unpermuted tensors' share is constant; accepted gains are added as they come.
-        total = objective(params_a, params_b, fixed) + matcher.start_objective()
+        total = objective(params_a, params_b, fixed) + matcher.objective()
         trace.objective.append(total)
         trace.setup_seconds = time.perf_counter() - t_start
-        rng = np.random.default_rng(seed)
-        names = matcher.active
-        for _ in range(max_iter):
-            trace.sweeps += 1
-            progress = False
-            for i in rng.permutation(len(names)):
-                gain = matcher.step(names[i], trace)
-                if gain is not None:
-                    progress = True
-                    trace.accepted += 1
-                    total += gain
-            trace.objective.append(total)
-            if not progress:
-                trace.converged = True
-                break
+        steps = [partial(matcher.step, p) for p in matcher.active]
+        coordinate_ascent(steps, total, trace, max_iter, seed)
     trace.seconds = time.perf_counter() - t_start
     return matcher.perm, trace
 
@@ -567,26 +679,33 @@ class _Moments:
         self.sa, self.sb, self.saa, self.sbb, self.sab = z(n), z(n), z(n), z(n), z(n, n)
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add a batch; float32 sums are added into the float64 totals in place (no float64
+        copies of the (n, n) product)."""
         a, b = a.float(), b.float()
         self.count += a.shape[0]
-        self.sa += a.sum(0).double()
-        self.sb += b.sum(0).double()
-        self.saa += (a * a).sum(0).double()
-        self.sbb += (b * b).sum(0).double()
-        self.sab += (a.T @ b).double()
+        self.sa.add_(a.sum(0))
+        self.sb.add_(b.sum(0))
+        self.saa.add_((a * a).sum(0))
+        self.sbb.add_((b * b).sum(0))
+        self.sab.add_(a.T @ b)
 
     def cost(self, method: str) -> torch.Tensor:
+        """The (n, n) cost matrix: ``E[a bᵀ]`` (ols) or the Pearson correlation, computed in
+        place on one (n, n) buffer."""
         m = max(self.count, 1)
         if method == "ols":
             return self.sab / m
         ma, mb = self.sa / m, self.sb / m
-        cov = self.sab / m - ma[:, None] * mb[None, :]
+        cov = (self.sab / m).sub_(torch.outer(ma, mb))
         sa = (self.saa / m - ma * ma).clamp_min(0).sqrt()
         sb = (self.sbb / m - mb * mb).clamp_min(0).sqrt()
-        denom = sa[:, None] * sb[None, :]
+        denom = torch.outer(sa, sb)
         # Dead (zero-variance) units correlate with nothing: cost 0 instead of NaN.
-        corr = torch.where(denom > 1e-12, cov / denom.clamp_min(1e-300), torch.zeros_like(cov))
-        return torch.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+        dead = denom <= 1e-12 if float(sa.min()) * float(sb.min()) <= 1e-12 else None
+        corr = cov.div_(denom.clamp_min_(1e-300))
+        if dead is not None:
+            corr.masked_fill_(dead, 0.0)
+        return corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @torch.no_grad()

@@ -173,37 +173,34 @@ class _Attention:
     out_done: bool = False
 
 
-def _record(model: nn.Module, example: Any, attention: Mapping[str, int]) -> list[_Event]:  # noqa: C901 - a sequential recipe of checks and stages; splitting it is next round's work
-    """Run `model` once (no gradients) and record the layer calls in order."""
-    modules = dict(model.named_modules())
+def _owners(modules: Mapping[str, nn.Module], attention: Mapping[str, int]) -> dict[str, str | None]:
+    """{module name: the innermost attention module strictly containing it, or None}."""
     owner: dict[str, str | None] = {}
     for name in modules:
         parts = name.split(".") if name else []
-        owner[name] = None
-        for i in range(len(parts) - 1, -1, -1):
-            prefix = ".".join(parts[:i])
-            if prefix in attention and prefix != name:
-                owner[name] = prefix
-                break
-    events: list[_Event] = []
-    handles = []
-    inside_mha = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+        prefixes = (".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1))  # strict ones
+        owner[name] = next((q for q in prefixes if q in attention), None)
+    return owner
 
-    def hook(name, m, kind):
-        def pre(mod, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()), None)
-            events.append(_Event(name, mod, kind, id(x), owner[name]))
-        return m.register_forward_pre_hook(pre, with_kwargs=True)
 
-    for name, m in modules.items():
-        if any(name.startswith(p + ".") for p in inside_mha):
-            continue
-        kind = ("mha" if isinstance(m, nn.MultiheadAttention) else
-                "linear" if _is_linear(m) else "embed" if isinstance(m, nn.Embedding) else
-                "ln" if isinstance(m, nn.LayerNorm) else
-                "conv" if isinstance(m, nn.Conv1d | nn.Conv2d) else None)
-        if kind:
-            handles.append(hook(name, m, kind))
+def _layer_kind(m: nn.Module) -> str | None:
+    """What `_record` records a module as: mha | linear | embed | ln | conv, or None."""
+    if isinstance(m, nn.MultiheadAttention):
+        return "mha"
+    if _is_linear(m):
+        return "linear"
+    if isinstance(m, nn.Embedding):
+        return "embed"
+    if isinstance(m, nn.LayerNorm):
+        return "ln"
+    if isinstance(m, nn.Conv1d | nn.Conv2d):
+        return "conv"
+    return None
+
+
+def _run_example(model: nn.Module, example: Any) -> None:
+    """One eval-mode forward pass without gradients (training flags restored); a failure is a
+    `ConfigError` naming the model."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -215,10 +212,31 @@ def _record(model: nn.Module, example: Any, attention: Mapping[str, int]) -> lis
         raise ConfigError(f"running {type(model).__name__} on the example input failed: "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in modes:
             m.training = mode
+
+
+def _record(model: nn.Module, example: Any, attention: Mapping[str, int]) -> list[_Event]:
+    """Run `model` once (no gradients) and record the layer calls in order."""
+    modules = dict(model.named_modules())
+    owner = _owners(modules, attention)
+    inside_mha = {n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
+    events: list[_Event] = []
+
+    def hook(name, m, kind):
+        def pre(mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            events.append(_Event(name, mod, kind, id(x), owner[name]))
+        return m.register_forward_pre_hook(pre, with_kwargs=True)
+
+    handles = [hook(name, m, kind) for name, m in modules.items()
+               if not any(name.startswith(p + ".") for p in inside_mha)
+               and (kind := _layer_kind(m)) is not None]
+    try:
+        _run_example(model, example)
+    finally:
+        for h in handles:
+            h.remove()
     return events
 
 
@@ -453,65 +471,84 @@ class _Builder:
                         self.axes.append(((k, axis), ref))
                         elems[(k, axis)] = ref
 
-    def spec(self) -> PermutationSpec:  # noqa: C901 - a sequential recipe of checks and stages; splitting it is next round's work
-        order = {k: i for i, k in enumerate(self.state)}
+    def _head_roots(self) -> dict[Any, Any]:
+        """{union-find root: head element} for every attention module's qk / vo units; an error
+        when heads are tied to fixed or other units."""
         fixed = self.uf.find(_FIXED)
-        read = {self.uf.find(e) for e in self.read} | {self.uf.find("res")}
         head_roots = {self.uf.find(e): e for e in self.heads}
         for root, e in head_roots.items():
             if root == fixed or sum(self.uf.find(x) == root for x in self.heads) > 1:
                 raise ConfigError(f"transformer spec: the heads of '{e[1]}' are tied to other "
                                   "units (unsupported; pass spec=)")
-        derived_roots = {self.uf.find(e): e for e in self.derived}
+        return head_roots
+
+    def _groups(self, kept: set[Any], order: Mapping[str, int]) -> dict[Any, list[Axis]]:
+        """{root: its tagged axes in state order} for the roots in `kept`."""
         groups: dict[Any, list[Axis]] = {}
         for ax, elem in self.axes:
             root = self.uf.find(elem)
-            if root == fixed or (root not in read and root not in head_roots
-                                 and root not in derived_roots):
+            if root not in kept:
                 continue
-            groups.setdefault(root, [])
-            if ax not in groups[root]:
-                groups[root].append(ax)
-        names: dict[Any, str] = {}
-        for root, members in groups.items():
+            members = groups.setdefault(root, [])
+            if ax not in members:
+                members.append(ax)
+        for members in groups.values():
             members.sort(key=lambda a: (order[a[0]], a[1]))
-            e = head_roots.get(root) or derived_roots.get(root)
-            if e is not None:
-                names[root] = f"P_{e[1]}.{e[0]}"
-            elif root == self.uf.find("res"):
-                names[root] = "P_res"
-            else:
-                anchor = next((k for k, a in members if a == 0 or k.endswith(".bias")), members[0][0])
-                names[root] = "P_" + anchor.rsplit(".", 1)[0]
-        shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        return groups
+
+    def _name(self, root: Any, members: list[Axis], special: Mapping[Any, Any]) -> str:
+        """A permutation's name: ``P_<attn>.qk|vo|qkv``, ``P_res``, else ``P_<module>`` of
+        the layer that writes it (its first axis-0 or bias member)."""
+        e = special.get(root)
+        if e is not None:
+            return f"P_{e[1]}.{e[0]}"
+        if root == self.uf.find("res"):
+            return "P_res"
+        anchor = next((k for k, a in members if a == 0 or k.endswith(".bias")), members[0][0])
+        return "P_" + anchor.rsplit(".", 1)[0]
+
+    def _sizes(self, groups: Mapping[Any, list[Axis]], names: Mapping[Any, str],
+               derived_roots: Mapping[Any, Any], shapes: Mapping[str, tuple[int, ...]]
+               ) -> dict[str, int]:
+        """{permutation: units}, checked to agree over its axes; derived permutations sum
+        their sources."""
+        sizes: dict[str, int] = {}
+        for root, members in groups.items():
+            if root in derived_roots or not members:
+                continue
+            name, (k0, a0) = names[root], members[0]
+            sizes[name] = shapes[k0][a0]
+            for k, a in members:
+                if shapes[k][a] != sizes[name]:
+                    raise ConfigError(f"transformer spec: axis {a} of '{k}' has {shapes[k][a]} "
+                                      f"units, '{k0}' {sizes[name]} (pass spec=)")
+        for e in self.heads:  # width of sources seen only through a fused axis
+            sizes.setdefault(names[self.uf.find(e)], self.head_width[e])
+        for root, e in derived_roots.items():
+            sizes[names[root]] = sum(sizes[names[self.uf.find(s)]] for s in self.derived[e])
+        return sizes
+
+    def spec(self) -> PermutationSpec:
+        order = {k: i for i, k in enumerate(self.state)}
+        head_roots = self._head_roots()
+        derived_roots = {self.uf.find(e): e for e in self.derived}
+        read = {self.uf.find(e) for e in self.read} | {self.uf.find("res")}
+        kept = (read | set(head_roots) | set(derived_roots)) - {self.uf.find(_FIXED)}
+        groups = self._groups(kept, order)
+        special = {**derived_roots, **head_roots}  # heads named first
+        names = {root: self._name(root, members, special) for root, members in groups.items()}
         # Head-structured sources of a fused projection may have no axis of their own.
-        for e in self.heads:
-            root = self.uf.find(e)
+        for root, e in head_roots.items():
             if root not in names:
                 names[root] = f"P_{e[1]}.{e[0]}"
                 groups[root] = []
-        sizes: dict[str, int] = {}
-        for root, members in groups.items():
-            if root in derived_roots:
-                continue
-            if members:
-                k, a = members[0]
-                sizes[names[root]] = shapes[k][a]
-            for k, a in members:
-                if shapes[k][a] != sizes[names[root]]:
-                    raise ConfigError(f"transformer spec: axis {a} of '{k}' has {shapes[k][a]} "
-                                      f"units, '{members[0][0]}' {sizes[names[root]]} (pass spec=)")
-        for e in self.heads:  # width of sources seen only through a fused axis
-            sizes.setdefault(names[self.uf.find(e)], self.head_width[e])
-        derived = {}
-        for root, e in derived_roots.items():
-            srcs = tuple(names[self.uf.find(s)] for s in self.derived[e])
-            derived[names[root]] = srcs
-            sizes[names[root]] = sum(sizes[s] for s in srcs)
+        shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        sizes = self._sizes(groups, names, derived_roots, shapes)
+        derived = {names[root]: tuple(names[self.uf.find(s)] for s in self.derived[e])
+                   for root, e in derived_roots.items()}
         start = {root: min(((order[k], a) for k, a in m), default=(len(order), 0))
                  for root, m in groups.items()}
-        ordered = sorted(groups, key=lambda r: start[r])
-        perm_to_axes = {names[r]: groups[r] for r in ordered}
+        perm_to_axes = {names[r]: groups[r] for r in sorted(groups, key=lambda r: start[r])}
         lookup = {ax: p for p, axes in perm_to_axes.items() for ax in axes}
         axes_to_perm = {k: tuple(lookup.get((k, a)) for a in range(len(s))) for k, s in shapes.items()}
         heads = {names[self.uf.find(e)]: hd for e, hd in self.heads.items()}

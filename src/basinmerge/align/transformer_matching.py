@@ -22,8 +22,9 @@ the summed correlations (activation matching) over head-structured permutations.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from basinmerge.align.matching import (
     _matched_params,
     _Moments,
     _WeightMatcher,
+    coordinate_ascent,
     objective,
 )
 from basinmerge.align.permute import (
@@ -187,6 +189,9 @@ def _head_step(matcher: _WeightMatcher, perms: list[str], d: int, trace: Matchin
     t2 = time.perf_counter()
     trace.cost_seconds += t1 - t0
     trace.lap_seconds += t2 - t1
+    trace.laps += len(perms)
+    trace.cost_flops += sum(2.0 * c.shape[0] ** 2 * matcher.columns(p)
+                            for p, c in zip(perms, costs, strict=True))
     for p in perms:
         matcher.dirty.discard(p)
     if gain <= max(ACCEPT_TOL, 1e-6 * scale):
@@ -196,12 +201,9 @@ def _head_step(matcher: _WeightMatcher, perms: list[str], d: int, trace: Matchin
         rows = torch.nonzero(sigma != torch.arange(len(sigma))).reshape(-1)
         if not len(rows):
             continue
-        device = matcher.B[p].device
-        # Only the moved units' slices are rewritten; cached neighbour cost matrices follow by
-        # low-rank corrections (the matcher's own bookkeeping).
-        t_cost += matcher._apply(p, sigma.to(device), rows.to(device))
-        matcher.b_norm[p] = matcher.b_norm[p][sigma.numpy()]
-        matcher.dirty |= matcher.neighbours[p]
+        device = costs[0].device
+        # Only the moved units' slices are rewritten; cached cost matrices follow.
+        t_cost += matcher.accept(p, sigma.to(device), rows.to(device))
     trace.cost_seconds += t_cost
     trace.update_seconds += time.perf_counter() - t2 - t_cost
     return gain
@@ -219,27 +221,11 @@ def _run(spec: PermutationSpec, view: SplitView, pa, pb, keys, perm: Perm, max_i
         trace.objective.append(total)
         trace.setup_seconds = time.perf_counter() - t_start
         groups = head_groups(view.spec, matcher.active)
-        units: list[str | tuple[str, list[str]]] = [p for p in matcher.active
-                                                   if p not in view.spec.heads]
-        units += list(groups.items())
-        rng = np.random.default_rng(seed)
-        for _ in range(max_iter):
-            trace.sweeps += 1
-            progress = False
-            for i in rng.permutation(len(units)):
-                unit = units[i]
-                if isinstance(unit, str):
-                    gain = matcher.step(unit, trace)
-                else:
-                    gain = _head_step(matcher, unit[1], view.spec.heads[unit[1][0]][1], trace)
-                if gain is not None:
-                    progress = True
-                    trace.accepted += 1
-                    total += gain
-            trace.objective.append(total)
-            if not progress:
-                trace.converged = True
-                break
+        steps: list[Callable[[MatchingTrace], float | None]] = [
+            partial(matcher.step, p) for p in matcher.active if p not in view.spec.heads]
+        steps += [partial(_head_step, matcher, ps, view.spec.heads[ps[0]][1])
+                  for ps in groups.values()]
+        coordinate_ascent(steps, total, trace, max_iter, seed)
     out = {p: perm[p] for p in spec.free_perms}
     out.update(matcher.perm)
     trace.seconds = time.perf_counter() - t_start
@@ -284,47 +270,69 @@ def batches(data: Any, num_examples: int | None, batch_size: int) -> Iterator[An
 Slices = dict[str, list[tuple[int, int]]]
 
 
-def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Slices]]:  # noqa: C901 - a sequential recipe of checks and stages; splitting it is next round's work
-    """Where to observe every free permutation: (module, "input" | "output" | "mha",
-    {perm: [(lo, hi) slices of the observed features]}); a fused projection's Q and K slices
-    both observe the ``qk`` permutation (their samples are pooled)."""
-    modules = dict(model.named_modules())
+def _readers_writers(modules: Mapping[str, nn.Module], spec: PermutationSpec, p: str
+                     ) -> tuple[list[str], list[str]]:
+    """The linear layers (``nn.Linear`` or HF ``Conv1D``) that read / write the units of `p`."""
+    readers: list[str] = []
+    writers: list[str] = []
+    for key, axis in spec.perm_to_axes[p]:
+        mod, _, leaf = key.rpartition(".")
+        m = modules.get(mod)
+        if leaf != "weight" or m is None or not (isinstance(m, nn.Linear) or is_conv1d(m)):
+            continue
+        in_axis = 0 if is_conv1d(m) else 1
+        (readers if axis == in_axis else writers).append(mod)
+    return readers, writers
+
+
+def _free_points(modules: Mapping[str, nn.Module], spec: PermutationSpec
+                 ) -> dict[tuple[str, str], Slices]:
+    """Observation points of the free permutations: units written by one layer (MLP hidden
+    units, Q/K/V) at its output (pre-activation: no dead units), the residual stream where
+    layers read it."""
     points: dict[tuple[str, str], Slices] = {}
     for p in spec.free_perms:
-        readers: list[str] = []
-        writers: list[str] = []
-        for key, axis in spec.perm_to_axes[p]:
-            mod, _, leaf = key.rpartition(".")
-            m = modules.get(mod)
-            if leaf != "weight" or m is None:
-                continue
-            in_axis = 0 if is_conv1d(m) else 1
-            if isinstance(m, nn.Linear) or is_conv1d(m):
-                (readers if axis == in_axis else writers).append(mod)
-        # Units written by one layer (MLP hidden units, Q/K/V) are observed at its output
-        # (pre-activation: no dead units); the residual stream where layers read it.
+        readers, writers = _readers_writers(modules, spec, p)
         if p in spec.heads or len(writers) == 1 or not readers:
             if not writers and p not in spec.heads:
                 raise ConfigError(f"activation matching: no linear layer reads or writes the "
                                   f"units of permutation '{p}'")
-            for w in writers:
-                points.setdefault((w, "output"), {})[p] = [(0, spec.sizes[p])]
+            where, layers = "output", writers
         else:
-            for r in readers:
-                points.setdefault((r, "input"), {})[p] = [(0, spec.sizes[p])]
+            where, layers = "input", readers
+        for layer in layers:
+            points.setdefault((layer, where), {})[p] = [(0, spec.sizes[p])]
+    return points
+
+
+def _fused_points(modules: Mapping[str, nn.Module], spec: PermutationSpec
+                  ) -> dict[tuple[str, str], Slices]:
+    """Observation points of fused projections (a derived permutation's output axis): each
+    source permutation observed on its slices of the output (Q and K both observe ``qk``)."""
+    points: dict[tuple[str, str], Slices] = {}
     for q, sources in spec.derived.items():
+        found: Slices = {}
+        lo = 0
+        for src in sources:
+            found.setdefault(src, []).append((lo, lo + spec.sizes[src]))
+            lo += spec.sizes[src]
         for key, _axis in spec.perm_to_axes[q]:
             mod, _, leaf = key.rpartition(".")
-            m = modules.get(mod)
-            where = "mha" if isinstance(m, nn.MultiheadAttention) else "output"
             if leaf not in ("weight", "in_proj_weight"):
                 continue
-            lo = 0
-            found: Slices = {}
-            for s in sources:
-                found.setdefault(s, []).append((lo, lo + spec.sizes[s]))
-                lo += spec.sizes[s]
+            where = "mha" if isinstance(modules.get(mod), nn.MultiheadAttention) else "output"
             points.setdefault((mod, where), {}).update(found)
+    return points
+
+
+def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Slices]]:
+    """Where to observe every free permutation: (module, "input" | "output" | "mha",
+    {perm: [(lo, hi) slices of the observed features]}); a fused projection's Q and K slices
+    both observe the ``qk`` permutation (their samples are pooled)."""
+    modules = dict(model.named_modules())
+    points = _free_points(modules, spec)
+    for where, found in _fused_points(modules, spec).items():
+        points.setdefault(where, {}).update(found)
     missing = [p for p in spec.free_perms if not any(p in f for f in points.values())]
     if missing:
         raise ConfigError(f"activation matching: permutation '{missing[0]}' cannot be observed")
