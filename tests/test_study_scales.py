@@ -17,12 +17,14 @@ from basinmerge.experiments import (
     merging,
     mode_connectivity,
     rebasin,
+    transformers,
     wsa_defaults,
 )
 from basinmerge.merge.registry import _REGISTRY, merge_method
 
 STUDIES = {"demo": demo, "merging": merging, "mode_connectivity": mode_connectivity,
-           "rebasin": rebasin, "federated": federated, "wsa_defaults": wsa_defaults}
+           "rebasin": rebasin, "federated": federated, "wsa_defaults": wsa_defaults,
+           "transformers": transformers}
 
 
 @pytest.mark.parametrize("name", sorted(STUDIES))

@@ -40,8 +40,7 @@ import copy
 import math
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,13 @@ from basinmerge.align.repair import Repair
 from basinmerge.connectivity import BARRIER_COLUMNS, Curve, barriers
 from basinmerge.console import progress_task
 from basinmerge.errors import ConfigError
-from basinmerge.experiments.common import ExperimentResult, Table, check_scale, mean_std
+from basinmerge.experiments.common import (
+    ExperimentResult,
+    StudyScale,
+    Table,
+    cpu_threads,
+    mean_std,
+)
 from basinmerge.scope import symmetric_kl, weight_scope
 from basinmerge.state import as_state_dict, lerp, weighted_average
 
@@ -73,7 +78,7 @@ MASK_ID, PAD_ID = 256, 257  # the MLM's extra tokens after the 256 bytes
 
 
 @dataclass(frozen=True)
-class ScaleConfig:
+class ScaleConfig(StudyScale, study="transformers"):
     vit_blocks: int
     vit_dim: int
     vit_heads: int
@@ -105,24 +110,23 @@ class ScaleConfig:
     lm_batch_size: int = 64
 
 
-SCALE_CONFIGS = {
-    "smoke": ScaleConfig(vit_blocks=2, vit_dim=32, vit_heads=4, vit_mlp=64, train_limit=256,
-                         epochs=1, eval_limit=128, stats_examples=64, lm_blocks=2, lm_dim=32,
-                         lm_heads=4, lm_ctx=32, corpus_bytes=60_000, lm_steps=20,
-                         lm_eval_windows=32, num_points=3, restarts=1, pairs=1, merge_models=3,
-                         mlm_blocks=2, mlm_dim=32, mlm_heads=4, mlm_mlp=64, mlm_steps=20),
-    "quick": ScaleConfig(vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=256, train_limit=4000,
-                         epochs=2, eval_limit=1000, stats_examples=256, lm_blocks=4, lm_dim=64,
-                         lm_heads=4, lm_ctx=64, corpus_bytes=1_000_000, lm_steps=300,
-                         lm_eval_windows=128, num_points=7, restarts=2, pairs=1,
-                         lm_batch_size=32),
-    "full": ScaleConfig(vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=512, train_limit=None,
-                        epochs=12, eval_limit=5000, stats_examples=2000, lm_blocks=6,
-                        lm_dim=256, lm_heads=8, lm_ctx=128, corpus_bytes=20_000_000,
-                        lm_steps=3000, lm_eval_windows=1024, num_points=13, restarts=5, pairs=3,
-                        batch_size=256, lm_batch_size=64, mlm_blocks=6, mlm_dim=256,
-                        mlm_heads=8, mlm_mlp=1024, mlm_steps=3000),
-}
+ScaleConfig.define("smoke", vit_blocks=2, vit_dim=32, vit_heads=4, vit_mlp=64, train_limit=256,
+                    epochs=1, eval_limit=128, stats_examples=64, lm_blocks=2, lm_dim=32,
+                    lm_heads=4, lm_ctx=32, corpus_bytes=60_000, lm_steps=20,
+                    lm_eval_windows=32, num_points=3, restarts=1, pairs=1, merge_models=3,
+                    mlm_blocks=2, mlm_dim=32, mlm_heads=4, mlm_mlp=64, mlm_steps=20)
+ScaleConfig.define("quick", vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=256, train_limit=4000,
+                    epochs=2, eval_limit=1000, stats_examples=256, lm_blocks=4, lm_dim=64,
+                    lm_heads=4, lm_ctx=64, corpus_bytes=1_000_000, lm_steps=300,
+                    lm_eval_windows=128, num_points=7, restarts=2, pairs=1,
+                    lm_batch_size=32)
+ScaleConfig.define("full", vit_blocks=4, vit_dim=128, vit_heads=4, vit_mlp=512, train_limit=None,
+                    epochs=12, eval_limit=5000, stats_examples=2000, lm_blocks=6,
+                    lm_dim=256, lm_heads=8, lm_ctx=128, corpus_bytes=20_000_000,
+                    lm_steps=3000, lm_eval_windows=1024, num_points=13, restarts=5, pairs=3,
+                    batch_size=256, lm_batch_size=64, mlm_blocks=6, mlm_dim=256,
+                    mlm_heads=8, mlm_mlp=1024, mlm_steps=3000)
+SCALE_CONFIGS = ScaleConfig.defined()
 
 
 def _transformers():
@@ -420,23 +424,11 @@ class _Study:
         return train(build_mlm(cfg, seed), sample, cfg.mlm_steps, "mlm", self.device, cfg.lr)
 
 
-@contextmanager
-def _torch_threads(threads: int | None, device: str) -> Iterator[None]:
-    """Torch CPU threads set to `threads` for the block (CPU runs), restored afterwards."""
-    old = torch.get_num_threads()
-    if threads and str(device).startswith("cpu"):
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _check_args(scale: str, seeds: int | None, methods, device: str) -> tuple[ScaleConfig, int]:
-    cfg = SCALE_CONFIGS[check_scale(scale)]
-    pairs = cfg.pairs if seeds is None else int(seeds)
+    cfg = ScaleConfig.at(scale, pairs=seeds)
+    pairs = cfg.pairs
     if pairs < 1:
-        raise ConfigError(f"--seeds (pairs of models) must be >= 1, got {pairs}")
+        raise ConfigError(f"seeds (pairs of models per family) must be >= 1, got {pairs}")
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ConfigError(f"unknown method '{bad[0]}'; choose from {', '.join(METHODS)}")
@@ -519,7 +511,7 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int | No
     study = _Study(cfg, dataset, root, device)
     n_jobs = sum(pairs * (2 + len(f.methods(methods))) for f in study.families()) \
         + cfg.merge_models + 4
-    with _torch_threads(threads, device):
+    with cpu_threads(threads, device):
         t_start = time.perf_counter()
         with progress_task("transformers", n_jobs, enabled=progress) as advance:
             rows, curves, zoo = _barrier_stage(study, pairs, methods, advance)
