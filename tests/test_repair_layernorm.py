@@ -225,3 +225,79 @@ def test_recipe_repair_mode_reaches_the_engine(tmp_path):
     moved = {k for k in plain if not torch.allclose(got[k], plain[k])}
     assert moved and all(k.startswith("norms.") for k in moved), moved
     assert meta["merge"]["repair"] == "layernorm"
+
+
+@pytest.fixture(scope="module")
+def gpt2_text(tmp_path_factory):
+    """Two tiny byte-level GPT-2 HF folders (different seeds) and a text corpus."""
+    tf = pytest.importorskip("transformers")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    d = tmp_path_factory.mktemp("gpt2text")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=16, n_layer=2, n_head=2,
+                                             n_positions=16, bos_token_id=0, eos_token_id=0))
+        m.save_pretrained(d / f"g{seed}")
+        paths.append(d / f"g{seed}")
+    corpus = d / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog; " * 40, encoding="utf-8")
+    return paths, corpus
+
+
+def test_cli_merge_aligned_with_layernorm_repair_on_hf_text(gpt2_text, tmp_path, cli):
+    """`merge --align activation --repair --repair-mode layernorm` on HF folders with a text
+    corpus: the LayerNorm mode changes the LayerNorms and nothing else, the output opens with
+    `from_pretrained`, records the mode, and equals the recipe the same call prints."""
+    import transformers as tf
+
+    from basinmerge import io
+    from basinmerge import recipe as recipe_mod
+
+    (a, b), corpus = gpt2_text
+    common = [a, b, "--method", "average", "--align", "activation", "--data", corpus,
+              "--tokenizer", "bytes", "--seq-len", "12", "--data-examples", "32"]
+    assert cli("merge", *common, "-o", tmp_path / "plain").code == 0
+    res = cli("merge", *common, "--repair", "--repair-mode", "layernorm", "-o", tmp_path / "ln")
+    assert res.code == 0, res.err
+    plain = io.load_state(tmp_path / "plain")[0]
+    fixed = io.load_state(tmp_path / "ln")[0]
+    changed = {k for k in plain if not torch.equal(plain[k], fixed[k])}
+    assert changed and all(".ln_" in k for k in changed), changed
+    merge_meta = io.read_meta(tmp_path / "ln")["merge"]
+    assert merge_meta["repair"] == "layernorm" and merge_meta["align"]["method"] == "activation"
+    net = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "ln")
+    torch.testing.assert_close(net.transformer.ln_f.weight.detach(), fixed["transformer.ln_f.weight"])
+
+    printed = cli("merge", *common, "--repair", "--repair-mode", "layernorm", "-o",
+                  tmp_path / "via-recipe", "--print-recipe")
+    assert printed.code == 0
+    (tmp_path / "r.yaml").write_text(printed.out)
+    recipe_mod.load(tmp_path / "r.yaml").run()
+    again = io.load_state(tmp_path / "via-recipe")[0]
+    for k in fixed:
+        torch.testing.assert_close(again[k], fixed[k], rtol=0, atol=0)
+
+
+def test_cli_merge_repair_mode_without_repair_is_an_error(gpt2_text, tmp_path, cli):
+    (a, b), _ = gpt2_text
+    res = cli("merge", a, b, "--repair-mode", "mlp", "-o", tmp_path / "x")
+    assert res.code != 0 and "--repair-mode mlp needs --repair" in res.error
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_interpolate_aligned_and_repaired_on_hf_text(gpt2_text, cli):
+    import json
+
+    (a, b), corpus = gpt2_text
+    res = cli("interpolate", a, b, "--align", "activation", "--repair", "--data", corpus,
+              "--tokenizer", "bytes", "--seq-len", "12", "--points", "3", "--json")
+    assert res.code == 0, res.err
+    curves = json.loads(res.out)["curves"]
+    assert set(curves) == {"naive", "activation-aligned", "activation-aligned + REPAIR"}
+    split = next(iter(curves["naive"]["metrics"]))
+    ends = [curves[c]["metrics"][split]["loss"] for c in curves]
+    for loss in ends[1:]:  # alignment and REPAIR change the path, not its ends
+        assert loss[0] == pytest.approx(ends[0][0], rel=1e-5)
+        assert loss[-1] == pytest.approx(ends[0][-1], rel=1e-5)
+    assert ends[2][1] != pytest.approx(ends[1][1], rel=1e-6)

@@ -37,6 +37,10 @@ FORMAT_OPT = typer.Option("auto", "--format", help="Output form: auto (the input
                           "hf, safetensors or pt.")
 MAX_SHARD_OPT = typer.Option(4096.0, "--max-shard-mib", help="HF output: shard the weights "
                              "past this many MiB per file.")
+REPAIR_MODE_OPT = typer.Option("auto", "--repair-mode", help="Which units --repair corrects: "
+                               "auto (transformers: both; else units), units (traced hidden "
+                               "layers), layernorm (every LayerNorm's output channels), mlp "
+                               "(transformer MLP hidden units), both.")
 PRINT_RECIPE_OPT = typer.Option(False, "--print-recipe", help="Print the equivalent recipe "
                                 "(YAML, for `basinmerge run`) and exit without running.")
 

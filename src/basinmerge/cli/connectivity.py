@@ -19,6 +19,7 @@ from basinmerge.cli.common import (
     FORCE_OPT,
     JSON_OPT,
     LIKE_OPT,
+    REPAIR_MODE_OPT,
     SEQ_LEN_OPT,
     TOKENIZER_OPT,
     check_file_out,
@@ -75,10 +76,7 @@ def interpolate_cmd(
                                 "curve (each merged unit gets the endpoints' interpolated statistics)."),
     seq_len: int = SEQ_LEN_OPT,
     tokenizer: str = TOKENIZER_OPT,
-    repair_mode: str = typer.Option("auto", "--repair-mode", help="Which units --repair corrects: "
-                                    "auto (transformers: both; else units), units (traced hidden "
-                                    "layers), layernorm (every LayerNorm's output channels), mlp "
-                                    "(transformer MLP hidden units), both."),
+    repair_mode: str = REPAIR_MODE_OPT,
     like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     device: str = DEVICE_OPT,

@@ -22,6 +22,7 @@ from basinmerge.cli.common import (
     LIKE_OPT,
     MAX_SHARD_OPT,
     PRINT_RECIPE_OPT,
+    REPAIR_MODE_OPT,
     SEQ_LEN_OPT,
     TOKENIZER_OPT,
     comma_list,
@@ -85,6 +86,13 @@ def merge_cmd(
     reset_bn: bool = typer.Option(None, "--reset-bn/--no-reset-bn", help="Recompute BatchNorm "
                                   "statistics on the data after merging (default: whenever "
                                   "--data is given)."),
+    align: str = typer.Option(None, "--align", help="Permute every member's hidden units onto "
+                              "the first member's before merging: weight, activation or ste "
+                              "(Git Re-Basin; activation and ste run on --data)."),
+    repair: bool = typer.Option(False, "--repair", help="REPAIR the merge of two members "
+                                "(average or weighted) on --data: each merged unit gets the "
+                                "members' interpolated statistics."),
+    repair_mode: str = REPAIR_MODE_OPT,
     strict: bool = typer.Option(False, "--strict", help="Stop with an error when the member guard "
                                 "finds a member far outside the others' weight scope."),
     gates_out: Path = typer.Option(None, "--gates-out", help="soft: write the gate table (JSON) "
@@ -106,6 +114,8 @@ def merge_cmd(
     any data spec (a dataset, a datasets folder, a tensor file, a text corpus)."""
     from basinmerge import recipe as recipe_mod  # pydantic: only when run
 
+    if repair_mode != "auto" and not repair:
+        raise ConfigError(f"--repair-mode {repair_mode} needs --repair")
     m = get_method(method)
     options = _cli_options(m, opt or [])
     parsed_weights = comma_list(weights, "--weights", float, "numbers")
@@ -120,6 +130,8 @@ def merge_cmd(
         **({} if reset_bn is None else {"reset_bn": reset_bn}),
         "data": data_record(data, examples=data_examples, seed=data_seed, seq_len=seq_len,
                             tokenizer=tokenizer, root=root),
+        **({"align": {"method": align}} if align is not None else {}),
+        **({"repair": True if repair_mode == "auto" else repair_mode} if repair else {}),
         "like": None if like is None else str(like), "stream": stream, "block_mib": block_mib,
         "device": device, "strict": strict, "output": {"path": str(out), "format": out_format, "force": force,
                                      "max_shard_mib": max_shard_mib}}, "merge")
@@ -137,7 +149,8 @@ def merge_cmd(
                             eval_data=test, gates_out=gates_out, like=like,
                             out_format=None if out_format == "auto" else out_format,
                             force=force, max_shard_mib=max_shard_mib,
-                            meta={"recipe": rec.to_dict()})
+                            align=None if rec.align is None else {"method": rec.align.method},
+                            repair=rec.repair, meta={"recipe": rec.to_dict()})
     if as_json:
         report = res.to_dict()
         if test is not None:
