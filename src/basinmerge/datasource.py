@@ -123,7 +123,7 @@ def tokenizer_for(tokenizer: str | None, model: str | os.PathLike | None = None
     folder = tokenizer if tokenizer is not None else (
         str(model) if model is not None and Path(model).is_dir() else None)
     if folder is None:
-        raise ConfigError("text data needs a tokenizer: pass tokenizer (--tokenizer) as 'bytes' "
+        raise ConfigError("text data needs a tokenizer: give tokenizer 'bytes' "
                           "or a folder with tokenizer files (by default the model's HF folder)")
     try:
         from transformers import AutoTokenizer
@@ -134,7 +134,7 @@ def tokenizer_for(tokenizer: str | None, model: str | os.PathLike | None = None
                           "tokenizer 'bytes'") from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"tokenizer {folder}: no usable tokenizer files ({str(e).splitlines()[0]}); "
-                          "pass --tokenizer bytes or a folder with tokenizer files") from e
+                          "give tokenizer 'bytes' or a folder with tokenizer files") from e
     tok.model_max_length = 1 << 60  # the stream is cut into rows here, not by the tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return (lambda text: list(tok(text, add_special_tokens=False)["input_ids"])), int(pad or 0)

@@ -268,6 +268,6 @@ def run(*, dataset: str = "fashion-mnist", scale: str = "quick", seeds: int = 3,
         f"scale={scale}: models {', '.join(s.models)}; {s.clients} clients, 50% sampled per "
         f"round, {s.rounds} rounds, {s.local_epochs} local epochs; training subset "
         f"{s.train_limit or 'all'}, test subset {s.test_limit or 'all'} (fixed subsets)."
-        + (" The CNN runs at scale=full, or with --models vgg." if "vgg" not in s.models else ""))
+        + (" The CNN runs at scale=full, or when the models include vgg." if "vgg" not in s.models else ""))
     result.seconds = time.perf_counter() - t_start
     return result

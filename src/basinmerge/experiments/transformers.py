@@ -433,7 +433,7 @@ def _check_args(scale: str, seeds: int | None, methods, device: str) -> tuple[Sc
     if bad:
         raise ConfigError(f"unknown method '{bad[0]}'; choose from {', '.join(METHODS)}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
+        raise ConfigError(f"device {device!r}: no CUDA device is available")
     _transformers()
     return cfg, pairs
 
