@@ -12,25 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import tiny_hf  # tests/tiny_hf.py (skips the module without transformers)
 from basinmerge import io, models
 from basinmerge.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")
 
-
-def _bert(seed: int):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
-                                  intermediate_size=64, vocab_size=100, max_position_embeddings=32,
-                                  num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
-
-
-def _gpt2(seed: int):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16,
-                                  bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -44,7 +31,7 @@ def _logits(model) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("hf") / "bert"
-    _bert(0).save_pretrained(d)
+    tiny_hf.bert(0).save_pretrained(d)
     (d / "tokenizer_config.json").write_text('{"model_max_length": 32}')
     (d / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(100)))
     return d
@@ -53,12 +40,12 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_sharded(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("hf") / "gpt2"
-    _gpt2(1).save_pretrained(d, max_shard_size="20KB")
+    tiny_hf.gpt2(1).save_pretrained(d, max_shard_size="20KB")
     return d
 
 
 def test_hf_folder_reads_and_writes_back_as_an_hf_folder(bert_dir, tmp_path):
-    original = _bert(0)
+    original = tiny_hf.bert(0)
     assert io.checkpoint_format(bert_dir) == "hf"
     state, meta = io.load_state(bert_dir)
     assert meta["format"] == "hf" and meta["hf_config"]["model_type"] == "bert"
@@ -89,7 +76,7 @@ def _header(path: Path) -> dict:
 
 
 def test_sharded_folder_with_tied_weights(gpt2_sharded, tmp_path):
-    original = _gpt2(1)
+    original = tiny_hf.gpt2(1)
     assert (gpt2_sharded / io.HF_SAFETENSORS_INDEX).is_file()
     index = io.tensor_index(gpt2_sharded)
     files = {f for f, _, _ in index.values()}
@@ -162,7 +149,7 @@ def test_pt_in_and_out(tmp_path):
 
 
 def test_hf_folder_with_pickled_bin(tmp_path):
-    original = _bert(2)
+    original = tiny_hf.bert(2)
     d = tmp_path / "binbert"
     original.save_pretrained(d)
     (d / "model.safetensors").unlink()
@@ -271,7 +258,7 @@ def test_like_with_another_architecture_names_the_key(bert_dir, gpt2_sharded):
 
 
 def test_half_precision_folder_stays_half(tmp_path):
-    original = _bert(3).to(torch.bfloat16)
+    original = tiny_hf.bert(3).to(torch.bfloat16)
     original.save_pretrained(tmp_path / "bf16")
     model, meta = io.load_model(tmp_path / "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import tiny_hf  # tests/tiny_hf.py (skips the module without transformers)
 from basinmerge import io
 from basinmerge.cli import main
 from basinmerge.errors import IncompatibleModelsError
@@ -19,16 +20,9 @@ from basinmerge.merge import stream_merge
 from basinmerge.merge.engine import merge_checkpoints
 
 transformers = pytest.importorskip("transformers")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def _bert(seed: int):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
-                                  intermediate_size=64, vocab_size=100, max_position_embeddings=32,
-                                  num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def berts(tmp_path_factory) -> list[Path]:
     out = []
     for i in range(3):
         d = root / f"bert{i}"
-        _bert(i).save_pretrained(d)
+        tiny_hf.bert(i).save_pretrained(d)
         (d / "vocab.txt").write_text("\n".join(f"t{j}" for j in range(100)))
         out.append(d)
     return out
@@ -101,7 +95,7 @@ def test_sharded_stream_equals_unsharded_and_loads_with_from_pretrained(berts, t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     # transformers loads it; its logits are those of the unsharded tensors in the model
     loaded = transformers.BertForSequenceClassification.from_pretrained(out).eval()
-    ref = _bert(0)
+    ref = tiny_hf.bert(0)
     ref.load_state_dict(want, strict=False)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, ref(input_ids=IDS).logits)
