@@ -151,3 +151,27 @@ def test_real_process_debug_traceback(tmp_path):
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert "CheckpointError" in debug.stderr and "missing.safetensors" in debug.stderr
+
+
+HEAVY = ("flwr", "transformers", "scipy", "pydantic", "matplotlib", "yaml", "sklearn", "pandas")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--help"], ["merge", "--method", "average"]])
+def test_help_and_argument_errors_load_no_heavy_package(args):
+    """`python -m basinmerge --help` and an argument error (exit 2) in a real process through
+    the entry point: none of the heavy packages is imported (each loads on first use), and the
+    garbage collector, held off during the imports, is on again with the imports frozen."""
+    code = ("import atexit, gc, sys\n"
+            "def report():\n"
+            f"    print('LOADED', [m for m in {HEAVY!r} if m in sys.modules])\n"
+            "    print('GC', gc.isenabled(), gc.get_freeze_count() > 0)\n"
+            "atexit.register(report)\n"
+            "from basinmerge.__main__ import run\n"
+            "run()\n")
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "BASINMERGE_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == (0 if args == ["--help"] else 2), r.stderr
+    assert "LOADED []" in r.stdout and "GC True True" in r.stdout, r.stdout
+    assert ("Usage" in r.stdout + r.stderr) and ("merge" in r.stdout + r.stderr)

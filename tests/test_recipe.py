@@ -499,3 +499,61 @@ def test_a_merge_of_merges_records_its_own_recipe(tmp_path, capsys):
         rec = io.read_meta(out)["recipe"]
         assert rec["models"] == [str(p) for p in firsts] and rec["method"] == "average"
         assert io.read_meta(out)["merge"]["inputs"] == [str(p) for p in firsts]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["--method", "ties", "--base", "{base}", "--opt", "density=0.5", "--stream", "--block-mib",
+     "2", "--strict", "--device", "cpu"],
+    ["--method", "weighted", "--weights", "1,3,2", "--no-stream", "--format", "safetensors",
+     "--max-shard-mib", "100", "--no-reset-bn"],
+    ["--method", "median", "--like", "{base}", "--force"],
+])
+def test_cli_records_without_the_schema_what_print_recipe_prints(tmp_path, capsys, monkeypatch,
+                                                                 extra):
+    """A plain `basinmerge merge` records its recipe without pydantic (`plain_record`); the
+    record equals the schema's: what --print-recipe prints and `basinmerge run` reads."""
+    base, a, b = _mlps(tmp_path)
+    out = tmp_path / "m.safetensors"
+    args = ["merge", str(a), str(b), str(base), "--out", str(out),
+            *[e.format(base=base) for e in extra]]
+    if "--base" in args:  # the base is not a member then
+        args.remove(str(base))
+    code, text, err = _run([*args, "--print-recipe"], capsys)
+    assert code == 0, err
+    printed = yaml.safe_load(text)
+
+    def schema(*a, **k):
+        raise AssertionError("a plain command line is recorded without the schema")
+
+    monkeypatch.setattr(recipe, "validate", schema)
+    code, _, err = _run(args, capsys)
+    assert code == 0, err
+    assert io.read_meta(out)["recipe"] == printed
+    monkeypatch.undo()
+    assert recipe.validate(printed).to_dict() == printed
+
+
+def test_plain_record_equals_the_schema_or_declines():
+    from typing import get_args
+
+    from basinmerge.recipe_record import OUTPUT_FORMATS, plain_record
+
+    assert get_args(recipe.Output.model_fields["format"].annotation) == OUTPUT_FORMATS
+    full = {"models": ["a", "b"], "base": "z", "method": "ties",
+            "options": {"density": 0.2, "scale": 1}, "reset_bn": True, "data": None, "like": "l",
+            "stream": True, "block_mib": 2, "device": "cuda", "strict": True,
+            "output": {"path": "o", "format": "hf", "force": True, "max_shard_mib": 10}}
+    bare = {"models": ["a"], "method": "average", "options": {}, "stream": None, "block_mib": 1.0,
+            "output": {"path": "o.safetensors", "format": "auto", "max_shard_mib": 4096.0}}
+    for obj in (full, bare):
+        assert plain_record(obj, streams=True) == recipe.validate(obj).to_dict()
+        assert list(plain_record(obj, streams=True)) == list(recipe.validate(obj).to_dict())
+    # what the schema must judge (or refuse, naming the field) is left to it
+    for edit in ({"block_mib": 0}, {"output": {"path": "o", "format": "onnx"}},
+                 {"output": {"path": "o", "max_shard_mib": -1}}, {"data": "digits"},
+                 {"align": {"method": "weight"}}, {"repair": True}, {"dtype": "float16"},
+                 {"overrides": [{"pattern": "*", "options": {}}]}, {"bogus": 1}, {"models": []},
+                 {"stream": "yes"}):
+        assert plain_record({**full, **edit}, streams=True) is None, edit
+    assert plain_record(full, streams=False) is None  # stream: true for a method that cannot

@@ -58,9 +58,9 @@ from pydantic import (
     model_validator,
 )
 
-from basinmerge import io
 from basinmerge.datasource import DEFAULT_SEQ_LEN
 from basinmerge.errors import ConfigError
+from basinmerge.recipe_record import OUTPUT_DEFAULTS, RECIPE_DEFAULTS
 
 if TYPE_CHECKING:
     from basinmerge.merge.engine import MergeResult
@@ -127,9 +127,10 @@ class Alignment(BaseModel):
 class Output(BaseModel):
     model_config = _STRICT
     path: str
-    format: Literal["auto", "basinmerge", "hf", "safetensors", "pt"] = "auto"
-    force: bool = False
-    max_shard_mib: float = Field(io.DEFAULT_MAX_SHARD_MIB, gt=0)
+    # the formats: `recipe_record.OUTPUT_FORMATS` (tested equal)
+    format: Literal["auto", "basinmerge", "hf", "safetensors", "pt"] = OUTPUT_DEFAULTS["format"]
+    force: bool = OUTPUT_DEFAULTS["force"]
+    max_shard_mib: float = Field(OUTPUT_DEFAULTS["max_shard_mib"], gt=0)
 
 
 class Recipe(BaseModel):
@@ -137,20 +138,22 @@ class Recipe(BaseModel):
 
     model_config = _STRICT
     models: list[str] = Field(min_length=1)
-    base: str | None = None
+    base: str | None = RECIPE_DEFAULTS["base"]
     method: str | None  # required; null: align only
     options: dict[str, Any] = Field(default_factory=dict)
     overrides: list[Override] = Field(default_factory=list)
     align: Alignment | None = None
     data: Data | None = None
-    reset_bn: bool = True
-    repair: bool | str = False  # a string: the REPAIR mode (`align.repair.REPAIR_MODES`)
-    like: str | None = None
-    stream: bool | None = None
-    block_mib: float = Field(1.0, gt=0)
-    dtype: str | None = None  # float32 / float16 / bfloat16 (`engine.DTYPES`)
-    device: str = "cpu"
-    strict: bool = False  # a member flagged by the merge guard stops the merge
+    # defaults: `recipe_record.RECIPE_DEFAULTS` (what `basinmerge merge` records without
+    # this schema, `recipe_record.plain_record`)
+    reset_bn: bool = RECIPE_DEFAULTS["reset_bn"]
+    repair: bool | str = RECIPE_DEFAULTS["repair"]  # a string: the REPAIR mode (`align.repair.REPAIR_MODES`)
+    like: str | None = RECIPE_DEFAULTS["like"]
+    stream: bool | None = RECIPE_DEFAULTS["stream"]
+    block_mib: float = Field(RECIPE_DEFAULTS["block_mib"], gt=0)
+    dtype: str | None = RECIPE_DEFAULTS["dtype"]  # float32 / float16 / bfloat16 (`engine.DTYPES`)
+    device: str = RECIPE_DEFAULTS["device"]
+    strict: bool = RECIPE_DEFAULTS["strict"]  # a member flagged by the merge guard stops the merge
     output: Output
 
     @field_validator("dtype")

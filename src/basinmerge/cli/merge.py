@@ -35,6 +35,7 @@ from basinmerge.console import console, err_console
 from basinmerge.errors import ConfigError
 from basinmerge.merge.engine import MergeResult, merge_checkpoints
 from basinmerge.merge.registry import MergeMethod, all_methods, get_method, methods
+from basinmerge.recipe_record import plain_record
 
 
 def _methods_epilog() -> str:
@@ -112,8 +113,6 @@ def merge_cmd(
     Checkpoints may be basinmerge files, HF model folders (written as an HF folder, config and
     tokenizer from --base or the first model) or bare safetensors / .pt files; --data takes
     any data spec (a dataset, a datasets folder, a tensor file, a text corpus)."""
-    from basinmerge import recipe as recipe_mod  # pydantic: only when run
-
     if repair_mode != "auto" and not repair:
         raise ConfigError(f"--repair-mode {repair_mode} needs --repair")
     m = get_method(method)
@@ -123,7 +122,7 @@ def merge_cmd(
     m.check({**options, **({"weights": parsed_weights} if parsed_weights else {})},
             has_base=base is not None, has_data=data is not None and bool(m.needs_data),
             num_models=len(checkpoints))
-    rec = recipe_mod.validate({
+    fields = {
         "models": [str(p) for p in checkpoints], "base": None if base is None else str(base),
         "method": method,
         "options": {**options, **({"weights": parsed_weights} if parsed_weights else {})},
@@ -134,10 +133,19 @@ def merge_cmd(
         **({"repair": True if repair_mode == "auto" else repair_mode} if repair else {}),
         "like": None if like is None else str(like), "stream": stream, "block_mib": block_mib,
         "device": device, "strict": strict, "output": {"path": str(out), "format": out_format, "force": force,
-                                     "max_shard_mib": max_shard_mib}}, "merge")
-    if print_recipe:
-        typer.echo(rec.to_yaml(), nl=False)
-        return
+                                     "max_shard_mib": max_shard_mib}}
+    # a plain command line is recorded as is (its fields were checked above and are checked
+    # again by the engine before any work); anything else, and --print-recipe, goes through
+    # the recipe schema (pydantic: imported only then)
+    record = None if print_recipe else plain_record(fields, m.streams)
+    if record is None:
+        from basinmerge import recipe as recipe_mod
+
+        rec = recipe_mod.validate(fields, "merge")
+        if print_recipe:
+            typer.echo(rec.to_yaml(), nl=False)
+            return
+        record = rec.to_dict()
     train = test = None
     if data is not None:
         train, test = datasource.train_test(data, n=data_examples, seed=data_seed,
@@ -149,8 +157,8 @@ def merge_cmd(
                             eval_data=test, gates_out=gates_out, like=like,
                             out_format=None if out_format == "auto" else out_format,
                             force=force, max_shard_mib=max_shard_mib,
-                            align=None if rec.align is None else {"method": rec.align.method},
-                            repair=rec.repair, meta={"recipe": rec.to_dict()})
+                            align=None if align is None else {"method": align},
+                            repair=record.get("repair", False), meta={"recipe": record})
     if as_json:
         report = res.to_dict()
         if test is not None:

@@ -108,7 +108,7 @@ def build_wheel(dest: str | Path) -> Path:
     files[f"{info}/METADATA"] = ("\n".join(meta) + "\n").encode()
     files[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: basinmerge\n"
                               b"Root-Is-Purelib: true\nTag: py3-none-any\n")
-    files[f"{info}/entry_points.txt"] = b"[console_scripts]\nbasinmerge = basinmerge.cli:main\n"
+    files[f"{info}/entry_points.txt"] = b"[console_scripts]\nbasinmerge = basinmerge.__main__:run\n"
     record = "".join(f"{k},{_record_hash(v)},{len(v)}\n" for k, v in files.items())
     files[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
     buf = _io.BytesIO()

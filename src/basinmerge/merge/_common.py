@@ -247,20 +247,30 @@ def median_network(k: int) -> list[tuple[int, int]]:
     return kept[::-1]
 
 
-def coordinate_median(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+def coordinate_median(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None,
+                      overwrite: bool = False) -> torch.Tensor:
     """The coordinate-wise median of K same-shaped tensors, in `dtype` (default: the work dtype,
     `work_dtype`); for an even K the mean of the two middle values (the project's convention;
     ``torch.median`` would give the lower one). Up to `NETWORK_MAX_K` tensors it runs a sorting
     network (`median_network`: elementwise minimum/maximum, no stacked copy, no sort); beyond,
-    a sort along the stacked axis. The inputs are not modified."""
+    a sort along the stacked axis. The inputs are not modified, unless `overwrite` (inputs
+    already in `dtype`: the network then runs in place on them, allocating one spare tensor,
+    not two per compare-exchange)."""
     k = len(tensors)
     dt = dtype or work_dtype(tensors[0].dtype)
     if k > NETWORK_MAX_K:
         s = torch.stack([t.to(dt) for t in tensors]).sort(dim=0).values
         return s[k // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
     v = [t.to(dt) for t in tensors]
-    for i, j in median_network(k):
-        v[i], v[j] = torch.minimum(v[i], v[j]), torch.maximum(v[i], v[j])
+    if overwrite and all(t.dtype == dt for t in tensors):
+        spare = torch.empty_like(v[0])
+        for i, j in median_network(k):
+            torch.maximum(v[i], v[j], out=spare)
+            torch.minimum(v[i], v[j], out=v[i])
+            v[j], spare = spare, v[j]
+    else:
+        for i, j in median_network(k):
+            v[i], v[j] = torch.minimum(v[i], v[j]), torch.maximum(v[i], v[j])
     return v[k // 2] if k % 2 else (v[k // 2 - 1] + v[k // 2]) / 2
 
 

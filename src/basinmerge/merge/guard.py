@@ -46,7 +46,13 @@ from dataclasses import dataclass, field
 import torch
 
 from basinmerge.errors import ConfigError, IncompatibleModelsError
-from basinmerge.merge._common import TensorSource, coordinate_median, is_bn_statistic, row_blocks
+from basinmerge.merge._common import (
+    TensorSource,
+    coordinate_median,
+    is_bn_statistic,
+    row_blocks,
+    work_dtype,
+)
 
 THRESHOLD = 6.0
 # floors of the robust spread: log sigma (about 5% of sigma), mu (in units of the median
@@ -58,6 +64,8 @@ MIN_MEMBERS = 3
 # SAMPLE_SIZE of them (module docstring)
 SAMPLE = 131_072
 SAMPLE_SIZE = 16_384
+# finished layers are reduced together once they hold this many coordinates per member
+BATCH = 65_536
 
 
 @dataclass
@@ -152,8 +160,11 @@ class GuardStats:
     by block with `observe` (the K members' tensors of one key, whole or a span of rows);
     `report` turns them into a `GuardReport`. Layers of more than `sample` coordinates are
     compared on a fixed sample of them (module docstring; None: every coordinate). A layer's
-    coordinates (or its sample's) are gathered as its blocks pass and reduced once its last
-    block is seen, so the result does not depend on how the layer was cut into blocks."""
+    coordinates (or its sample's) are gathered as its blocks pass; once its last block is
+    seen it waits with the other finished layers until they hold `BATCH` coordinates, and
+    all of them are reduced together (one coordinate-wise median, one float64 conversion:
+    per layer, a handful of sums). The result does not depend on how the layers were cut
+    into blocks or batched."""
 
     def __init__(self, source: TensorSource, sample: int | None = SAMPLE):
         self.names = list(source.names)
@@ -163,7 +174,10 @@ class GuardStats:
         self._row: dict[str, int] = {}
         self._left: dict[str, int] = {}  # coordinates of the sample not seen yet
         self._parts: dict[str, list[torch.Tensor]] = {}
+        self._done: dict[str, torch.Tensor] = {}  # finished layers' coordinates, not reduced yet
+        self._done_size = 0
         self._stats: dict[str, dict[str, torch.Tensor]] = {}
+        self._scratch: dict[str, torch.Tensor] = {}  # reused buffers (`_batch_statistics`)
         for key in self.keys:
             shape = source.shape(key)
             numel = math.prod(shape)
@@ -187,30 +201,36 @@ class GuardStats:
         parts.append(part)
         self._left[key] -= part.shape[1]
         if self._left[key] <= 0:
-            self._reduce(key)
+            self._finish(key)
+            if self._done_size >= BATCH:
+                self._reduce_done()
 
-    def _reduce(self, key: str) -> None:
-        raw = torch.cat(self._parts.pop(key), dim=1)
-        # the median in the work dtype (exact for bf16/fp16/fp32 members), the sums in float64
-        med = coordinate_median(list(raw)).to(torch.float64)
-        x = raw.to(torch.float64)
-        n = max(x.shape[1], 1)
-        mu = x.sum(dim=1) / n
-        s2 = (x * x).sum(dim=1)
-        sigma = (s2 / n - mu * mu).clamp(min=0).sqrt()
-        norms = s2.sqrt() * (med @ med).sqrt()
-        dot = x @ med
-        cosine = torch.where(norms > 0, dot / norms.clamp(min=1e-300), torch.ones_like(dot))
-        self._stats[key] = {"mu": mu, "sigma": sigma, "cosine": cosine}
+    def _finish(self, key: str) -> None:
+        """Move a layer's gathered coordinates to the finished layers."""
+        parts = self._parts.pop(key)
+        raw = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        self._done[key] = raw
+        self._done_size += raw.shape[1]
+
+    def _reduce_done(self) -> None:
+        """Reduce every finished layer, a batch per dtype."""
+        by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+        for key, raw in self._done.items():
+            by_dtype.setdefault(raw.dtype, []).append((key, raw))
+        self._done, self._done_size = {}, 0
+        for items in by_dtype.values():
+            self._stats.update(_batch_statistics(items, self._scratch))
 
     def statistics(self, key: str) -> dict[str, torch.Tensor]:
         """Per member (a length-K float64 vector each): ``mu``, ``sigma`` (population std, as
         `basinmerge.scope.layer_stats`) and ``cosine`` to the members' coordinate-wise median
         (of what was observed of `key`)."""
         if key not in self._stats:
-            if not self._parts.get(key):
-                raise ConfigError(f"the member guard saw nothing of layer '{key}'")
-            self._reduce(key)
+            if key not in self._done:
+                if not self._parts.get(key):
+                    raise ConfigError(f"the member guard saw nothing of layer '{key}'")
+                self._finish(key)
+            self._reduce_done()
         return self._stats[key]
 
     def report(self, threshold: float = THRESHOLD) -> GuardReport:
@@ -219,26 +239,85 @@ class GuardStats:
         distance = [0.0] * k
         worst: list[str | None] = [None] * k
         flags: list[LayerFlag] = []
-        for key in self.keys:
-            st = self.statistics(key)
-            sigma_med = float(st["sigma"].median())
-            stats = {
-                "log_sigma": st["sigma"].clamp(min=1e-300).log(),
-                "mu": st["mu"] / sigma_med if sigma_med > 0 else st["mu"],
-                "cosine": st["cosine"],
-            }
-            for stat, values in stats.items():
-                z, med = robust_z(values, FLOORS[stat])
-                if stat == "cosine":
-                    z = (-z).clamp(min=0)  # only a member pointing away from the others
+        if not self.keys:
+            return GuardReport(self.names, distance, worst, flags, 0, threshold)
+        st = {s: torch.stack([self.statistics(key)[s] for key in self.keys])
+              for s in ("mu", "sigma", "cosine")}  # (layers, K) each
+        sigma_med = st["sigma"].median(dim=1, keepdim=True).values  # the lower middle, as before
+        stats = {
+            "log_sigma": st["sigma"].clamp(min=1e-300).log(),
+            "mu": torch.where(sigma_med > 0, st["mu"] / sigma_med, st["mu"]),
+            "cosine": st["cosine"],
+        }
+        # per statistic: its values, medians and z-scores as lists (layers x members)
+        table: list[tuple[str, list, list, list]] = []
+        for stat, values in stats.items():
+            z, med = robust_z(values, FLOORS[stat])
+            if stat == "cosine":
+                z = (-z).clamp(min=0)  # only a member pointing away from the others
+            table.append((stat, values.tolist(), med.tolist(), z.tolist()))
+        for li, key in enumerate(self.keys):
+            for stat, vals, meds, zs in table:
                 for i in range(k):
-                    zi = abs(float(z[i]))
+                    zi = abs(zs[li][i])
                     if zi > distance[i]:
                         distance[i], worst[i] = zi, key
                     if k >= MIN_MEMBERS and zi > threshold:
-                        flags.append(LayerFlag(self.names[i], key, stat, float(values[i]), med,
-                                               float(z[i]) if stat != "cosine" else -zi))
+                        flags.append(LayerFlag(self.names[i], key, stat, vals[li][i], meds[li],
+                                               zs[li][i] if stat != "cosine" else -zi))
         return GuardReport(self.names, distance, worst, flags, len(self.keys), threshold)
+
+
+def _batch_statistics(items: list[tuple[str, torch.Tensor]], scratch: dict[str, torch.Tensor]
+                      ) -> dict[str, dict[str, torch.Tensor]]:
+    """`GuardStats.statistics` of several finished layers of one dtype at once: each layer's
+    (K, n) coordinates side by side in reused buffers (`scratch`: a merge allocates and frees
+    megabytes per block, and fresh big buffers here cost more in page faults than the
+    arithmetic), one coordinate-wise median (in the work dtype: exact for bf16/fp16/fp32
+    members) and one float64 copy; the sums per layer in float64."""
+    k = items[0][1].shape[0]
+    size = sum(r.shape[1] for _, r in items)
+    dt = work_dtype(items[0][1].dtype)
+    work = _buffer(scratch, "work", dt, (k, size))
+    start = 0
+    for _, r in items:
+        work[:, start:start + r.shape[1]].copy_(r)
+        start += r.shape[1]
+    x = _buffer(scratch, "x", torch.float64, (k, size))
+    x.copy_(work)
+    med = _buffer(scratch, "med", torch.float64, (size,))
+    med.copy_(coordinate_median(list(work), overwrite=True))  # `work` is spent
+    xx = torch.mul(x, x, out=_buffer(scratch, "xx", torch.float64, (k, size)))
+    sums, squares, dots, med_norms, counts = [], [], [], [], []
+    start = 0
+    for _, r in items:
+        n = r.shape[1]
+        xs, ms = x[:, start:start + n], med[start:start + n]
+        sums.append(xs.sum(dim=1))
+        squares.append(xx[:, start:start + n].sum(dim=1))
+        dots.append(xs @ ms)
+        med_norms.append(ms @ ms)
+        counts.append(max(n, 1))
+        start += n
+    n_ = torch.tensor(counts, dtype=torch.float64)
+    mu = torch.stack(sums, dim=1) / n_  # (K, layers)
+    s2 = torch.stack(squares, dim=1)
+    sigma = (s2 / n_ - mu * mu).clamp(min=0).sqrt()
+    norms = s2.sqrt() * torch.stack(med_norms).sqrt()
+    dot = torch.stack(dots, dim=1)
+    cosine = torch.where(norms > 0, dot / norms.clamp(min=1e-300), torch.ones_like(dot))
+    return {key: {"mu": mu[:, j], "sigma": sigma[:, j], "cosine": cosine[:, j]}
+            for j, (key, _) in enumerate(items)}
+
+
+def _buffer(scratch: dict[str, torch.Tensor], name: str, dtype: torch.dtype,
+            shape: tuple[int, ...]) -> torch.Tensor:
+    """A `shape` view of the reused buffer `name` (grown when too small)."""
+    n = math.prod(shape)
+    buf = scratch.get(name)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = scratch[name] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 def _stride(numel: int, row: int, sample: int) -> int:
@@ -270,12 +349,15 @@ def layer_statistics(source: TensorSource, key: str, block_bytes: int | None = N
     return observe_all(stats, source, block_bytes).statistics(key)
 
 
-def robust_z(values: torch.Tensor, floor: float) -> tuple[torch.Tensor, float]:
-    """(z-scores against the median with spread max(1.4826 MAD, floor), the median)."""
-    med = float(values.median()) if values.numel() % 2 else float(values.sort().values[
-        values.numel() // 2 - 1:values.numel() // 2 + 1].mean())
-    mad = float((values - med).abs().median())
-    return (values - med) / max(1.4826 * mad, floor), med
+def robust_z(values: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z-scores against the median with spread max(1.4826 MAD, floor), the median), along
+    the last axis (the members; one row per layer): for an even count the median is the mean
+    of the two middle values, the MAD the lower middle one."""
+    n = values.shape[-1]
+    s = values.sort(dim=-1).values
+    med = s[..., n // 2] if n % 2 else (s[..., n // 2 - 1] + s[..., n // 2]) / 2
+    mad = (values - med.unsqueeze(-1)).abs().sort(dim=-1).values[..., (n - 1) // 2]
+    return (values - med.unsqueeze(-1)) / (1.4826 * mad).clamp(min=floor).unsqueeze(-1), med
 
 
 def check_members(source: TensorSource, *, threshold: float = THRESHOLD,
