@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,7 +24,13 @@ from basinmerge.align import (
     weight_matching,
     weight_matching_reference,
 )
-from basinmerge.align.matching import _activation_costs, dot64
+from basinmerge.align.matching import (
+    MatchingTrace,
+    Prefetch,
+    _activation_costs,
+    coordinate_ascent,
+    dot64,
+)
 from basinmerge.errors import ConfigError
 from basinmerge.state import weighted_average
 
@@ -81,15 +90,65 @@ def test_objective_never_decreases_and_matches_a_recomputation(seed, width):
     ("vgg", (1, 8, 8), {"width": 0.25, "norm": "layer"}),
     ("resnet20", (3, 8, 8), {"width": 1, "norm": "layer"}),
 ], ids=["mlp", "vgg", "resnet20"])
-def test_fast_weight_matching_equals_the_plain_official_loop(name, shape, cfg):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-thread", "overlap"])
+def test_fast_weight_matching_equals_the_plain_official_loop(name, shape, cfg, overlap):
     a = _randomize_norms(models.build(name, shape, 10, seed=1, **cfg), 1)
     b = _randomize_norms(models.build(name, shape, 10, seed=2, **cfg), 2)
     spec = builtin_spec(a)
-    perm, trace = weight_matching(spec, _params(a), _params(b), seed=3)
+    perm, trace = weight_matching(spec, _params(a), _params(b), seed=3, overlap=overlap)
     ref, ref_trace = weight_matching_reference(spec, _params(a), _params(b), seed=3)
     assert all(torch.equal(perm[p], ref[p]) for p in perm)
     assert trace.sweeps == ref_trace.sweeps
     assert trace.objective[-1] == pytest.approx(ref_trace.objective[-1], rel=1e-6)
+    # The overlapped loop really queued cost matrices ahead (which thread took each one is
+    # up to the scheduler).
+    assert (trace.queued > 0) == overlap
+
+
+def _sweeps_with_prefetch(steps, work, lookahead=2, max_iter=3):
+    """coordinate_ascent over `steps` with a prefetch whose items are (step, running steps)."""
+    trace = MatchingTrace()
+    plan = lambda step, running: [(step, tuple(running))]  # noqa: E731
+    coordinate_ascent(steps, 0.0, trace, max_iter, seed=0,
+                      prefetch=Prefetch(plan, work, lookahead))
+    return trace
+
+
+def test_prefetch_finishes_each_item_before_its_step_planned_against_the_steps_between():
+    """The item for the visit at position t is done before that visit starts, and was planned
+    against exactly the visits that may run while it is computed (those from its queueing to
+    t - 1), so that a plan can leave out what they change."""
+    done, ran, lookahead = [], [], 2
+
+    def make(i):
+        def step(trace):
+            t = len(ran)
+            if t:
+                assert (i, tuple(ran[max(0, t - lookahead):t])) in done, (t, i, ran, done)
+            ran.append(i)
+            return 1.0 if len(ran) <= 8 else None  # progress in the first two sweeps only
+        return step
+
+    trace = _sweeps_with_prefetch([make(i) for i in range(4)], done.append, lookahead)
+    assert trace.sweeps == 3 and trace.converged and len(ran) == 12
+    # The visiting order is the plain loop's: a fresh permutation per sweep from one generator.
+    rng = np.random.default_rng(0)
+    assert ran == [int(i) for _ in range(3) for i in rng.permutation(4)]
+
+
+def test_an_error_in_a_step_or_a_prefetch_stops_the_loop_and_its_thread():
+    def boom(trace):
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        _sweeps_with_prefetch([boom, boom, boom], lambda item: None)
+
+    def bad_work(item):
+        raise ValueError("prefetch failed")
+
+    with pytest.raises(ValueError, match="prefetch failed"):
+        _sweeps_with_prefetch([lambda t: 1.0] * 3, bad_work)
+    assert not [t for t in threading.enumerate() if t.name == "basinmerge-prefetch"]
 
 
 def test_warm_start_from_the_answer_stops_after_one_sweep():

@@ -114,13 +114,15 @@ def reference_matching(spec, pa, pb, max_iter: int = 100, seed: int = 0):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("seed", [0, 3])
-def test_optimized_matching_equals_the_plain_float64_loop(name, seed):
+@pytest.mark.parametrize("overlap", [False, True], ids=["one-thread", "overlap"])
+def test_optimized_matching_equals_the_plain_float64_loop(name, seed, overlap):
     pa, model = _params(name, 0)
     pb, _ = _params(name, 1)
     spec = _spec(model)
     ref, ref_sweeps = reference_matching(spec, pa, pb, seed=seed)
-    fast, trace = weight_matching(spec, pa, pb, seed=seed)
+    fast, trace = weight_matching(spec, pa, pb, seed=seed, overlap=overlap)
     assert trace.accepted > 0 and trace.sweeps > 1
+    assert (trace.queued > 0) == overlap  # cost matrices queued ahead for a second thread
     for p in spec.perms:
         assert torch.equal(fast[p], ref[p]), p
     assert trace.sweeps == ref_sweeps

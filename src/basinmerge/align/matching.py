@@ -15,10 +15,14 @@ products); it is the benchmark's baseline and the tests' oracle.
 from __future__ import annotations
 
 import copy
+import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +128,13 @@ class MatchingTrace:
     converged: bool = False
     seconds: float = 0.0
     setup_seconds: float = 0.0
-    cost_seconds: float = 0.0
+    cost_seconds: float = 0.0  # cost-matrix products on the loop's own thread
+    # Products computed ahead by the prefetch thread while the previous step ran (its LAP,
+    # mostly), and the time the loop then waited for them (`coordinate_ascent`).
+    prefetch_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    queued: int = 0  # work items (partial products) queued ahead of their step
+    prefetched: int = 0  # of which the prefetch thread did (the loop's thread took the rest)
     lap_seconds: float = 0.0
     update_seconds: float = 0.0
     laps: int = 0  # LAPs solved
@@ -182,9 +192,10 @@ class _Group:
     """Members of one permutation whose tensors carry the same other permutations: their share
     of its cost matrix (a partial product) goes stale together."""
 
-    __slots__ = ("members", "columns", "partial", "updates", "pending")
+    __slots__ = ("others", "members", "columns", "partial", "updates", "pending")
 
-    def __init__(self) -> None:
+    def __init__(self, others: tuple[str, ...]) -> None:
+        self.others = frozenset(others)  # the other permutations its tensors carry
         self.members: list[Axis] = []
         self.columns = 0  # Σ numel / n over the members: the products' inner length
         self.partial: torch.Tensor | None = None
@@ -199,6 +210,122 @@ class _Group:
             self.partial = self.partial.index_select(1, self.pending)
         self.pending = None
         return self.partial
+
+
+class _Order:
+    """The visiting order of `coordinate_ascent`: a fresh random permutation of the steps per
+    sweep (numpy ``default_rng(seed)``), drawn as far ahead as it is read."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.rng = n, np.random.default_rng(seed)
+        self.drawn: list[int] = []
+
+    def __getitem__(self, t: int) -> int:
+        while len(self.drawn) <= t:
+            self.drawn.extend(self.rng.permutation(self.n).tolist())
+        return self.drawn[t]
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """What `coordinate_ascent` may compute ahead on a second thread: ``plan(step, running)``
+    lists the work items (e.g. partial products) that step `step` will need and that none of
+    the steps `running` can change; ``work(item)`` computes one of them in place."""
+
+    plan: Callable[[int, Sequence[int]], list]
+    work: Callable[[Any], Any]
+    lookahead: int = 3  # steps ahead whose work may be queued
+
+
+class _Pipeline:
+    """A second thread that works through queued items, each tagged with the position (in the
+    visiting order) of the step that needs it; `ready(t)` makes sure that everything for step t
+    is done, this thread taking what is still queued and then waiting for the rest."""
+
+    def __init__(self, prefetch: Prefetch, order: _Order, last: int, trace: MatchingTrace
+                 ) -> None:
+        self.prefetch, self.order, self.last = prefetch, order, last
+        self.work, self.trace = prefetch.work, trace
+        self.queue: deque[tuple[int, Any]] = deque()
+        self.busy: dict[int, int] = {}  # position -> items being worked on
+        self.cond = threading.Condition()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="basinmerge-prefetch", daemon=True)
+        self.thread.start()
+
+    def before(self, now: int) -> None:
+        """Before step `now` (a position in the visiting order) runs: queue what the step
+        `lookahead` positions on needs and steps `now`.. before it leave alone (at the start,
+        every step up to there), then make sure everything for step `now` is done."""
+        ahead = self.prefetch.lookahead
+        for t in range(1 if now == 0 else now + ahead, min(now + ahead, self.last) + 1):
+            items = self.prefetch.plan(self.order[t], [self.order[r] for r in range(now, t)])
+            self.trace.queued += len(items)
+            with self.cond:
+                self.queue.extend((t, item) for item in items)
+                self.cond.notify_all()
+        self.ready(now)
+
+    def _take(self, upto: int | None) -> tuple[int, Any] | None:
+        """The next queued item (for a step at `upto` or before), marked busy (lock held)."""
+        if not self.queue or (upto is not None and self.queue[0][0] > upto):
+            return None
+        position, item = self.queue.popleft()
+        self.busy[position] = self.busy.get(position, 0) + 1
+        return position, item
+
+    def _done(self, position: int) -> None:
+        with self.cond:
+            self.busy[position] -= 1
+            if not self.busy[position]:
+                del self.busy[position]
+            self.cond.notify_all()
+
+    def _loop(self) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            while True:
+                with self.cond:
+                    while not self.queue and not self.closed:
+                        self.cond.wait()
+                    if self.closed:
+                        return
+                    taken = self._take(None)
+                assert taken is not None
+                t0 = time.perf_counter()
+                try:
+                    self.work(taken[1])
+                    self.trace.prefetched += 1
+                except BaseException as e:  # handed to the loop's thread by `ready`
+                    self.error = e
+                finally:
+                    self.trace.prefetch_seconds += time.perf_counter() - t0
+                    self._done(taken[0])
+
+    def ready(self, position: int) -> None:
+        t0 = time.perf_counter()
+        while True:
+            with self.cond:
+                taken = self._take(position)
+                if taken is None:
+                    while any(p <= position for p in self.busy):
+                        self.cond.wait()
+                    break
+            try:
+                self.work(taken[1])
+            finally:
+                self._done(taken[0])
+        self.trace.wait_seconds += time.perf_counter() - t0
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Drop what is queued and wait for the item in hand: nothing runs after this."""
+        with self.cond:
+            self.closed = True
+            self.queue.clear()
+            self.cond.notify_all()
+        self.thread.join()
 
 
 class _WeightMatcher:
@@ -266,7 +393,7 @@ class _WeightMatcher:
         found: dict[tuple[str, ...], _Group] = {}
         for k, a in axes:
             others = tuple(sorted({q for q in self.spec.axes_to_perm[k] if q} - {p}))
-            g = found.setdefault(others, _Group())
+            g = found.setdefault(others, _Group(others))
             g.members.append((k, a))
             g.columns += params_a[k].numel() // self.spec.sizes[p]
         fixed = found.get(())
@@ -322,6 +449,29 @@ class _WeightMatcher:
                     m += part
             self.M[p] = m
         return m
+
+    def prefetcher(self, step_perms: Sequence[Sequence[str]], overlap: bool | None
+                   ) -> Prefetch | None:
+        """`coordinate_ascent`'s prefetch for steps solving `step_perms` (None: no overlap)."""
+        if not (overlap_default() if overlap is None else overlap):
+            return None
+
+        def plan(step: int, running: Sequence[int]) -> list[_Group]:
+            return self.prefetch(step_perms[step], [p for r in running for p in step_perms[r]])
+
+        return Prefetch(plan, self._partial)
+
+    def prefetch(self, upcoming: Sequence[str], running: Sequence[str]) -> list[_Group]:
+        """The groups of the permutations `upcoming` whose partial products are stale and that
+        no step solving any of the permutations `running` can change: the groups of a
+        permutation not running that carry none of the running ones (such a step moves only its
+        own tensors and corrects only the partials of groups that carry it). A second thread
+        computes them (`_partial`) while those steps run (`coordinate_ascent`); it writes only
+        those groups' partials, so every result is the one the loop would compute itself, bit
+        for bit."""
+        busy = set(running)
+        return [g for q in upcoming if q not in busy and q in self.groups
+                for g in self.groups[q] if g.partial is None and not g.others & busy]
 
     # ---- moving B's units
     def _stale(self, q: str, g: _Group) -> None:
@@ -477,34 +627,61 @@ class _WeightMatcher:
         return gain
 
 
+def overlap_default() -> bool:
+    """Whether the sweep loop computes the next step's cost matrices on a second thread while
+    a step runs (`coordinate_ascent`): when this process may use more than one CPU."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except AttributeError:  # not on Linux
+        return (os.cpu_count() or 1) > 1
+
+
 def coordinate_ascent(steps: Sequence[Callable[[MatchingTrace], float | None]], total: float,
-                      trace: MatchingTrace, max_iter: int, seed: int) -> None:
+                      trace: MatchingTrace, max_iter: int, seed: int,
+                      prefetch: Prefetch | None = None) -> None:
     """The sweep loop of weight matching (one place for every matcher): each sweep runs the
     `steps` (one per permutation, or per group of permutations solved together) in a fresh
     random order (numpy ``default_rng(seed)``); a step returns the objective's gain if it
     changed something, else None. Stops after a sweep without a gain or `max_iter` sweeps.
     Records sweeps, accepted steps, the objective after each sweep (`total` plus the gains)
-    and convergence in `trace`."""
-    rng = np.random.default_rng(seed)
-    for _ in range(max_iter):
-        trace.sweeps += 1
-        progress = False
-        for i in rng.permutation(len(steps)):
-            gain = steps[i](trace)
-            if gain is not None:
-                progress = True
-                trace.accepted += 1
-                total += gain
-        trace.objective.append(total)
-        if not progress:
-            trace.converged = True
-            return
+    and convergence in `trace`.
+
+    With `prefetch`, a second thread computes ahead what the next `prefetch.lookahead` steps
+    (in the visiting order, across sweeps) will need and no step before them can change, while
+    the current step runs: the LAP (scipy releases the GIL) and the next cost-matrix products
+    then run at the same time. Before a step, this thread takes what is still queued for it and
+    waits for the rest. The order and every result are those of the plain loop."""
+    order = _Order(len(steps), seed)
+    pipe = (_Pipeline(prefetch, order, len(steps) * max_iter - 1, trace)
+            if prefetch is not None and len(steps) > 1 else None)
+    now = 0
+    try:
+        for _ in range(max_iter):
+            trace.sweeps += 1
+            progress = False
+            for _ in range(len(steps)):
+                if pipe is not None:
+                    pipe.before(now)
+                gain = steps[order[now]](trace)
+                now += 1
+                if gain is not None:
+                    progress = True
+                    trace.accepted += 1
+                    total += gain
+            trace.objective.append(total)
+            if not progress:
+                trace.converged = True
+                return
+    finally:
+        if pipe is not None:
+            pipe.close()
 
 
 def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
                     params_b: Mapping[str, torch.Tensor], max_iter: int = 100, seed: int = 0,
                     init_perm: Mapping[str, torch.Tensor] | None = None,
-                    dtype: torch.dtype = torch.float32) -> tuple[Perm, MatchingTrace]:
+                    dtype: torch.dtype = torch.float32, overlap: bool | None = None
+                    ) -> tuple[Perm, MatchingTrace]:
     """Weight matching: the permutation of B maximizing ``Σ_k ⟨A_k, π(B)_k⟩``.
 
     Coordinate ascent as in the paper: start from `init_perm` (identity by default); each sweep
@@ -513,6 +690,9 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     raises the objective by more than 1e-12 (the rounding of the check is bounded, see
     `_WeightMatcher._gain`); the loop stops after a sweep without progress or `max_iter`
     sweeps. Cost matrices are float32 (`dtype`) matrix products.
+
+    overlap: compute the next step's cost matrices on a second thread while a LAP runs (same
+    result; None: when more than one CPU is available, `overlap_default`).
 
     params_a, params_b: the tensors to match on, with the spec's keys (pass parameters only:
     BatchNorm running statistics are data statistics). Returns the permutation (apply it to B
@@ -523,7 +703,8 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     if spec.structured:  # transformer specs: head-structured / derived permutations
         from basinmerge.align.transformer_matching import structured_weight_matching
 
-        return structured_weight_matching(spec, params_a, params_b, max_iter, seed, init_perm, dtype)
+        return structured_weight_matching(spec, params_a, params_b, max_iter, seed, init_perm,
+                                          dtype, overlap)
     keys = _matched_params(spec, params_a, params_b)
     perm = check_permutation(spec, init_perm) if init_perm is not None else identity_permutation(spec)
     trace = MatchingTrace()
@@ -535,7 +716,8 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         trace.objective.append(total)
         trace.setup_seconds = time.perf_counter() - t_start
         steps = [partial(matcher.step, p) for p in matcher.active]
-        coordinate_ascent(steps, total, trace, max_iter, seed)
+        coordinate_ascent(steps, total, trace, max_iter, seed,
+                          matcher.prefetcher([[p] for p in matcher.active], overlap))
     trace.seconds = time.perf_counter() - t_start
     return matcher.perm, trace
 

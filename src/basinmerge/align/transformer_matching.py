@@ -210,7 +210,7 @@ def _head_step(matcher: _WeightMatcher, perms: list[str], d: int, trace: Matchin
 
 
 def _run(spec: PermutationSpec, view: SplitView, pa, pb, keys, perm: Perm, max_iter: int,
-         seed: int, dtype) -> tuple[Perm, MatchingTrace]:
+         seed: int, dtype, overlap: bool | None) -> tuple[Perm, MatchingTrace]:
     t_start = time.perf_counter()
     trace = MatchingTrace()
     free = {p: perm[p] for p in view.spec.sizes}
@@ -221,11 +221,14 @@ def _run(spec: PermutationSpec, view: SplitView, pa, pb, keys, perm: Perm, max_i
         trace.objective.append(total)
         trace.setup_seconds = time.perf_counter() - t_start
         groups = head_groups(view.spec, matcher.active)
+        plain = [p for p in matcher.active if p not in view.spec.heads]
         steps: list[Callable[[MatchingTrace], float | None]] = [
-            partial(matcher.step, p) for p in matcher.active if p not in view.spec.heads]
+            partial(matcher.step, p) for p in plain]
         steps += [partial(_head_step, matcher, ps, view.spec.heads[ps[0]][1])
                   for ps in groups.values()]
-        coordinate_ascent(steps, total, trace, max_iter, seed)
+        step_perms = [[p] for p in plain] + list(groups.values())
+        coordinate_ascent(steps, total, trace, max_iter, seed,
+                          matcher.prefetcher(step_perms, overlap))
     out = {p: perm[p] for p in spec.free_perms}
     out.update(matcher.perm)
     trace.seconds = time.perf_counter() - t_start
@@ -235,14 +238,15 @@ def _run(spec: PermutationSpec, view: SplitView, pa, pb, keys, perm: Perm, max_i
 def structured_weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
                                params_b: Mapping[str, torch.Tensor], max_iter: int = 100,
                                seed: int = 0, init_perm: Mapping[str, torch.Tensor] | None = None,
-                               dtype: torch.dtype = torch.float32) -> tuple[Perm, MatchingTrace]:
+                               dtype: torch.dtype = torch.float32, overlap: bool | None = None
+                               ) -> tuple[Perm, MatchingTrace]:
     """Weight matching on a transformer spec (see the module docstring); same contract as
     `weight_matching`, which calls it for such specs."""
     keys = _matched_params(spec, params_a, params_b)
     start = check_permutation(spec, init_perm) if init_perm is not None else identity_permutation(spec)
     view = split_view(spec)
     pa, pb = view.split({k: params_a[k] for k in keys}), view.split({k: params_b[k] for k in keys})
-    return _run(spec, view, pa, pb, list(pa), start, max_iter, seed, dtype)
+    return _run(spec, view, pa, pb, list(pa), start, max_iter, seed, dtype, overlap)
 
 
 # --------------------------------------------------------------------------- activation matching
