@@ -381,6 +381,13 @@ def test_engine_averages_bn_without_data_and_resets_it_with_data(bn_family, tmp_
             assert torch.allclose(state[k], v, atol=1e-6), k
         assert state["norms.0.num_batches_tracked"].item() == 1  # one pass of one batch
         assert meta["merge"]["bn"] == "reset (256 examples)"
+    # A DataLoader: the same statistics, and the examples counted (not its 4 batches).
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=64)
+    res = merge_checkpoints(paths, "task_arithmetic", base=base_path, data=loader,
+                            out=tmp_path / "loader.safetensors")
+    assert res.bn == "reset (256 examples)"
+    assert torch.equal(io.load_state(tmp_path / "loader.safetensors")[0]["norms.0.running_var"],
+                       io.load_state(tmp_path / "rTrue.safetensors")[0]["norms.0.running_var"])
     with pytest.raises(ConfigError, match="reset_bn needs data"):
         merge_checkpoints(paths, "average", reset_bn=True)
 

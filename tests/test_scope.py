@@ -450,4 +450,20 @@ def test_scope_command_live_units(tmp_path, capsys):
     assert live["head.weight"].std == pytest.approx(float(w.std(correction=0)))
     assert live["layers.1.weight"] == weight_scope(net)["layers.1.weight"]  # its inputs live
     code, _, err = run_cli(["scope", str(p), "--live", "--dataset", "nope"], capsys)
-    assert code == 1 and "unknown dataset 'nope'" in err
+    assert code == 1 and "data 'nope'" in err and "not a dataset name" in err
+    # A bare safetensors file (no architecture record: --like) with data from a tensor file:
+    # the model is built and run, and the dead unit is found the same way.
+    from safetensors.torch import save_file
+
+    from basinmerge import data as data_mod
+
+    bare, xy = tmp_path / "bare.safetensors", tmp_path / "xy.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(bare))
+    ds = data_mod.load("digits", "train")
+    save_file({"x": ds.x[:500].contiguous(), "y": ds.y[:500].contiguous()}, str(xy))
+    code, _, err = run_cli(["scope", str(bare), "--live", "--json"], capsys)
+    assert code == 1 and "bare" in err and "--data" in err  # no dataset named anywhere
+    code, out, err = run_cli(["scope", str(bare), "--live", "--data", str(xy), "--like", str(p),
+                              "--json"], capsys)
+    assert code in (0, None), err
+    assert Scope.from_dict(json.loads(out)["live_scopes"]["bare"]) == live

@@ -30,6 +30,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
+from typing import Any
 
 import torch
 from torch import nn
@@ -448,7 +449,7 @@ def _input_mask(mod: nn.Module, alive: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def live_input_masks(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+def live_input_masks(model: nn.Module, x: Any, batch_size: int = 1000) -> dict[str, torch.Tensor]:
     """For each Linear/Conv weight, a boolean mask broadcastable to the weight that is False
     on the entries reading an input that is exactly zero for every example (and position) of
     `x`: the outputs of dead ReLU units. Evaluated in eval mode. Pass the result to

@@ -8,15 +8,18 @@ from pathlib import Path
 import typer
 from torch import nn
 
-from basinmerge import checks, io, plots
-from basinmerge import data as data_mod
+from basinmerge import checks, datasource, io, plots
 from basinmerge import scope as scope_mod
 from basinmerge.cli.app import app, experiment_app
 from basinmerge.cli.common import (
+    DATA_HELP,
     DATA_ROOT_OPT,
     DEVICE_OPT,
     FORCE_OPT,
     JSON_OPT,
+    LIKE_OPT,
+    SEQ_LEN_OPT,
+    TOKENIZER_OPT,
     check_file_out,
     check_run_out,
     comma_list,
@@ -26,7 +29,7 @@ from basinmerge.cli.common import (
     print_table,
 )
 from basinmerge.console import console
-from basinmerge.errors import CheckpointError, ConfigError
+from basinmerge.errors import ConfigError
 from basinmerge.scope import Scope
 
 # --------------------------------------------------------------------------- scope command
@@ -53,10 +56,13 @@ def scope_cmd(
                               "Gaussians to this PNG."),
     include_bias: bool = typer.Option(False, "--bias", help="Include the biases' scopes."),
     live: bool = typer.Option(False, "--live", help="Also the scopes of live units only (inputs "
-                              "that are non-zero on some training example); needs the dataset."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset for --live (default: each "
-                                "checkpoint's)."),
-    live_examples: int = typer.Option(1000, "--live-examples", help="Training examples for --live."),
+                              "that are non-zero on some training example); needs data."),
+    data: str = typer.Option(None, "--data", "--dataset", "-d", help=DATA_HELP + " Data for "
+                             "--live (default: each checkpoint's dataset, train split)."),
+    live_examples: int = typer.Option(1000, "--live-examples", help="Examples for --live."),
+    seq_len: int = SEQ_LEN_OPT,
+    tokenizer: str = TOKENIZER_OPT,
+    like: Path = LIKE_OPT,
     root: str | None = DATA_ROOT_OPT,
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -73,16 +79,16 @@ def scope_cmd(
     fits = {n: scope_mod.fit_quality(m, include_bias=include_bias) for n, (m, _) in loaded.items()}
     live_scopes: dict[str, Scope] = {}
     if live:
-        for n, (m, meta) in loaded.items():
-            if not isinstance(m, nn.Module):
-                raise CheckpointError(f"{n}: --live needs a checkpoint that names its architecture")
-            name = dataset or meta.get("dataset")
-            if name is None:
-                raise ConfigError(f"{n}: the checkpoint names no dataset; pass --dataset for --live")
-            ds = data_mod.load(name, "train", root)
+        for (n, (_, meta)), path in zip(loaded.items(), checkpoints, strict=True):
+            spec = data or meta.get("dataset")
+            if spec is None:
+                raise ConfigError(f"{n}: the checkpoint names no dataset; pass --data for --live")
+            # A model runs: built from the file's record, its HF config or --like.
+            m, meta = checks.load_model(path, like=like)
+            ds = datasource.load(spec, split="train", n=live_examples, seq_len=seq_len,
+                                 tokenizer=tokenizer, root=root, model=path)
             checks.check_data_fits(m, ds, meta=meta, source=n)
-            x = ds.x[:live_examples]
-            masks = scope_mod.live_input_masks(m, x)
+            masks = scope_mod.live_input_masks(m, ds)
             live_scopes[n] = scope_mod.weight_scope(m, include_bias=include_bias, input_masks=masks)
     if plot is not None:
         values = {n: scope_mod.layer_values(m, include_bias) for n, (m, _) in loaded.items()}

@@ -738,15 +738,14 @@ def _batchnorm(m: MergeMethod, template: nn.Module | None, state: StateDict | No
         return ("reset (on the method's data)" if opts.get("reset_bn", True) else "kept"), state
     if data is None or reset_bn is False or template is None or state is None:
         return "averaged", state
+    from basinmerge.adapter import as_data
+
     t = time.perf_counter()
     model = with_state(template, state)
-    reset_bn_stats(model, data)
-    n = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, list)) else None
-    if n is None:
-        x = data if isinstance(data, torch.Tensor) else data[0]
-        n = int(x.shape[0])
+    x = as_data(data, "BatchNorm reset data")  # read once (a loader too): its rows are counted
+    reset_bn_stats(model, x)
     timings["bn_reset"] = time.perf_counter() - t
-    return f"reset ({n} examples)", {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return f"reset ({len(x)} examples)", {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _repair(members: Sequence[nn.Module], state: StateDict, opts: Mapping[str, Any], data: Any,
