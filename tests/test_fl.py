@@ -687,3 +687,70 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path):
     sa, _ = load_state(run / "final.safetensors")
     sb, _ = load_state(whole / "final.safetensors")
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cli_runs_on_labelled_tensor_files_as_on_the_dataset(tmp_path, capsys):
+    """Digits saved as x/y tensor files (train and test) give the same run, bit for bit, as the
+    dataset by name: same partition, same model, same rounds."""
+    from safetensors.torch import save_file
+
+    from basinmerge import data as data_mod
+    from basinmerge.io import load_state
+
+    files = {}
+    for split in ("train", "test"):
+        ds = data_mod.load("digits", split)
+        files[split] = tmp_path / f"digits-{split}.safetensors"
+        save_file({"x": ds.x.contiguous(), "y": ds.y.contiguous()}, str(files[split]))
+    args = [a for a in COMMON if a not in ("--dataset", "digits")] + ["--rounds", "2"]
+    by_name, by_file = tmp_path / "name", tmp_path / "file"
+    assert _cli([*args, "--dataset", "digits", "--out", str(by_name)]) == 0
+    assert _cli([*args, "--dataset", str(files["train"]), "--test-data", str(files["test"]),
+                 "--out", str(by_file)]) == 0
+    sa, _ = load_state(by_name / "final.safetensors")
+    sb, _ = load_state(by_file / "final.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (json.loads((by_name / "partition.json").read_text())
+            == json.loads((by_file / "partition.json").read_text()))
+    # Resuming the file-based run extends it like any other.
+    assert _cli([*args[:-2], "--rounds", "3", "--resume", str(by_file)]) == 0
+    capsys.readouterr()
+    # No held-out data: one error naming the file and the option, before any work.
+    lone = tmp_path / "lone"
+    assert _cli([*args, "--dataset", str(files["train"]), "--out", str(lone)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "digits-train.safetensors" in err and "--test-data" in err and not lone.exists()
+
+
+@pytest.mark.parametrize("tensors, message", [
+    ({"x": torch.zeros(20, 4), "y": torch.zeros(20)}, "labels must be one integer class index"),
+    ({"x": torch.zeros(20, 4), "y": torch.zeros(20, 2, dtype=torch.long)},
+     "labels must be one integer class index"),
+    ({"x": torch.zeros(20, 4), "y": -torch.ones(20, dtype=torch.long)}, "class indices >= 0"),
+    ({"input_ids": torch.zeros(20, 4, dtype=torch.long), "attention_mask": torch.ones(20, 4),
+      "labels": torch.zeros(20, dtype=torch.long)}, "needs one input tensor x"),
+])
+def test_non_classification_data_is_refused_by_name(tmp_path, tensors, message):
+    from safetensors.torch import save_file
+
+    from basinmerge.fl import FLConfig, load_data
+
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(ConfigError, match=message) as err:
+        load_data(FLConfig(dataset=str(path), test_data=str(path)))
+    assert "bad.safetensors" in str(err.value)
+
+
+def test_simulate_takes_in_memory_pairs_like_datasets(digits):
+    """(x, y) pairs give the same rounds as the project's Dataset objects."""
+    cfg, train, test = digits
+    net, parts = fl.build_model(cfg, train), fl.build_partitions(cfg, train)
+
+    def run(tr, te):
+        return simulate(net, tr, te, parts, cfg.make_strategy(), cfg.local_training(),
+                        rounds=2, seed=cfg.seed, progress=False)
+
+    a, b = run(train, test), run((train.x, train.y), (test.x, test.y))
+    assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
+    assert a.history[-1]["test_accuracy"] == b.history[-1]["test_accuracy"]

@@ -334,6 +334,37 @@ def resolve(data: Any, **options: Any) -> Any:
     return data
 
 
+def as_dataset(data: Any, what: str = "data", *, split: str = "train") -> data_mod.Dataset:
+    """Labelled classification data with tensor inputs as the project's `Dataset` (what the
+    federated simulator partitions by label and feeds its clients): any form `resolve` gives
+    or `adapter.as_data` takes (a `Dataset` passes through). Its class count is one past the
+    largest label. One `ConfigError` naming `what` for inputs that are not one tensor (token
+    rows: text is not classification data here), missing labels, or labels that are not one
+    class index per example."""
+    if isinstance(data, data_mod.Dataset):
+        return data
+    from basinmerge.adapter import as_data
+
+    d = as_data(resolve(data), what)
+    name = d.source or what
+    if not isinstance(d.inputs, torch.Tensor):
+        raise ConfigError(f"{name}: needs one input tensor x (classification data); got the "
+                          f"inputs {', '.join(sorted(d.inputs))}")
+    y = d.labels
+    if y is None:
+        raise ConfigError(f"{name}: no labels (y or labels): classification data needs them")
+    if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
+        raise ConfigError(f"{name}: labels must be one integer class index per example; got "
+                          f"{str(y.dtype).removeprefix('torch.')} of shape {tuple(y.shape)}")
+    if len(y) and int(y.min()) < 0:
+        raise ConfigError(f"{name}: labels must be class indices >= 0; found {int(y.min())}")
+    x = d.inputs
+    info = data_mod.DatasetInfo(name=name, split=split, input_shape=tuple(x.shape[1:]),
+                                num_classes=int(y.max()) + 1 if len(y) else 0,
+                                source=d.source or "memory")
+    return data_mod.Dataset(x, y.long(), info)
+
+
 def train_test(spec: str, *, n: int | None = None, seed: int = 0,
                seq_len: int = DEFAULT_SEQ_LEN, tokenizer: str | None = None,
                root: str | None = None, model: str | os.PathLike | None = None,

@@ -105,7 +105,12 @@ def _interrupt_note(folder: Path, backend: str) -> str:
              "\n\n".join(strategy_help().splitlines()))
 def fl_cmd(
     ctx: typer.Context,
-    dataset: str = typer.Option("fashion-mnist", "--dataset", "-d", help=DATASET_HELP),
+    dataset: str = typer.Option("fashion-mnist", "--dataset", "--data", "-d", help=(
+        DATASET_HELP[:-1] + ", or a data spec of labelled examples with tensor inputs: a "
+        ".safetensors/.pt file with x and y, or a datasets folder (its train split; its test "
+        "split scores the global model unless --test-data is given).")),
+    test_data: str = typer.Option(None, "--test-data", help="Held-out data spec that scores "
+                                  "the global model (needed when --dataset is a file)."),
     model: str = typer.Option("mlp", "--model", "-m", help="Architecture: mlp, vgg, resnet20."),
     width: float = typer.Option(None, "--width", help="mlp units / vgg channel multiplier."),
     depth: int = typer.Option(None, "--depth", help="mlp hidden layers."),
@@ -156,17 +161,23 @@ def fl_cmd(
     if client_timeout is not None and not client_timeout > 0:
         raise ConfigError(f"--client-timeout must be > 0 seconds, got {client_timeout}")
     torch.set_num_threads(threads)
+    # A file or folder is recorded by its absolute path: a resumed run or a Flower node
+    # started elsewhere finds it.
+    dataset, test_data = (str(Path(d).resolve()) if d is not None and Path(d).exists() else d
+                          for d in (dataset, test_data))
     values = dict(
         dataset=dataset, model=model, model_options=_model_options(model, width, depth, model_opt),
         clients=clients, scheme=scheme, alpha=alpha, classes_per_client=classes_per_client,
         min_size=min_size, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, fraction=fraction,
         strategy=strategy, strategy_options=parse_kv(opt), aggregate=aggregate, trim=trim,
-        seed=seed, train_limit=train_limit, test_limit=test_limit, data_root=root)
+        seed=seed, train_limit=train_limit, test_limit=test_limit, data_root=root,
+        test_data=test_data)
     cfg = (fl.FLConfig(**values) if resume is None else
            _resumed_config(Path(resume), values, _given(ctx)))
     folder = Path(resume if resume is not None else
-                  out or f"runs/fl/{cfg.strategy}-{cfg.dataset}-a{cfg.alpha:g}-s{cfg.seed}")
+                  out or f"runs/fl/{cfg.strategy}-{Path(cfg.dataset).stem}-a{cfg.alpha:g}"
+                         f"-s{cfg.seed}")
     _check_out(folder, resume is not None, force)
     train, test = fl.load_data(cfg)
     parts = fl.build_partitions(cfg, train)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -60,6 +60,8 @@ class FLConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     data_root: str | None = None
+    # Held-out data (a data spec) when `dataset` is a data spec without a test split.
+    test_data: str | None = None
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -108,6 +110,8 @@ class FLConfig:
         """The fields that define the computation (all but where the data files live)."""
         d = self.to_dict()
         d.pop("data_root")
+        if d["test_data"] is None:  # runs recorded before the field existed still resume
+            d.pop("test_data")
         return d
 
     def local_training(self) -> LocalTraining:
@@ -122,9 +126,34 @@ class FLConfig:
 
 def load_data(cfg: FLConfig) -> tuple[Dataset, Dataset]:
     """Train and test splits; the optional subsets are fixed (seed 0), the same for every run
-    seed, so seeds differ only in initialization, partition and sampling."""
-    train = data_mod.load(cfg.dataset, "train", cfg.data_root)
-    test = data_mod.load(cfg.dataset, "test", cfg.data_root)
+    seed, so seeds differ only in initialization, partition and sampling.
+
+    `cfg.dataset` is a project dataset name, or a data spec of labelled examples with tensor
+    inputs (`basinmerge.datasource`: a tensor file, a datasets folder); the test data is then
+    `cfg.test_data`, or the folder's test split. Both share one class count."""
+    from basinmerge import datasource
+
+    spec = datasource.parse(cfg.dataset)
+    if spec.kind == "dataset" and spec.split is None and cfg.test_data is None:
+        train = data_mod.load(cfg.dataset, "train", cfg.data_root)
+        test = data_mod.load(cfg.dataset, "test", cfg.data_root)
+    else:
+        test_spec = cfg.test_data
+        if test_spec is None:
+            if spec.kind != "hf" or spec.split is not None:
+                raise ConfigError(f"data '{cfg.dataset}' has no test split to score the global "
+                                  "model on: give held-out data as test_data (--test-data)")
+            test_spec = cfg.dataset
+        train = datasource.as_dataset(datasource.load(cfg.dataset, split="train",
+                                                      root=cfg.data_root),
+                                      f"training data {cfg.dataset}")
+        test = datasource.as_dataset(datasource.load(test_spec, split="test", root=cfg.data_root),
+                                     f"test data {test_spec}", split="test")
+        if train.input_shape != test.input_shape:
+            raise ConfigError(f"test data {test_spec}: inputs of shape {test.input_shape}, but the "
+                              f"training data {cfg.dataset} has {train.input_shape}")
+        k = max(train.num_classes, test.num_classes)
+        train, test = (replace(d, info=replace(d.info, num_classes=k)) for d in (train, test))
     if cfg.train_limit is not None and cfg.train_limit < len(train):
         train = train.subset(cfg.train_limit, seed=0)
     if cfg.test_limit is not None and cfg.test_limit < len(test):

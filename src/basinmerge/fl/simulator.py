@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,7 +142,7 @@ def _check_run(rounds: int, client_timeout: float | None, resume: bool,
         raise ConfigError("no clients: the partition is empty")
 
 
-def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequence[torch.Tensor],
+def simulate(model: nn.Module, train: Dataset | Any, test: Dataset | Any, partitions: Sequence[torch.Tensor],
              strategy: Strategy, training: LocalTraining, *, rounds: int, seed: int,
              out: str | Path | None = None, resume: bool = False, config: Mapping | None = None,
              client_timeout: float | None = None, update_fn: UpdateFn = client_update,
@@ -149,10 +150,15 @@ def simulate(model: nn.Module, train: Dataset, test: Dataset, partitions: Sequen
              description: str = "federated") -> SimulationResult:
     """Run `rounds` federated rounds in this process; see the module docstring.
 
+    `train` and `test`: the project's `Dataset`s, or any labelled data with tensor inputs
+    (``(x, y)``, a DataLoader, ...: `datasource.as_dataset`); `partitions` index `train`.
     `model` holds the initial global weights and is not modified. `config` (a JSON-able dict
     naming the run) is stored in every checkpoint and must match on `resume`. `update_fn` has
     the signature of `client_update` (tests inject failing clients through it). With
     `progress`, a bar on a terminal, else one plain line per round."""
+    from basinmerge.datasource import as_dataset
+
+    train, test = as_dataset(train, "training data"), as_dataset(test, "test data", split="test")
     num_clients = len(partitions)
     _check_run(rounds, client_timeout, resume, out, num_clients)
     strategy.check_training(training)
