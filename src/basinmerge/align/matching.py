@@ -452,8 +452,13 @@ class _WeightMatcher:
 
     def prefetcher(self, step_perms: Sequence[Sequence[str]], overlap: bool | None
                    ) -> Prefetch | None:
-        """`coordinate_ascent`'s prefetch for steps solving `step_perms` (None: no overlap)."""
-        if not (overlap_default() if overlap is None else overlap):
+        """`coordinate_ascent`'s prefetch for steps solving `step_perms` (None: no overlap).
+        By default only on the CPU: on a GPU the products are queued asynchronously anyway,
+        and the LAP's copy to the CPU would wait for the queued prefetch too."""
+        if overlap is None:
+            on_cpu = all(t.device.type == "cpu" for t in self.A.values())
+            overlap = on_cpu and overlap_default()
+        if not overlap:
             return None
 
         def plan(step: int, running: Sequence[int]) -> list[_Group]:
@@ -692,7 +697,7 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     sweeps. Cost matrices are float32 (`dtype`) matrix products.
 
     overlap: compute the next step's cost matrices on a second thread while a LAP runs (same
-    result; None: when more than one CPU is available, `overlap_default`).
+    result; None: on the CPU when more than one CPU is available, `overlap_default`).
 
     params_a, params_b: the tensors to match on, with the spec's keys (pass parameters only:
     BatchNorm running statistics are data statistics). Returns the permutation (apply it to B
