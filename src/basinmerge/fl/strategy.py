@@ -136,11 +136,6 @@ def per_client(groups: Mapping[str, StateDict], prefix: str) -> dict[int, StateD
             if name.rpartition(SEP)[0] == prefix}
 
 
-def parameter_keys(model: nn.Module) -> list[str]:
-    """The names of the model's floating-point parameters (what SGD moves)."""
-    return [k for k, p in model.named_parameters() if p.is_floating_point()]
-
-
 def float_keys(state: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None) -> list[str]:
     return [k for k in (keys if keys is not None else state) if state[k].is_floating_point()]
 

@@ -22,9 +22,9 @@ from torch import nn
 from basinmerge.fl.client import ClientUpdate, Instructions, LocalTraining
 from basinmerge.fl.strategies._state import ClientStates
 from basinmerge.fl.strategies.scaffold import LinearTerm
-from basinmerge.fl.strategy import Strategy, parameter_keys, positive, register, with_arrays
+from basinmerge.fl.strategy import Strategy, positive, register, with_arrays
 from basinmerge.penalties import ProximalPenalty
-from basinmerge.state import StateDict
+from basinmerge.state import StateDict, param_keys
 
 
 @register
@@ -71,7 +71,7 @@ class FedDyn(Strategy):
     def client_penalties(cls, model: nn.Module, global_state: Mapping[str, torch.Tensor],
                          instructions: Instructions) -> list:
         alpha = float(instructions.options["alpha"])
-        keys = parameter_keys(model)
+        keys = param_keys(model)
         out: list = [ProximalPenalty({k: global_state[k] for k in keys}, alpha)]
         grad = instructions.arrays.get("grad", {})
         if grad:
@@ -86,7 +86,7 @@ class FedDyn(Strategy):
         grad = instructions.arrays.get("grad", {})
         named = dict(model.named_parameters())
         out = {}
-        for k in parameter_keys(model):
+        for k in param_keys(model):
             theta = named[k].detach().cpu()
             prev = grad.get(k, torch.zeros_like(theta))
             out[k] = prev - alpha * (theta - global_state[k].to(theta.dtype))

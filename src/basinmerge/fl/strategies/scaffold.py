@@ -27,8 +27,8 @@ from torch import nn
 from basinmerge.errors import ConfigError
 from basinmerge.fl.client import ClientUpdate, Instructions, LocalTraining
 from basinmerge.fl.strategies._state import ClientStates
-from basinmerge.fl.strategy import Strategy, parameter_keys, register, with_arrays
-from basinmerge.state import StateDict
+from basinmerge.fl.strategy import Strategy, register, with_arrays
+from basinmerge.state import StateDict, param_keys
 
 
 def effective_steps(steps: int, momentum: float) -> float:
@@ -98,7 +98,7 @@ class Scaffold(Strategy):
         c, ci = instructions.arrays.get("c", {}), instructions.arrays.get("c_i", {})
         if not c and not ci:
             return []
-        keys = parameter_keys(model)
+        keys = param_keys(model)
         zero = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
         return [LinearTerm({k: c.get(k, zero[k]) - ci.get(k, zero[k]) for k in keys})]
 
@@ -110,7 +110,7 @@ class Scaffold(Strategy):
         scale = 1.0 / (training.lr * effective_steps(steps, training.momentum))
         named = dict(model.named_parameters())
         delta = {}
-        for k in parameter_keys(model):
+        for k in param_keys(model):
             y = named[k].detach().cpu()
             zero = torch.zeros_like(y)
             x = global_state[k].to(y.dtype)
