@@ -308,18 +308,24 @@ def call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Inputs) -
 
 
 @contextmanager
-def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable] | tuple[nn.Module, Callable, bool]], *,
-                  pre: bool = False) -> Iterator[None]:
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable] | tuple[nn.Module, Callable, bool | str]],
+                  *, pre: bool = False) -> Iterator[None]:
     """Register forward hooks ``(module, fn)`` (``pre=True``: forward pre-hooks; an item
-    ``(module, fn, is_pre)`` chooses for itself) for the block and remove them afterwards, also
-    on error: the one capture loop behind BatchNorm reset, REPAIR, RegMean's Gram matrices,
-    live-unit masks and activation matching."""
+    ``(module, fn, kind)`` chooses for itself: True or ``"pre"`` a pre-hook, False or
+    ``"post"`` a hook, ``"pre-kwargs"`` a pre-hook that also gets the keyword arguments) for
+    the block and remove them afterwards, also on error: the one capture loop behind BatchNorm
+    reset, REPAIR, RegMean's Gram matrices, live-unit masks and activation matching (plain and
+    transformer)."""
     handles = []
     try:
         for module, fn, *kind in hooks:
-            is_pre = bool(kind[0]) if kind else pre
-            handles.append(module.register_forward_pre_hook(fn) if is_pre else
-                           module.register_forward_hook(fn))
+            how = kind[0] if kind else pre
+            if how == "pre-kwargs":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            elif how is True or how == "pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            else:
+                handles.append(module.register_forward_hook(fn))
         yield
     finally:
         for h in handles:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from basinmerge.adapter import forward_hooks
 from basinmerge.align.matching import (
     ACCEPT_TOL,
     ACTIVATION_METHODS,
@@ -344,27 +345,26 @@ def _points(model: nn.Module, spec: PermutationSpec) -> list[tuple[str, str, Sli
 
 
 class _Capture:
-    """Hooks collecting (samples, units) activations per permutation in one forward pass."""
+    """Hooks (`hooks`, for `adapter.forward_hooks`) collecting (samples, units) activations
+    per permutation in one forward pass."""
 
     def __init__(self, model: nn.Module, points) -> None:
         self.data: dict[str, list[torch.Tensor]] = {}
         self.mask: torch.Tensor | None = None
         self.seen: list[torch.Tensor] = []
-        self.handles = []
+        self.hooks: list[tuple[nn.Module, Any, str]] = []
         modules = dict(model.named_modules())
         for name, where, found in points:
             m = modules[name]
             if where == "input":
-                h = m.register_forward_pre_hook(
-                    lambda mod, args, f=found: self._grab(args[0], f, dedup=True))
+                self.hooks.append((m, lambda mod, args, f=found: self._grab(args[0], f, dedup=True),
+                                   "pre"))
             elif where == "output":
-                h = m.register_forward_hook(lambda mod, args, out, f=found: self._grab(out, f))
+                self.hooks.append((m, lambda mod, args, out, f=found: self._grab(out, f), "post"))
             else:
-                h = m.register_forward_pre_hook(
-                    lambda mod, args, kwargs, f=found: self._grab(
-                        F.linear(args[0] if args else kwargs["query"], mod.in_proj_weight,
-                                 mod.in_proj_bias), f), with_kwargs=True)
-            self.handles.append(h)
+                self.hooks.append((m, lambda mod, args, kwargs, f=found: self._grab(
+                    F.linear(args[0] if args else kwargs["query"], mod.in_proj_weight,
+                             mod.in_proj_bias), f), "pre-kwargs"))
 
     def _grab(self, t: torch.Tensor, found: Slices, dedup: bool = False) -> None:
         if dedup:  # a tensor read by several layers (Q, K and V) counts once
@@ -386,10 +386,6 @@ class _Capture:
         self.seen = []
         return self.data
 
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 @torch.no_grad()
 def unit_correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data,
@@ -401,18 +397,15 @@ def unit_correlations(model_a: nn.Module, model_b: nn.Module, spec: PermutationS
     cap_a, cap_b = _Capture(model_a, points), _Capture(model_b, points)
     device = next(iter(model_a.parameters())).device
     moments = {p: _Moments(spec.sizes[p], device) for p in spec.free_perms}
-    try:
-        with module_mode(model_a, False), module_mode(model_b, False), no_fastpath():
-            for batch in batches(data, num_examples, batch_size):
-                batch = move_batch(batch, device)
-                got_a = cap_a.run(model_a, batch)
-                got_b = cap_b.run(model_b, batch)
-                for p, acts in got_a.items():
-                    for a, b in zip(acts, got_b[p], strict=True):
-                        moments[p].add(a, b)
-    finally:
-        cap_a.close()
-        cap_b.close()
+    with module_mode(model_a, False), module_mode(model_b, False), no_fastpath(), \
+            forward_hooks(cap_a.hooks + cap_b.hooks):
+        for batch in batches(data, num_examples, batch_size):
+            batch = move_batch(batch, device)
+            got_a = cap_a.run(model_a, batch)
+            got_b = cap_b.run(model_b, batch)
+            for p, acts in got_a.items():
+                for a, b in zip(acts, got_b[p], strict=True):
+                    moments[p].add(a, b)
     return {p: moments[p].cost(method) for p in spec.free_perms}
 
 
