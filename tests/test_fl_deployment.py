@@ -3,6 +3,7 @@ minutes) a real SuperLink + 2 SuperNodes + `flwr run` against the embedded simul
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import tomllib
 import zipfile
@@ -43,6 +44,10 @@ def test_app_folder_depends_on_a_wheel_of_this_code_only(tmp_path):
     assert run["out"] == str(Path("rel/out").resolve())  # absolute: the SuperLink's cwd differs
     assert run["code-hash"] == deployment.code_hash()
     assert config_from_run_config(run) == cfg  # the same run, read back by the apps
+    # Every optional field, set or unset, survives the run config (which has no None).
+    full = dataclasses.replace(cfg, train_limit=300, test_limit=100, data_root="/data",
+                               test_data="/data/test.safetensors")
+    assert config_from_run_config({**deployment.run_config(full, "out")}) == full
     with pytest.raises(ConfigError, match="is not the code the Flower app was built from"):
         config_from_run_config({**run, "code-hash": "0" * 64})
 

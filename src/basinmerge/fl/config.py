@@ -33,6 +33,10 @@ LEGACY_OPTIONS = {"mu": "mu", "wsa_lambda": "lambda", "wsa_target": "target",
 
 _LOCAL = LocalTraining()
 
+# How an unset (None) optional field is written where None cannot be (Flower's run config):
+# read back as None (`flower_app.config_from_run_config`).
+UNSET = {"train_limit": 0, "test_limit": 0, "data_root": "", "test_data": ""}
+
 
 @dataclass(frozen=True)
 class FLConfig:

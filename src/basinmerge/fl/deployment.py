@@ -40,7 +40,7 @@ from typing import Any
 import basinmerge
 from basinmerge import io
 from basinmerge.errors import ConfigError, FederatedError
-from basinmerge.fl.config import FLConfig
+from basinmerge.fl.config import UNSET, FLConfig
 from basinmerge.fl.processes import descendant_pids, reap
 from basinmerge.fl.simulator import SimulationResult
 
@@ -126,15 +126,15 @@ def build_wheel(dest: str | Path) -> Path:
 
 
 def run_config(cfg: FLConfig, out: str | Path) -> dict[str, Any]:
-    """`cfg` as Flower run-config keys (dashes; JSON strings for the option dicts; 0 / "" for
-    unset limits and data root), with the absolute output folder and the code hash."""
+    """`cfg` as Flower run-config keys (dashes; JSON strings for the option dicts; unset
+    optional fields as `config.UNSET` writes them), with the absolute output folder and the code hash."""
     d: dict[str, Any] = {}
     for f in fields(FLConfig):
         v = getattr(cfg, f.name)
         if f.name in ("model_options", "strategy_options"):
             v = json.dumps(v, sort_keys=True)
         elif v is None:
-            v = "" if f.name == "data_root" else 0
+            v = UNSET[f.name]
         d[f.name.replace("_", "-")] = v
     d["out"] = str(Path(out).resolve())
     d["connect-timeout"] = 120.0  # seconds the ServerApp waits for every SuperNode

@@ -61,7 +61,7 @@ from basinmerge.fl.codec import (
     update_from_reply,
     update_to_content,
 )
-from basinmerge.fl.config import FLConfig, build_model, build_partitions, load_data
+from basinmerge.fl.config import UNSET, FLConfig, build_model, build_partitions, load_data
 from basinmerge.fl.outputs import finish_outputs, round_record, write_history
 from basinmerge.fl.processes import descendant_pids, reap
 from basinmerge.fl.simulator import SimulationResult, check_round, evaluate_state
@@ -80,7 +80,7 @@ APP_KEYS = ("out", "client_timeout", "code_hash", "connect_timeout")
 def config_from_run_config(run_config: Mapping[str, Any]) -> FLConfig:
     """An `FLConfig` from Flower run-config keys (``clients = 20``, ``local-epochs = 2``, ...;
     ``model-options`` and ``strategy-options`` are JSON object strings; 0 or "" for
-    ``train-limit`` / ``test-limit`` / ``data-root`` means unset). A ``code-hash`` key is checked
+    an optional field such as ``train-limit`` or ``test-data`` means unset: `config.UNSET`). A ``code-hash`` key is checked
     against this node's basinmerge (`basinmerge.fl.deployment.check_code`)."""
     from basinmerge.fl.deployment import check_code
 
@@ -92,7 +92,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FLConfig:
             continue
         if name in ("model_options", "strategy_options"):
             value = json.loads(value) if isinstance(value, str) and value else dict(value or {})
-        if name in ("train_limit", "test_limit", "data_root") and value in (0, "", None):
+        if name in UNSET and value in (UNSET[name], None):
             value = None
         d[name] = value
     return FLConfig.from_dict(d)
